@@ -1,0 +1,163 @@
+"""Layer-wise comparison: capture tensors on a reference and a target, diff them one by one.
+
+Tensors are captured in groups sized by a memory budget. The reference pass streams each group
+to a store (on disk when there is more than one group), the target pass diffs each group against
+it and keeps only the metrics, so peak memory is about one group of tensors, not the model's.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from aligner.backends import Runner, make_runner, parse_target, reference_runner
+from aligner.backends.target import Target
+from aligner.compare.metrics import all_metrics, nonfinite_counts
+from aligner.compare.results import CompareResult, TensorDiff
+from aligner.compare.store import DiskStore, MemoryStore
+from aligner.compare.tolerance import Tolerance, default_tolerance, nonfinite_differs
+from aligner.errors import InputError, unknown_name_message
+from aligner.graph.model import ModelGraph, concrete_shapes, numpy_dtype
+from aligner.inputs import Feeds, make_inputs, validate_feeds
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+UNKNOWN_SIZE = 4 * 2**20
+
+
+def plan_groups(names: Sequence[str], sizes: dict[str, int], budget: int) -> list[list[str]]:
+    """Split ``names`` (in order) into consecutive groups whose estimated bytes fit ``budget``."""
+    groups, current, used = [], [], 0
+    for name in names:
+        size = sizes.get(name, UNKNOWN_SIZE)
+        if current and used + size > budget:
+            groups.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += size
+    if current:
+        groups.append(current)
+    return groups
+
+
+def estimate_sizes(graph: ModelGraph, feeds: Feeds) -> dict[str, int]:
+    infos = concrete_shapes(graph, {k: v.shape for k, v in feeds.items()})
+    sizes = {}
+    for name, info in infos.items():
+        if info.shape is not None and all(isinstance(d, int) for d in info.shape) and info.elem_type:
+            sizes[name] = int(np.prod(info.shape, dtype=np.int64)) * numpy_dtype(info.elem_type).itemsize
+    return sizes
+
+
+def diff_tensor(name: str, ref: np.ndarray, test: np.ndarray, tol: Tolerance) -> tuple[dict, object, object, bool, str]:
+    ref, test = np.asarray(ref), np.asarray(test)
+    nf_ref, nf_test = nonfinite_counts(ref), nonfinite_counts(test)
+    if ref.shape != test.shape:
+        return {}, nf_ref, nf_test, True, f"shape {ref.shape} vs {test.shape}"
+    metrics = all_metrics(ref, test)
+    if nonfinite_differs(ref, test, nf_ref, nf_test):
+        return metrics, nf_ref, nf_test, True, "nonfinite"
+    if ref.dtype.kind in "biu" or test.dtype.kind in "biu":
+        differs = bool(np.any(ref != test))
+        return metrics, nf_ref, nf_test, differs, "values" if differs else ""
+    exceeded = tol.exceeded(metrics)
+    return metrics, nf_ref, nf_test, exceeded, "metric" if exceeded else ""
+
+
+def compare(
+    model: ModelGraph | str | Path,
+    target: str | Target = "emu:fp16",
+    reference: str | Target = "ort:cpu:fp32",
+    target_model: ModelGraph | str | Path | None = None,
+    feeds: Feeds | None = None,
+    tensors: Iterable[str] | None = None,
+    tolerance: Tolerance | None = None,
+    fp32_nodes: Iterable[str] = (),
+    capture_budget_mb: int = 1024,
+    store_dir: str | Path | None = None,
+    progress: Progress | None = None,
+) -> CompareResult:
+    """Run ``model`` on ``reference`` and ``target`` (or ``target_model`` on the reference runtime)
+    and compare every tensor (or ``tensors``) in topological order."""
+    graph = model if isinstance(model, ModelGraph) else ModelGraph.load(model)
+    ref_target = parse_target(reference) if isinstance(reference, str) else reference
+    tgt_target = parse_target(target) if isinstance(target, str) else target
+    other = graph
+    if target_model is not None:
+        other = target_model if isinstance(target_model, ModelGraph) else ModelGraph.load(target_model)
+    feeds = validate_feeds(graph, feeds) if feeds is not None else make_inputs(graph)
+    tol = tolerance or default_tolerance(tgt_target.precision)
+
+    ref_runner = reference_runner(graph, ref_target)
+    tgt_runner: Runner = make_runner(other, tgt_target, fp32_nodes)
+    names, unmatched = _select(graph, other, tgt_runner, tensors)
+    sizes = estimate_sizes(graph, feeds)
+    groups = plan_groups(names, sizes, capture_budget_mb * 2**20)
+    log.info("comparing %d tensors in %d capture group(s)", len(names), len(groups))
+
+    with tempfile.TemporaryDirectory(prefix="aligner-store-") as tmp:
+        store = MemoryStore() if len(groups) <= 1 and store_dir is None else DiskStore(Path(store_dir or tmp))
+        for i, group in enumerate(groups):
+            values = ref_runner.run(feeds, group)
+            for name in group:
+                store.put(name, values[name])
+            del values
+            if progress:
+                progress("reference", i + 1, len(groups))
+        store.flush()
+        diffs = []
+        for i, group in enumerate(groups):
+            values = tgt_runner.run(feeds, group)
+            for name in group:
+                diffs.append(_row(graph, name, store.get(name), values.pop(name), tol))
+            if progress:
+                progress("target", i + 1, len(groups))
+        del store
+
+    target_label = str(tgt_target) if target_model is None else f"{tgt_target} ({Path(str(other.path)).name})"
+    return CompareResult(
+        reference=str(ref_target),
+        target=target_label,
+        model=str(graph.path or "<in-memory>"),
+        target_model=None if target_model is None else str(other.path or "<in-memory>"),
+        tolerance=tol,
+        tensors=tuple(diffs),
+        unmatched=tuple(unmatched),
+    )
+
+
+def _select(graph: ModelGraph, other: ModelGraph, runner: Runner, tensors: Iterable[str] | None) -> tuple[list[str], list[str]]:
+    candidates = graph.activations()
+    if tensors is not None:
+        wanted = list(tensors)
+        for name in wanted:
+            if name not in graph.tensors:
+                raise InputError(unknown_name_message("tensor", name, candidates))
+        candidates = [n for n in candidates if n in set(wanted)] + [n for n in wanted if n in graph.input_names]
+    in_other = set(other.tensors)
+    names = [n for n in candidates if n in in_other and n in runner.capturable]
+    unmatched = [n for n in candidates if n not in in_other or n not in runner.capturable]
+    return names, unmatched
+
+
+def _row(graph: ModelGraph, name: str, ref: np.ndarray, test: np.ndarray, tol: Tolerance) -> TensorDiff:
+    metrics, nf_ref, nf_test, diverges, reason = diff_tensor(name, ref, test, tol)
+    node = graph.producer.get(name)
+    return TensorDiff(
+        tensor=name,
+        node=node.name if node is not None else "",
+        op_type=node.op_type if node is not None else "Input",
+        index=graph.index_of[node.name] if node is not None else -1,
+        shape=tuple(np.shape(ref)),
+        dtype=str(np.asarray(ref).dtype),
+        metrics=metrics,
+        nonfinite_ref=nf_ref,
+        nonfinite_target=nf_test,
+        diverges=diverges,
+        reason=reason,
+    )

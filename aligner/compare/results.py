@@ -1,0 +1,121 @@
+"""Typed, frozen results of a layer-wise comparison, convertible to a table, JSON and CSV."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from aligner.compare.metrics import NonFinite
+from aligner.compare.tolerance import Tolerance
+
+
+@dataclass(frozen=True)
+class TensorDiff:
+    """One tensor compared: where it comes from, how far apart the two sides are, the verdict."""
+
+    tensor: str
+    node: str
+    op_type: str
+    index: int  # topological index of the producing node in the reference model
+    shape: tuple[int, ...]
+    dtype: str
+    metrics: dict[str, float]
+    nonfinite_ref: NonFinite
+    nonfinite_target: NonFinite
+    diverges: bool
+    reason: str = ""  # why it diverges: "nonfinite", "metric", "shape", "values"
+
+    @property
+    def new_nonfinite(self) -> bool:
+        return self.nonfinite_target.total > 0 and self.nonfinite_ref.total == 0
+
+    def to_dict(self) -> dict:
+        return {
+            "tensor": self.tensor,
+            "node": self.node,
+            "op_type": self.op_type,
+            "index": self.index,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "metrics": {k: _json_float(v) for k, v in self.metrics.items()},
+            "nonfinite": {"reference": vars(self.nonfinite_ref), "target": vars(self.nonfinite_target)},
+            "diverges": self.diverges,
+            "reason": self.reason,
+        }
+
+
+def _json_float(v: float) -> float | str:
+    return v if math.isfinite(v) else ("inf" if v > 0 else "-inf" if v < 0 else "nan")
+
+
+@dataclass(frozen=True)
+class CompareResult:
+    reference: str
+    target: str
+    model: str
+    target_model: str | None
+    tolerance: Tolerance
+    tensors: tuple[TensorDiff, ...]
+    unmatched: tuple[str, ...] = ()  # reference tensors the target does not have
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def diverging(self) -> list[TensorDiff]:
+        return [t for t in self.tensors if t.diverges]
+
+    @property
+    def first_divergent(self) -> TensorDiff | None:
+        return next((t for t in self.tensors if t.diverges), None)
+
+    @property
+    def first_nonfinite(self) -> TensorDiff | None:
+        """The first tensor with NaN/inf on the target where the reference has none."""
+        return next((t for t in self.tensors if t.new_nonfinite), None)
+
+    def verdict(self) -> str:
+        first = self.first_divergent
+        if first is None:
+            return f"No divergence: {len(self.tensors)} tensors of {self.target} match {self.reference} within {self.tolerance.metric} <= {self.tolerance.threshold:g}."
+        text = (
+            f"{len(self.diverging)} of {len(self.tensors)} tensors diverge; the first is {first.tensor!r} "
+            f"from {first.op_type} node {first.node!r} (#{first.index})"
+        )
+        nf = self.first_nonfinite
+        if nf is not None:
+            text += f"; NaN/inf first appear at {nf.op_type} node {nf.node!r} (#{nf.index})"
+        return text + "."
+
+    def to_dict(self) -> dict:
+        first = self.first_divergent
+        nf = self.first_nonfinite
+        brief = lambda t: None if t is None else {"tensor": t.tensor, "node": t.node, "op_type": t.op_type, "index": t.index}  # noqa: E731
+        return {
+            "reference": self.reference,
+            "target": self.target,
+            "model": self.model,
+            "target_model": self.target_model,
+            "tolerance": vars(self.tolerance),
+            "tensors": [t.to_dict() for t in self.tensors],
+            "summary": {
+                "first_divergent": brief(first),
+                "first_nonfinite": brief(nf),
+                "diverging": len(self.diverging),
+                "compared": len(self.tensors),
+                "unmatched": list(self.unmatched),
+            },
+            "notes": list(self.notes),
+        }
+
+    def to_frame(self):
+        """A pandas DataFrame, one row per tensor in topological order."""
+        import pandas as pd
+
+        rows = []
+        for t in self.tensors:
+            row = {"index": t.index, "tensor": t.tensor, "node": t.node, "op_type": t.op_type, "shape": "x".join(map(str, t.shape)), "dtype": t.dtype}
+            row.update(t.metrics)
+            row.update({"nan_ref": t.nonfinite_ref.nan, "inf_ref": t.nonfinite_ref.posinf + t.nonfinite_ref.neginf})
+            row.update({"nan_target": t.nonfinite_target.nan, "inf_target": t.nonfinite_target.posinf + t.nonfinite_target.neginf})
+            row.update({"diverges": t.diverges, "reason": t.reason})
+            rows.append(row)
+        return pd.DataFrame(rows)

@@ -1,0 +1,53 @@
+"""When a tensor diverges: tolerances per target precision, apart from the metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from aligner.compare.metrics import HIGHER_IS_BETTER, METRICS, NonFinite
+from aligner.errors import InputError
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """A tensor diverges when its non-finite pattern differs from the reference, or when
+    ``metric`` is worse than ``threshold`` and the largest absolute error exceeds ``atol``
+    (so tensors that are ~0 on both sides do not diverge on relative metrics)."""
+
+    metric: str = "rel_l2"
+    threshold: float = 1e-4
+    atol: float = 1e-5
+
+    def __post_init__(self):
+        if self.metric not in METRICS:
+            raise InputError(f"Unknown metric {self.metric!r}; choose from {sorted(METRICS)}.")
+
+    def exceeded(self, metrics: dict[str, float]) -> bool:
+        value = metrics[self.metric]
+        worse = value < self.threshold if self.metric in HIGHER_IS_BETTER else value > self.threshold
+        return bool(worse and metrics["max_abs"] > self.atol)
+
+
+# FP16 rounds each stored value with relative error up to 2^-11 (4.9e-4); BF16 up to 2^-8 (3.9e-3).
+# The defaults allow that error to grow through a few dozen layers before calling a tensor divergent.
+DEFAULT_TOLERANCES = {
+    "fp32": Tolerance("rel_l2", 1e-4, 1e-5),
+    "tf32": Tolerance("rel_l2", 5e-3, 1e-4),
+    "fp16": Tolerance("rel_l2", 2e-2, 1e-3),
+    "bf16": Tolerance("rel_l2", 1e-1, 1e-2),
+}
+
+
+def default_tolerance(precision: str) -> Tolerance:
+    return DEFAULT_TOLERANCES.get(precision, DEFAULT_TOLERANCES["fp32"])
+
+
+def nonfinite_differs(ref: np.ndarray, test: np.ndarray, nf_ref: NonFinite, nf_test: NonFinite) -> bool:
+    if nf_ref == nf_test and nf_ref.total == 0:
+        return False
+    if nf_ref != nf_test:
+        return True
+    r, t = np.asarray(ref), np.asarray(test)
+    return bool(np.any(np.isnan(r) != np.isnan(t)) or np.any(np.isinf(r) != np.isinf(t)))

@@ -1,0 +1,85 @@
+"""Load an ONNX model from disk with errors that say what is wrong with the file."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from aligner.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+# Serialized protobufs are limited to 2 GiB; bigger models must keep weights in external files.
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+def load_model(path: str | os.PathLike, check: bool = True) -> onnx.ModelProto:
+    """Read an ONNX model (external data included) and validate it with the ONNX checker."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"Model file not found: {path}. Check the path (cwd is {Path.cwd()}).")
+    if path.is_dir():
+        raise ModelLoadError(f"{path} is a directory; give the path of the .onnx file inside it.")
+    size = path.stat().st_size
+    if size == 0:
+        raise ModelLoadError(f"{path} is empty (0 bytes); the export or copy that wrote it did not finish.")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise ModelLoadError(
+            f"{path} is not a readable ONNX model ({size} bytes): protobuf parsing failed ({exc}). "
+            "It may be truncated (an interrupted download or export) or not an ONNX file at all."
+        ) from None
+    if model.ir_version == 0 or not model.HasField("graph") or not model.graph.node:
+        raise ModelLoadError(
+            f"{path} parsed but holds no ONNX graph (ir_version={model.ir_version}, "
+            f"{len(model.graph.node)} nodes): it is not an ONNX model, or it was truncated."
+        )
+    _load_external_data(model, path)
+    if check:
+        check_model(model, path)
+    return model
+
+
+def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+    external = [t for t in model.graph.initializer if uses_external_data(t)]
+    if not external:
+        return
+    base = path.parent
+    for tensor in external:
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        if not (base / location).exists():
+            raise ModelLoadError(
+                f"{path} keeps weight {tensor.name!r} in the external file {location!r}, "
+                f"which is missing from {base}. Copy the model together with its data files."
+            )
+    try:
+        load_external_data_for_model(model, str(base))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"Could not read the external data of {path}: {exc}") from None
+
+
+def check_model(model: onnx.ModelProto, path: Path | None = None) -> None:
+    """Run the ONNX checker; models over 2 GiB are checked from their path."""
+    try:
+        if model.ByteSize() > PROTOBUF_LIMIT and path is not None:
+            onnx.checker.check_model(str(path))
+        else:
+            onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        raise ModelLoadError(
+            f"{path or 'the model'} fails the ONNX checker: {first}. "
+            "Re-export it, or pass --no-check to run it anyway."
+        ) from None
+
+
+def model_size(model: onnx.ModelProto) -> int:
+    """Serialized size in bytes (initializer data included)."""
+    return model.ByteSize()
