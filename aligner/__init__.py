@@ -1,0 +1,24 @@
+"""aligner: precision debugging and accuracy alignment for ONNX deployments.
+
+``import aligner`` stays light: torch, tensorrt, pycocotools and matplotlib are imported only by
+the functions that need them.
+"""
+
+from aligner.backends import make_runner, parse_target, reference_runner
+from aligner.backends.target import Target
+from aligner.compare import CompareResult, TensorDiff, Tolerance, compare
+from aligner.errors import AlignerError, InputError, MissingDependencyError, ModelLoadError, TargetError, TargetRunError
+from aligner.graph.capture import extract_subgraph, with_outputs
+from aligner.graph.load import load_model
+from aligner.graph.model import ModelGraph
+from aligner.graph.precision import RewriteResult, rewrite_precision
+from aligner.inputs import load_inputs, make_inputs, save_inputs
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlignerError", "CompareResult", "InputError", "MissingDependencyError", "ModelGraph", "ModelLoadError",
+    "RewriteResult", "Target", "TargetError", "TargetRunError", "TensorDiff", "Tolerance",
+    "compare", "extract_subgraph", "load_inputs", "load_model", "make_inputs", "make_runner",
+    "parse_target", "reference_runner", "rewrite_precision", "save_inputs", "with_outputs",
+]

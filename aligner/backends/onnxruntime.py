@@ -25,6 +25,7 @@ from aligner.errors import InputError, TargetError, TargetRunError, unknown_name
 log = logging.getLogger(__name__)
 
 EXTERNALIZE_ABOVE = 64 * 2**20  # bytes of weights above which they move to an external file
+ort.set_default_logger_severity(3)  # ORT warns on every capture model; errors still raise
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 

@@ -1,0 +1,115 @@
+"""``aligner compare``: layer-by-layer diff of a target (or a second graph) against the reference."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from aligner.backends.target import valid_targets
+from aligner.cli.common import add_input_arguments, add_model_arguments, check_writable, resolve_feeds
+from aligner.compare import CompareResult, Tolerance, compare, default_tolerance
+from aligner.compare.metrics import METRICS
+from aligner.backends import parse_target
+from aligner.graph.model import ModelGraph
+from aligner.inputs import write_atomic
+from pathlib import Path
+
+EPILOG = f"""\
+targets: {', '.join(valid_targets())}
+  emu:fp16 rounds every stored tensor to FP16 (computes in FP32) on ONNX Runtime CPU: the
+  overflow/underflow of a GPU FP16 build, deterministic and on any machine.
+
+examples:
+  aligner compare model.onnx --target emu:fp16
+  aligner compare model.onnx --target ort:cpu:fp16 --json diff.json --csv diff.csv
+  aligner compare original.onnx --target-model simplified.onnx
+  aligner compare model.onnx --inputs batch.npz --metric cosine --threshold 0.999
+
+exit status: 0 no divergence, 1 divergence found, 2 usage or input error, 3 target failed to run
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("compare", help="layer-by-layer diff against the reference",
+                       description="Run the model on the reference and the target, capture every intermediate tensor on both, and report where they diverge.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(p)
+    p.add_argument("--target", default="emu:fp16", help="target to check (default emu:fp16)")
+    p.add_argument("--reference", default="ort:cpu:fp32", help="reference (default ort:cpu:fp32, graph optimizations off)")
+    p.add_argument("--target-model", metavar="ONNX", help="compare a second graph (e.g. simplified/edited) on the reference runtime; tensors matched by name")
+    p.add_argument("--tensors", metavar="NAMES", help="comma-separated tensors to compare (default: every node output)")
+    p.add_argument("--fp32-nodes", metavar="NAMES", help="comma-separated nodes kept FP32 in a low-precision target")
+    add_input_arguments(p)
+    t = p.add_argument_group("tolerance")
+    t.add_argument("--metric", choices=sorted(METRICS), default="rel_l2", help="metric of the divergence rule (default rel_l2)")
+    t.add_argument("--threshold", type=float, help="divergence threshold (default per precision: fp32 1e-4, fp16 2e-2, bf16 1e-1 rel_l2)")
+    t.add_argument("--atol", type=float, help="ignore errors whose max_abs is below this")
+    o = p.add_argument_group("output")
+    o.add_argument("--json", metavar="FILE", help="write every tensor's metrics and the summary as JSON")
+    o.add_argument("--csv", metavar="FILE", help="write the per-tensor table as CSV")
+    o.add_argument("--top", type=int, default=10, help="divergent tensors to print (default 10)")
+    o.add_argument("--force", action="store_true", help="overwrite existing output files")
+    o.add_argument("--capture-budget-mb", type=int, default=1024, help="memory for one capture group (default 1024 MB)")
+
+
+def tolerance_from_args(args: argparse.Namespace) -> Tolerance | None:
+    if args.threshold is None and args.atol is None and args.metric == "rel_l2":
+        return None
+    base = default_tolerance(parse_target(args.target).precision if args.target_model is None else "fp32")
+    threshold = args.threshold if args.threshold is not None else (base.threshold if args.metric == base.metric else _metric_default(args.metric))
+    return Tolerance(args.metric, threshold, args.atol if args.atol is not None else base.atol)
+
+
+def _metric_default(metric: str) -> float:
+    return {"cosine": 0.999, "snr_db": 40.0, "max_abs": 1e-3, "mean_abs": 1e-4, "mvre": 1e-2}.get(metric, 1e-4)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_writable([args.json, args.csv], args.force)
+    target = args.target if args.target_model is None else ("ort:cpu:fp32" if args.target == "emu:fp16" else args.target)
+    graph = ModelGraph.load(args.model, check=not args.no_check)
+    other = ModelGraph.load(args.target_model, check=not args.no_check) if args.target_model else None
+    feeds = resolve_feeds(graph, args)
+    console = Console(stderr=True, highlight=False)
+    with console.status("capturing tensors...") as status:
+        def progress(phase: str, done: int, total: int) -> None:
+            status.update(f"{phase}: capture group {done}/{total}")
+
+        result = compare(
+            graph, target=target, reference=args.reference, target_model=other, feeds=feeds,
+            tensors=args.tensors.split(",") if args.tensors else None, tolerance=tolerance_from_args(args),
+            fp32_nodes=args.fp32_nodes.split(",") if args.fp32_nodes else (),
+            capture_budget_mb=args.capture_budget_mb, progress=progress,
+        )
+    print_result(result, args.top)
+    if args.json:
+        write_atomic(Path(args.json), json.dumps(result.to_dict(), indent=1).encode())
+    if args.csv:
+        write_atomic(Path(args.csv), result.to_frame().to_csv(index=False).encode())
+    return 1 if result.first_divergent else 0
+
+
+def print_result(result: CompareResult, top: int = 10, console: Console | None = None) -> None:
+    console = console or Console(highlight=False)
+    metric = result.tolerance.metric
+    rows = result.diverging[:top]
+    if rows:
+        table = Table(title=f"first {len(rows)} of {len(result.diverging)} divergent tensors ({escape(result.target)} vs {escape(result.reference)})", title_justify="left")
+        table.add_column("#", justify="right")
+        table.add_column("node", overflow="fold", ratio=3)
+        table.add_column("op", no_wrap=True)
+        table.add_column("shape", no_wrap=True)
+        table.add_column(metric, no_wrap=True)
+        table.add_column("NaN/inf ref→tgt", no_wrap=True)
+        for t in rows:
+            table.add_row(str(t.index), escape(t.node), escape(t.op_type), "x".join(map(str, t.shape)),
+                          f"{t.metrics.get(metric, float('nan')):.3g}", f"{t.nonfinite_ref.total}→{t.nonfinite_target.total}")
+        console.print(table)
+    if result.unmatched:
+        console.print(f"{len(result.unmatched)} reference tensor(s) have no counterpart in the target and were skipped.")
+    console.print(("[bold red]DIVERGED[/] " if result.first_divergent else "[bold green]OK[/] ") + escape(result.verdict()))

@@ -1,0 +1,49 @@
+"""``aligner inspect``: what is in a model and where FP16 is likely to break."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+from rich.table import Table
+from rich.markup import escape
+
+from aligner.graph.model import ModelGraph
+from aligner.graph.risk import fp16_risks
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("inspect", help="opset, inputs/outputs, op histogram, nodes at FP16 risk",
+                       description="Summarise an ONNX model: opset, I/O with shapes, node count, op histogram, and nodes at FP16 risk.")
+    p.add_argument("model", help="path to the .onnx model")
+    p.add_argument("--no-check", action="store_true", help="skip the ONNX checker")
+    p.add_argument("--top-ops", type=int, default=15, help="op types to list (default 15)")
+
+
+def run(args: argparse.Namespace) -> int:
+    graph = ModelGraph.load(args.model, check=not args.no_check)
+    console = Console(highlight=False)
+    m = graph.model
+    console.print(f"[bold]{escape(args.model)}[/]  opset {graph.opset}  IR {m.ir_version}  producer {escape(m.producer_name or '?')} {escape(m.producer_version)}")
+    params = sum(int(__import__('numpy').prod(t.dims)) for t in graph.initializers.values())
+    console.print(f"{len(graph.nodes)} nodes, {len(graph.initializers)} initializers ({params:,} values)")
+    io = Table("", "name", "dtype", "shape", box=None)
+    for info in graph.input_infos():
+        io.add_row("input", escape(info.name), info.dtype_name, info.shape_str())
+    for name in graph.output_names:
+        info = graph.tensors[name]
+        io.add_row("output", escape(name), info.dtype_name, info.shape_str())
+    console.print(io)
+    ops = Table("op type", "count", box=None)
+    for op, count in graph.op_histogram().most_common(args.top_ops):
+        ops.add_row(escape(op), str(count))
+    console.print(ops)
+    risks = fp16_risks(graph)
+    if risks:
+        table = Table("#", "node", "op", "FP16 risk", title=f"{len(risks)} node(s) at FP16 risk", title_justify="left")
+        for r in risks:
+            table.add_row(str(graph.index_of[r.node]), escape(r.node), r.op_type, escape(r.reason))
+        console.print(table)
+    else:
+        console.print("No static FP16 risks found (value-range risks need a run: aligner compare --target emu:fp16).")
+    return 0

@@ -1,0 +1,136 @@
+"""Real models for the tests: built in code, exported from PyTorch by both exporters."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from aligner.examples import example_inputs, tiny_vit
+
+
+@pytest.fixture(scope="session")
+def vit_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("vit") / "tiny_vit.onnx"
+    onnx.save(tiny_vit(), str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def vit_inputs() -> dict:
+    return example_inputs()
+
+
+def _export(module, args, path: Path, dynamo: bool, **kw) -> Path:
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            torch.onnx.export(module, args, str(path), opset_version=18, dynamo=True, verbose=False, **kw)
+        else:
+            torch.onnx.export(module, args, str(path), opset_version=16, dynamo=False, **kw)
+    return path
+
+
+def build_cnn():
+    """A small ResNet-style classifier with BatchNorm, the CNN architecture of the tests."""
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+            self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+        def forward(self, x):
+            return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+    class CNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+            self.layer1, self.layer2 = Block(16), Block(16)
+            self.head = nn.Linear(16, 10)
+
+        def forward(self, x):
+            x = self.layer2(self.layer1(self.stem(x)))
+            return self.head(x.mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    model = CNN().eval()
+    with torch.no_grad():  # non-trivial running statistics, as in a trained network
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+@pytest.fixture(scope="session", params=["legacy", "dynamo"])
+def cnn_path(request, tmp_path_factory) -> Path:
+    import torch
+
+    path = tmp_path_factory.mktemp("cnn") / f"cnn_{request.param}.onnx"
+    return _export(build_cnn(), (torch.randn(1, 3, 32, 32),), path, request.param == "dynamo")
+
+
+def build_detr():
+    import torch
+    from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
+
+    backbone = ResNetConfig(depths=[1, 1, 1, 1], hidden_sizes=[32, 64, 128, 256], embedding_size=16, layer_type="basic")
+    config = DetrConfig(use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False, d_model=64,
+                        encoder_layers=2, decoder_layers=2, encoder_ffn_dim=128, decoder_ffn_dim=128, num_queries=16,
+                        encoder_attention_heads=4, decoder_attention_heads=4)
+    torch.manual_seed(0)
+    detr = DetrForObjectDetection(config).eval()
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.detr = detr
+
+        def forward(self, pixel_values):
+            out = self.detr(pixel_values=pixel_values)
+            return out.logits, out.pred_boxes
+
+    return Wrapped().eval()
+
+
+_DETR_CACHE: dict[str, Path] = {}
+
+
+def export_detr(kind: str, directory: Path) -> Path:
+    """DETR (transformers, random weights) exported by the legacy or the dynamo exporter, once per session."""
+    import torch
+
+    if kind not in _DETR_CACHE:
+        kw = {"input_names": ["pixel_values"], "output_names": ["logits", "boxes"]} if kind == "legacy" else {}
+        _DETR_CACHE[kind] = _export(build_detr(), (torch.randn(1, 3, 96, 96),), directory / f"detr_{kind}.onnx", kind == "dynamo", **kw)
+    return _DETR_CACHE[kind]
+
+
+@pytest.fixture(scope="session", params=["legacy", "dynamo"])
+def detr_path(request, tmp_path_factory) -> Path:
+    return export_detr(request.param, tmp_path_factory.mktemp("detr"))
+
+
+@pytest.fixture(scope="session")
+def detr_legacy_path(tmp_path_factory) -> Path:
+    """The legacy export keeps DETR's index constants as Gather nodes (the seed's DETR case)."""
+    return export_detr("legacy", tmp_path_factory.mktemp("detr"))
+
+
+def random_feeds(graph, seed=0):
+    from aligner.inputs import make_inputs
+
+    return make_inputs(graph, seed=seed)
+
+
+def np_close(a, b, tol=1e-5):
+    return np.allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), atol=tol, rtol=tol)

@@ -1,0 +1,103 @@
+"""Layer-wise compare on real exported architectures, with faults whose location is known."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from aligner.backends import reference_runner
+from aligner.compare import compare
+from aligner.graph.model import ModelGraph
+from aligner.inputs import make_inputs
+
+
+def test_clean_models_do_not_diverge_in_fp16(cnn_path, detr_path):
+    for path in (cnn_path, detr_path):
+        result = compare(path, target="emu:fp16")
+        assert result.first_nonfinite is None
+        assert result.tensors[-1].metrics["rel_l2"] < 2e-2
+
+
+def _scale_conv(path, tmp_path, factor):
+    """Fault (a): scale the weights of the second conv of layer2 so its output passes 65504."""
+    model = onnx.load(str(path))
+    graph = ModelGraph(model)
+    convs = [n for n in graph.nodes if n.op_type == "Conv"]
+    victim = convs[-1]
+    weight = graph.initializers[victim.input[1]]
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * factor, weight.name))
+    out = tmp_path / "scaled.onnx"
+    onnx.save(graph.model, str(out))
+    return out, victim.name
+
+
+def test_fp16_overflow_is_reported_at_the_scaled_conv(cnn_path, tmp_path):
+    path, victim = _scale_conv(cnn_path, tmp_path, 1e6)
+    graph = ModelGraph.load(path)
+    feeds = make_inputs(graph)
+    ref = reference_runner(graph).run(feeds, [graph.node(victim).output[0]])
+    assert np.abs(ref[graph.node(victim).output[0]]).max() > 65504  # the fault is where we think
+    result = compare(graph, target="emu:fp16", feeds=feeds)
+    assert result.first_nonfinite.node == victim
+    assert result.first_divergent.node == victim
+
+
+def _changed_gather(path, tmp_path):
+    """Fault (b): change one Gather's constant index so the model still runs but computes wrong."""
+    graph = ModelGraph.load(path)
+    feeds = make_inputs(graph)
+    ref = reference_runner(graph).run(feeds)
+    for node in graph.nodes:
+        if node.op_type != "Gather" or len(node.input) < 2:
+            continue
+        index = node.input[1]
+        src = graph.producer.get(index)
+        if index in graph.initializers:
+            tensor = graph.initializers[index]
+        elif src is not None and src.op_type == "Constant":
+            tensor = src.attribute[0].t
+        else:
+            continue
+        value = numpy_helper.to_array(tensor)
+        if value.size != 1:
+            continue
+        for new in (int(value.ravel()[0]) + 1, int(value.ravel()[0]) - 1, -1):
+            model = onnx.ModelProto()
+            model.CopyFrom(graph.model)
+            edited = ModelGraph(model)
+            target = edited.initializers.get(index) or edited.producer[index].attribute[0].t
+            target.CopyFrom(numpy_helper.from_array(np.array(new, dtype=value.dtype).reshape(value.shape), target.name))
+            try:
+                out = reference_runner(edited).run(feeds)
+            except Exception:
+                continue
+            if all(o.shape == ref[k].shape for k, o in out.items()) and any(not np.allclose(o, ref[k]) for k, o in out.items()):
+                path_out = tmp_path / "edited.onnx"
+                onnx.save(edited.model, str(path_out))
+                return path_out, node.name
+    pytest.fail("no Gather index could be changed without breaking the model")
+
+
+def test_edited_gather_is_first_divergent(detr_legacy_path, tmp_path):
+    edited, victim = _changed_gather(detr_legacy_path, tmp_path)
+    result = compare(detr_legacy_path, target="ort:cpu:fp32", target_model=edited)
+    assert result.first_divergent is not None
+    assert result.first_divergent.node == victim
+    assert result.first_divergent.op_type == "Gather"
+
+
+def test_capture_in_groups_streams_to_disk_with_identical_results(vit_path, vit_inputs, tmp_path):
+    whole = compare(vit_path, target="emu:fp16", feeds=vit_inputs)
+    grouped = compare(vit_path, target="emu:fp16", feeds=vit_inputs, capture_budget_mb=0, store_dir=tmp_path / "store")
+    assert len(list((tmp_path / "store").glob("*.npy"))) == len(whole.tensors)
+    assert [t.to_dict() for t in grouped.tensors] == [t.to_dict() for t in whole.tensors]
+
+
+def test_results_in_topological_order_with_table(vit_path, vit_inputs):
+    result = compare(vit_path, target="emu:fp16", feeds=vit_inputs)
+    indices = [t.index for t in result.tensors]
+    assert indices == sorted(indices)
+    frame = result.to_frame()
+    assert len(frame) == len(result.tensors) and {"rel_l2", "mvre", "cosine", "snr_db", "diverges"} <= set(frame.columns)
