@@ -87,7 +87,7 @@ def make_inputs(graph: ModelGraph, shapes: dict[str, tuple[int, ...]] | None = N
 
 def _unknown_input(name: str, graph: ModelGraph) -> str:
     matches = close_matches(name, graph.input_names)
-    hint = f" Did you mean {matches[0]!r}?" if matches else ""
+    hint = f" Did you mean: {matches[0]!r}?" if matches else ""
     return f"The model has no input {name!r}; its inputs are {graph.input_names}.{hint}"
 
 

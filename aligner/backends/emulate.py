@@ -17,7 +17,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from aligner.graph.model import ModelGraph
-from aligner.graph.precision import LOW_TYPE, Precision, node_typing
+from aligner.graph.precision import LOW_TYPE, Precision, check_nodes, node_typing
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ def emulate_model(graph: ModelGraph, fp32_nodes: Iterable[str] = (), precision: 
     is_fp32 = lambda t: bool(t) and t in graph.tensors and graph.tensors[t].elem_type == TensorProto.FLOAT  # noqa: E731
     auto = {k: t.unsupported for k, t in typing.items() if t.unsupported}
     auto = {k: v for k, v in auto.items() if any(is_fp32(x) for x in list(graph.node_by_name[k].input) + list(graph.node_by_name[k].output))}
-    pinned = set(fp32_nodes) | set(auto)
+    pinned = check_nodes(graph, fp32_nodes) | set(auto)
 
     model = onnx.ModelProto()
     model.CopyFrom(graph.model)

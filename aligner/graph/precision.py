@@ -250,6 +250,15 @@ class _Rewriter:
         return RewriteResult(self.g.model, self.precision, pinned, dict(self.auto), tuple(self.overflows), casts)
 
 
+def check_nodes(graph: ModelGraph, names: Iterable[str]) -> set[str]:
+    """The node names as a set; an unknown name raises with the closest matches."""
+    names = set(names)
+    for name in names:
+        if name not in graph.node_by_name:
+            raise InputError(unknown_name_message("node", name, graph.node_by_name))
+    return names
+
+
 def rewrite_precision(
     graph: ModelGraph,
     fp32_nodes: Iterable[str] = (),
@@ -259,9 +268,6 @@ def rewrite_precision(
     """Return an FP16/BF16 model in which ``fp32_nodes`` (node names) stay FP32."""
     if precision not in LOW_TYPE:
         raise InputError(f"Unknown precision {precision!r}; use one of {sorted(LOW_TYPE)}.")
-    pinned = set(fp32_nodes)
-    for name in pinned:
-        if name not in graph.node_by_name:
-            raise InputError(unknown_name_message("node", name, graph.node_by_name))
+    pinned = check_nodes(graph, fp32_nodes)
     work = ModelGraph(graph.model, graph.path)  # a private copy: the rewrite edits nodes in place
     return _Rewriter(work, pinned, precision, keep_io_types).run()

@@ -1,0 +1,97 @@
+"""The command line: verdicts, exit codes, output files, and bad input without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from aligner.cli.main import main
+from aligner.examples import tiny_vit
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_compare_finds_overflow_and_writes_json_csv(capsys, vit_path, vit_inputs, tmp_path):
+    np.savez(tmp_path / "in.npz", **vit_inputs)
+    js, csv = tmp_path / "diff.json", tmp_path / "diff.csv"
+    code, out, _ = _run(capsys, "compare", vit_path, "--target", "emu:fp16", "--inputs", tmp_path / "in.npz", "--json", js, "--csv", csv)
+    assert code == 1
+    assert "/blocks.0/norm1/Pow" in out and "DIVERGED" in out
+    doc = json.loads(js.read_text())
+    assert doc["summary"]["first_divergent"]["node"] == "/blocks.0/norm1/Pow"
+    row = doc["tensors"][0]
+    assert {"tensor", "node", "op_type", "index", "shape", "dtype", "metrics", "nonfinite", "diverges"} <= set(row)
+    assert {"max_abs", "mean_abs", "rel_l2", "mvre", "cosine", "snr_db"} <= set(row["metrics"])
+    assert doc["reference"] == "ort:cpu:fp32" and doc["target"] == "emu:fp16"
+    assert "/blocks.0/norm1/Pow" in csv.read_text()
+    code, _, err = _run(capsys, "compare", vit_path, "--inputs", tmp_path / "in.npz", "--json", js)
+    assert code == 2 and "--force" in err  # never overwrite without asking
+
+
+def test_compare_same_model_exits_zero(capsys, vit_path):
+    code, out, _ = _run(capsys, "compare", vit_path, "--target-model", vit_path, "--input-shapes", "pixels:1x3x64x64")
+    assert code == 0 and "No divergence" in out
+
+
+def test_inspect_lists_fp16_risks(capsys, vit_path):
+    code, out, _ = _run(capsys, "inspect", vit_path)
+    assert code == 0
+    assert "opset 16" in out and "ReduceMean" in out and "/blocks.0/norm1/Pow" in out
+
+
+def test_demo_runs_and_refuses_foreign_folder(capsys, tmp_path):
+    code, out, _ = _run(capsys, "demo", "--out", tmp_path / "d")
+    assert code == 0 and "/blocks.0/norm1/Pow" in out and (tmp_path / "d" / "compare.json").exists()
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.txt").write_text("do not touch")
+    code, _, err = _run(capsys, "demo", "--out", foreign)
+    assert code == 2 and "not made by aligner demo" in err
+
+
+def test_polygraphy_saved_inputs_are_read(capsys, vit_path, vit_inputs, tmp_path):
+    from polygraphy.json import save_json
+
+    save_json([vit_inputs], str(tmp_path / "inputs.json"))
+    saved = tmp_path / "again.npz"
+    code, _, _ = _run(capsys, "compare", vit_path, "--inputs", tmp_path / "inputs.json", "--save-inputs", saved)
+    assert code == 1
+    with np.load(saved, allow_pickle=False) as data:
+        np.testing.assert_array_equal(data["pixels"], vit_inputs["pixels"])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["compare", "{vit}", "--target", "trt:fp8"], "Valid targets: ort:cpu:fp32"),
+        (["compare", "{vit}", "--input-shapes", "pixels:1x3x32x32"], "expected shape batchx3x64x64, given 1x3x32x32"),
+        (["compare", "{vit}", "--input-shapes", "pixel:1x3x64x64"], "Did you mean: 'pixels'"),
+        (["compare", "{vit}", "--tensors", "/blocks.0/norm1/Pow_outptu_0"], "Did you mean: '/blocks.0/norm1/Pow_output_0'"),
+        (["compare", "{vit}", "--fp32-nodes", "/blocks.0/norm1/Pw"], "Did you mean: '/blocks.0/norm1/Pow'"),
+        (["compare", "{tmp}/missing.onnx"], "not found"),
+        (["inspect", "{tmp}/text.onnx"], "not an ONNX file"),
+        (["inspect", "{tmp}/cut.onnx"], "truncated"),
+        (["inspect", "{tmp}/invalid.onnx"], "ONNX checker"),
+    ],
+)
+def test_bad_input_is_a_message_and_exit_2(argv, message, vit_path, tmp_path):
+    (tmp_path / "text.onnx").write_text("hello " * 100)
+    data = vit_path.read_bytes()
+    (tmp_path / "cut.onnx").write_bytes(data[: len(data) // 3])
+    bad = tiny_vit()
+    bad.graph.node[3].input[0] = "ghost"
+    onnx.save(bad, str(tmp_path / "invalid.onnx"))
+    argv = [a.format(vit=vit_path, tmp=tmp_path) for a in argv]
+    proc = subprocess.run([sys.executable, "-m", "aligner.cli.main", *argv], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
