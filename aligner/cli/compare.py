@@ -54,7 +54,7 @@ def add_parser(sub) -> None:
     o.add_argument("--csv", metavar="FILE", help="write the per-tensor table as CSV")
     o.add_argument("--top", type=int, default=10, help="divergent tensors to print (default 10)")
     o.add_argument("--force", action="store_true", help="overwrite existing output files")
-    o.add_argument("--capture-budget-mb", type=int, default=1024, help="memory for one capture group (default 1024 MB)")
+    o.add_argument("--capture-budget-mb", type=int, default=512, help="memory for captured tensors of one group, both sides (default 512 MB)")
 
 
 def tolerance_from_args(args: argparse.Namespace) -> Tolerance | None:

@@ -1,14 +1,13 @@
 """Layer-wise comparison: capture tensors on a reference and a target, diff them one by one.
 
-Tensors are captured in groups sized by a memory budget. The reference pass streams each group
-to a store (on disk when there is more than one group), the target pass diffs each group against
-it and keeps only the metrics, so peak memory is about one group of tensors, not the model's.
+Tensors are captured in groups sized by a memory budget. Each group runs on the reference, then
+on the target, is diffed and dropped; only the metrics are kept, so peak memory is about one group
+of tensors per side, not the model's. ``store_dir`` also writes the reference values to disk.
 """
 
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from aligner.backends import Runner, make_runner, parse_target, reference_runner
 from aligner.backends.target import Target
 from aligner.compare.metrics import all_metrics, nonfinite_counts
 from aligner.compare.results import CompareResult, TensorDiff
-from aligner.compare.store import DiskStore, MemoryStore
+from aligner.compare.store import DiskStore
 from aligner.compare.tolerance import Tolerance, default_tolerance, nonfinite_differs
 from aligner.errors import InputError, unknown_name_message
 from aligner.graph.model import ModelGraph, concrete_shapes, numpy_dtype
@@ -78,7 +77,7 @@ def compare(
     tensors: Iterable[str] | None = None,
     tolerance: Tolerance | None = None,
     fp32_nodes: Iterable[str] = (),
-    capture_budget_mb: int = 1024,
+    capture_budget_mb: int = 512,
     store_dir: str | Path | None = None,
     progress: Progress | None = None,
 ) -> CompareResult:
@@ -97,27 +96,26 @@ def compare(
     tgt_runner: Runner = make_runner(other, tgt_target, fp32_nodes)
     names, unmatched = _select(graph, other, tgt_runner, tensors)
     sizes = estimate_sizes(graph, feeds)
-    groups = plan_groups(names, sizes, capture_budget_mb * 2**20)
+    groups = plan_groups(names, sizes, capture_budget_mb * 2**20 // 2)  # half per side
     log.info("comparing %d tensors in %d capture group(s)", len(names), len(groups))
 
-    with tempfile.TemporaryDirectory(prefix="aligner-store-") as tmp:
-        store = MemoryStore() if len(groups) <= 1 and store_dir is None else DiskStore(Path(store_dir or tmp))
-        for i, group in enumerate(groups):
-            values = ref_runner.run(feeds, group)
-            for name in group:
-                store.put(name, values[name])
-            del values
-            if progress:
-                progress("reference", i + 1, len(groups))
+    # Interleaved: each group is captured on the reference, then on the target, diffed and
+    # dropped, so at most one group per side is alive. ``store_dir`` keeps the reference values.
+    store = DiskStore(Path(store_dir)) if store_dir is not None else None
+    diffs = []
+    for i, group in enumerate(groups):
+        ref_values = ref_runner.run(feeds, group)
+        tgt_values = tgt_runner.run(feeds, group)
+        for name in group:
+            ref_value = ref_values.pop(name)
+            if store is not None:
+                store.put(name, ref_value)
+            diffs.append(_row(graph, name, ref_value, tgt_values.pop(name), tol))
+        del ref_values, tgt_values
+        if progress:
+            progress("capture", i + 1, len(groups))
+    if store is not None:
         store.flush()
-        diffs = []
-        for i, group in enumerate(groups):
-            values = tgt_runner.run(feeds, group)
-            for name in group:
-                diffs.append(_row(graph, name, store.get(name), values.pop(name), tol))
-            if progress:
-                progress("target", i + 1, len(groups))
-        del store
 
     target_label = str(tgt_target) if target_model is None else f"{tgt_target} ({Path(str(other.path)).name})"
     return CompareResult(

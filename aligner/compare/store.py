@@ -1,4 +1,4 @@
-"""Where captured tensors live between the reference and target passes: RAM or disk (.npy)."""
+"""Keep captured reference tensors on disk (.npy per tensor, read back memory-mapped)."""
 
 from __future__ import annotations
 
@@ -7,23 +7,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-
-
-class MemoryStore:
-    def __init__(self):
-        self._arrays: dict[str, np.ndarray] = {}
-
-    def put(self, name: str, array: np.ndarray) -> None:
-        self._arrays[name] = array
-
-    def get(self, name: str) -> np.ndarray:
-        return self._arrays[name]
-
-    def flush(self) -> None:
-        pass
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._arrays
 
 
 class DiskStore:
