@@ -11,7 +11,7 @@ from aligner.backends.target import Target
 
 
 class Runner(Protocol):
-    """Runs one model on one target; returns the graph outputs plus the captured tensors."""
+    """Runs one model on one target; returns the captured tensors, or the graph outputs when none are asked."""
 
     target: Target
     capturable: frozenset[str]  # tensor names this runner can capture

@@ -57,10 +57,11 @@ class OrtRunner:
         self._session = None  # free the previous session before building the next
         model = onnx.ModelProto()
         model.CopyFrom(self._model)
-        present = {o.name for o in model.graph.output}
-        for name in capture:
-            if name not in present and name not in self.input_names:
-                model.graph.output.append(helper.make_empty_tensor_value_info(name))
+        if capture:  # only the captured tensors are outputs, so ORT skips nodes no capture needs
+            del model.graph.output[:]
+            for name in capture:
+                if name not in self.input_names:
+                    model.graph.output.append(helper.make_empty_tensor_value_info(name))
         path = self._dir / "capture.onnx"
         onnx.save(model, str(path))
         options = ort.SessionOptions()
@@ -81,7 +82,7 @@ class OrtRunner:
             if name not in self.capturable:
                 raise InputError(unknown_name_message("tensor", name, self.capturable))
         session = self._session_for(capture)
-        wanted = list(dict.fromkeys(self.output_names + [c for c in capture if c not in self.input_names]))
+        wanted = [c for c in capture if c not in self.input_names] if capture else self.output_names
         try:
             values = session.run(wanted, feeds)
         except Exception as exc:
