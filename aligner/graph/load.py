@@ -68,7 +68,7 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
 def check_model(model: onnx.ModelProto, path: Path | None = None) -> None:
     """Run the ONNX checker; models over 2 GiB are checked from their path."""
     try:
-        if model.ByteSize() > PROTOBUF_LIMIT and path is not None:
+        if model_size(model) > PROTOBUF_LIMIT and path is not None:
             onnx.checker.check_model(str(path))
         else:
             onnx.checker.check_model(model)
@@ -81,5 +81,13 @@ def check_model(model: onnx.ModelProto, path: Path | None = None) -> None:
 
 
 def model_size(model: onnx.ModelProto) -> int:
-    """Serialized size in bytes (initializer data included)."""
+    """Approximate serialized size in bytes, initializer data included.
+
+    ``ModelProto.ByteSize()`` itself raises once a model passes 2 GiB, so the weights are summed
+    apart from the rest of the graph.
+    """
+    weights = sum(len(t.raw_data) + 4 * (len(t.float_data) + len(t.int32_data)) + 8 * (len(t.int64_data) + len(t.double_data))
+                  for t in model.graph.initializer)
+    if weights > PROTOBUF_LIMIT:
+        return weights
     return model.ByteSize()

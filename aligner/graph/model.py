@@ -19,7 +19,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from aligner.errors import InputError, unknown_name_message
-from aligner.graph.load import PROTOBUF_LIMIT, load_model
+from aligner.graph.load import PROTOBUF_LIMIT, load_model, model_size
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class ModelGraph:
 
     def __init__(self, model: onnx.ModelProto, path: Path | None = None):
         self.path = path
-        model = onnx.ModelProto.FromString(model.SerializeToString()) if model.ByteSize() < PROTOBUF_LIMIT else model
+        model = onnx.ModelProto.FromString(model.SerializeToString()) if model_size(model) < PROTOBUF_LIMIT else model
         self.model = model
         graph = model.graph
         ordered = topological_order(graph)
