@@ -79,14 +79,17 @@ def cnn_path(request, tmp_path_factory) -> Path:
     return _export(build_cnn(), (torch.randn(1, 3, 32, 32),), path, request.param == "dynamo")
 
 
-def build_detr():
+def build_detr(config=None):
+    """DETR from transformers with random weights, returning (logits, boxes); small unless a
+    ``DetrConfig`` is given (the benchmarks pass DETR-R50's)."""
     import torch
     from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
 
-    backbone = ResNetConfig(depths=[1, 1, 1, 1], hidden_sizes=[32, 64, 128, 256], embedding_size=16, layer_type="basic")
-    config = DetrConfig(use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False, d_model=64,
-                        encoder_layers=2, decoder_layers=2, encoder_ffn_dim=128, decoder_ffn_dim=128, num_queries=16,
-                        encoder_attention_heads=4, decoder_attention_heads=4)
+    if config is None:
+        backbone = ResNetConfig(depths=[1, 1, 1, 1], hidden_sizes=[32, 64, 128, 256], embedding_size=16, layer_type="basic")
+        config = DetrConfig(use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False, d_model=64,
+                            encoder_layers=2, decoder_layers=2, encoder_ffn_dim=128, decoder_ffn_dim=128, num_queries=16,
+                            encoder_attention_heads=4, decoder_attention_heads=4)
     torch.manual_seed(0)
     detr = DetrForObjectDetection(config).eval()
 

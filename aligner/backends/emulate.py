@@ -17,7 +17,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from aligner.graph.model import ModelGraph
-from aligner.graph.precision import LOW_TYPE, Precision, check_nodes, node_typing
+from aligner.graph.precision import LOW_TYPE, Precision, auto_pinned, check_nodes, is_fp32, node_typing
 
 
 @dataclass(frozen=True)
@@ -29,9 +29,7 @@ class EmulatedModel:
 def emulate_model(graph: ModelGraph, fp32_nodes: Iterable[str] = (), precision: Precision = "fp16", keep_io_types: bool = True) -> EmulatedModel:
     low = LOW_TYPE[precision]
     typing = {n.name: node_typing(n, graph.opset, precision) for n in graph.nodes}
-    is_fp32 = lambda t: bool(t) and t in graph.tensors and graph.tensors[t].elem_type == TensorProto.FLOAT  # noqa: E731
-    auto = {k: t.unsupported for k, t in typing.items() if t.unsupported}
-    auto = {k: v for k, v in auto.items() if any(is_fp32(x) for x in list(graph.node_by_name[k].input) + list(graph.node_by_name[k].output))}
+    auto = auto_pinned(graph, typing)
     pinned = check_nodes(graph, fp32_nodes) | set(auto)
 
     model = onnx.ModelProto()
@@ -48,13 +46,13 @@ def emulate_model(graph: ModelGraph, fp32_nodes: Iterable[str] = (), precision: 
             rounded[name] = out
         return rounded[name]
 
-    low_inputs = set() if keep_io_types else {n for n in graph.input_names if is_fp32(n)}
+    low_inputs = set() if keep_io_types else {n for n in graph.input_names if is_fp32(graph, n)}
     for src in graph.model.graph.node:
         node = onnx.NodeProto()
         node.CopyFrom(src)
         unpinned = node.name not in pinned
         for i, name in enumerate(node.input):
-            if not is_fp32(name):
+            if not is_fp32(graph, name):
                 continue
             if name in low_inputs:
                 node.input[i] = round_of(name)
@@ -63,7 +61,7 @@ def emulate_model(graph: ModelGraph, fp32_nodes: Iterable[str] = (), precision: 
         raw_outputs = []
         if unpinned and node.op_type != "Constant":
             for j, out in enumerate(node.output):
-                if is_fp32(out):
+                if is_fp32(graph, out):
                     node.output[j] = f"{out}__emu_raw"
                     raw_outputs.append(out)
         nodes.append(node)

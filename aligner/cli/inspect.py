@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
+
 from rich.console import Console
 from rich.table import Table
 from rich.markup import escape
@@ -25,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     console = Console(highlight=False)
     m = graph.model
     console.print(f"[bold]{escape(args.model)}[/]  opset {graph.opset}  IR {m.ir_version}  producer {escape(m.producer_name or '?')} {escape(m.producer_version)}")
-    params = sum(int(__import__('numpy').prod(t.dims)) for t in graph.initializers.values())
+    params = sum(int(np.prod(t.dims)) for t in graph.initializers.values())
     console.print(f"{len(graph.nodes)} nodes, {len(graph.initializers)} initializers ({params:,} values)")
     io = Table("", "name", "dtype", "shape", box=None)
     for info in graph.input_infos():

@@ -96,6 +96,26 @@ def node_typing(node: onnx.NodeProto, opset: int, precision: Precision) -> NodeT
     return NodeTyping(frozenset(fp32_only))
 
 
+def is_fp32(graph: ModelGraph, name: str) -> bool:
+    """Whether ``name`` is an FP32 tensor (the only kind the rewrite and the emulator touch)."""
+    info = graph.tensors.get(name) if name else None
+    return info is not None and info.elem_type == TensorProto.FLOAT
+
+
+def auto_pinned(graph: ModelGraph, typing: dict[str, NodeTyping]) -> dict[str, str]:
+    """Nodes that touch FP32 tensors but have no low-precision form, with the reason."""
+    return {
+        name: t.unsupported
+        for name, t in typing.items()
+        if t.unsupported and any(is_fp32(graph, x) for x in list(graph.node_by_name[name].input) + list(graph.node_by_name[name].output))
+    }
+
+
+def _value_tensor(node: onnx.NodeProto) -> TensorProto | None:
+    """The ``value`` tensor of a Constant node (None for value_float(s)/value_int(s) forms)."""
+    return next((a.t for a in node.attribute if a.name == "value" and a.HasField("t")), None)
+
+
 def to_low(array: np.ndarray, precision: Precision) -> TensorProto:
     """Convert FP32 values to an FP16/BF16 TensorProto (round to nearest even, inf on overflow)."""
     if precision == "fp16":
@@ -122,8 +142,7 @@ class _Rewriter:
         self.g, self.precision, self.keep_io = graph, precision, keep_io_types
         self.low = LOW_TYPE[precision]
         self.typing = {n.name: node_typing(n, graph.opset, precision) for n in graph.nodes}
-        self.auto = {k: t.unsupported for k, t in self.typing.items() if t.unsupported and k not in pinned}
-        self.auto = {k: v for k, v in self.auto.items() if self._touches_fp32(graph.node_by_name[k])}
+        self.auto = {k: v for k, v in auto_pinned(graph, self.typing).items() if k not in pinned}
         self.pinned = pinned | set(self.auto)
         self.storage: dict[str, int] = {}  # FP32-typed tensor -> its stored type in the rewrite
         self.casts: dict[tuple[str, int], str] = {}
@@ -132,10 +151,7 @@ class _Rewriter:
         self.overflows: list[Overflow] = []
 
     def _is_fp32(self, name: str) -> bool:
-        return bool(name) and self.g.tensors.get(name) is not None and self.g.tensors[name].elem_type == TensorProto.FLOAT
-
-    def _touches_fp32(self, node: onnx.NodeProto) -> bool:
-        return any(self._is_fp32(t) for t in list(node.input) + list(node.output))
+        return is_fp32(self.g, name)
 
     def _needs(self, node: onnx.NodeProto, i: int) -> int:
         if node.name in self.pinned or i in self.typing[node.name].fp32_inputs:
@@ -179,7 +195,7 @@ class _Rewriter:
             if const is not None and const.name in self.pinned:
                 self.storage[name] = TensorProto.FLOAT
                 continue
-            tensor = params[name] if const is None else next(a.t for a in const.attribute if a.name == "value" and a.HasField("t")) if any(a.name == "value" and a.HasField("t") for a in const.attribute) else None
+            tensor = params[name] if const is None else _value_tensor(const)
             if tensor is None:  # value_float(s) Constant: let the consumers cast it
                 self.storage[name] = TensorProto.FLOAT
                 continue
@@ -191,10 +207,7 @@ class _Rewriter:
             if needs == {self.low}:
                 self.storage[name] = self.low
                 low.name = name
-                if const is None:
-                    params[name].CopyFrom(low)
-                else:
-                    next(a for a in const.attribute if a.name == "value").t.CopyFrom(low)
+                tensor.CopyFrom(low)  # the initializer or the Constant's value, in place
             else:
                 self.storage[name] = TensorProto.FLOAT
                 low.name = f"{name}__{self.precision}"
