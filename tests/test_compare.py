@@ -101,3 +101,20 @@ def test_results_in_topological_order_with_table(vit_path, vit_inputs):
     assert indices == sorted(indices)
     frame = result.to_frame()
     assert len(frame) == len(result.tensors) and {"rel_l2", "mvre", "cosine", "snr_db", "diverges"} <= set(frame.columns)
+
+
+def test_bf16_intermediates_are_captured_as_fp32_values():
+    """numpy has no bfloat16: a captured BF16 tensor comes back upcast, with its rounding visible."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [6])
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0], name="T"),
+             helper.make_node("Reshape", ["t", "shape"], ["y"], name="R")]
+    shape = numpy_helper.from_array(np.array([6], np.int64), "shape")
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [shape]), opset_imports=[helper.make_opsetid("", 17)])
+    feeds = {"x": np.array([[1, 2, 3], [4, 5, 1.001]], np.float32)}  # 1.001 is 1.0 in bfloat16
+    result = compare(ModelGraph(model), target="ort:cpu:bf16", feeds=feeds)
+    transposed = next(t for t in result.tensors if t.tensor == "t")
+    assert transposed.dtype == "float32"
+    assert abs(transposed.metrics["max_abs"] - 0.001) < 1e-5

@@ -40,7 +40,10 @@ class OrtRunner:
                 f"Target {target} needs ONNX Runtime's {provider}, which this install lacks "
                 f"(available: {ort.get_available_providers()}). Install it with: pip install 'aligner[gpu]'"
             )
-        self._providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+        if provider == "CPUExecutionProvider":
+            self._providers: list = [provider]
+        else:  # TF32 made explicit: ORT's CUDA provider would otherwise pick its own default
+            self._providers = [(provider, {"use_tf32": "1" if target.precision == "tf32" else "0"}), "CPUExecutionProvider"]
         self._dir = Path(tempfile.mkdtemp(prefix="aligner-ort-"))
         weakref.finalize(self, shutil.rmtree, self._dir, True)
         self._model = _externalize(model, self._dir)
@@ -48,6 +51,7 @@ class OrtRunner:
         self.output_names = [o.name for o in self._model.graph.output]
         produced = {o for n in self._model.graph.node for o in n.output if o}
         self.capturable = frozenset(produced | set(self.input_names))
+        self._bf16 = _bf16_tensors(self._model) if target.precision == "bf16" else frozenset()
         self._session_key: tuple[str, ...] | None = None
         self._session: ort.InferenceSession | None = None
 
@@ -60,7 +64,10 @@ class OrtRunner:
         if capture:  # only the captured tensors are outputs, so ORT skips nodes no capture needs
             del model.graph.output[:]
             for name in capture:
-                if name not in self.input_names:
+                if name in self._bf16:  # numpy has no bfloat16: ORT can only hand it back as FP32
+                    model.graph.node.append(helper.make_node("Cast", [name], [name + _AS_FP32], to=onnx.TensorProto.FLOAT))
+                    model.graph.output.append(helper.make_empty_tensor_value_info(name + _AS_FP32))
+                elif name not in self.input_names:
                     model.graph.output.append(helper.make_empty_tensor_value_info(name))
         path = self._dir / "capture.onnx"
         onnx.save(model, str(path))
@@ -83,13 +90,26 @@ class OrtRunner:
                 raise InputError(unknown_name_message("tensor", name, self.capturable))
         session = self._session_for(capture)
         wanted = [c for c in capture if c not in self.input_names] if capture else self.output_names
+        fetch = [c + _AS_FP32 if c in self._bf16 else c for c in wanted]
         try:
-            values = session.run(wanted, feeds)
+            values = session.run(fetch, feeds)
         except Exception as exc:
             raise TargetRunError(f"{self.label}: ONNX Runtime failed while running: {_short(exc)}") from None
         out = dict(zip(wanted, values))
         out.update({c: feeds[c] for c in capture if c in self.input_names})
         return out
+
+
+_AS_FP32 = "__aligner_as_fp32"
+
+
+def _bf16_tensors(model: onnx.ModelProto) -> frozenset[str]:
+    """Tensors stored as bfloat16 (shape inference on the weightless skeleton)."""
+    from aligner.graph.model import infer_shapes
+
+    inferred = infer_shapes(model)
+    infos = list(inferred.graph.value_info) + list(inferred.graph.output)
+    return frozenset(v.name for v in infos if v.type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16)
 
 
 def _short(exc: Exception) -> str:
