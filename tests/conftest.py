@@ -37,7 +37,8 @@ def _export(module, args, path: Path, dynamo: bool, **kw) -> Path:
 
 
 def build_cnn():
-    """A small ResNet-style classifier with BatchNorm, the CNN architecture of the tests."""
+    """A small ResNet-style classifier with BatchNorm and one nearest-neighbour upsample (Resize),
+    the CNN architecture of the tests."""
     import torch
     from torch import nn
 
@@ -58,7 +59,9 @@ def build_cnn():
             self.head = nn.Linear(16, 10)
 
         def forward(self, x):
-            x = self.layer2(self.layer1(self.stem(x)))
+            x = self.layer1(self.stem(x))
+            x = torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")  # an FPN-style Resize
+            x = self.layer2(x)
             return self.head(x.mean(dim=(2, 3)))
 
     torch.manual_seed(0)
@@ -103,6 +106,46 @@ def build_detr(config=None):
             return out.logits, out.pred_boxes
 
     return Wrapped().eval()
+
+
+def build_detector():
+    """A one-stage detector head: conv backbone, per-location class scores and boxes, TopK of
+    the best class score, boxes gathered by the chosen indices (scaled by a stride constant)."""
+    import torch
+    from torch import nn
+
+    class Detector(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(),
+                                          nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU())
+            self.cls, self.box = nn.Conv2d(32, 4, 1), nn.Conv2d(32, 4, 1)
+            self.register_buffer("stride", torch.tensor(64.0))
+
+        def forward(self, x):
+            feat = self.backbone(x)
+            scores = torch.sigmoid(self.cls(feat)).flatten(2).amax(dim=1)  # [B, HW]
+            boxes = (torch.sigmoid(self.box(feat)).flatten(2).transpose(1, 2)) * self.stride  # [B, HW, 4]
+            top, idx = torch.topk(scores, k=20, dim=1)
+            return top, torch.gather(boxes, 1, idx.unsqueeze(-1).expand(-1, -1, 4))
+
+    torch.manual_seed(0)
+    return Detector().eval()
+
+
+def build_deep_mlp(depth: int = 32, width: int = 64, gain: float = 3.0):
+    """A deep tanh MLP in the chaotic regime (weight gain > 1): FP16 rounding error grows layer by
+    layer with no single bad node, the honest "inherited" case."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(depth):
+        linear = nn.Linear(width, width, bias=False)
+        nn.init.normal_(linear.weight, std=gain / width**0.5)
+        layers += [linear, nn.Tanh()]
+    return nn.Sequential(*layers).eval()
 
 
 _DETR_CACHE: dict[str, Path] = {}

@@ -95,3 +95,31 @@ def test_bad_input_is_a_message_and_exit_2(argv, message, vit_path, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_bisect_cli_verdict_json_and_repro(capsys, vit_path, vit_inputs, tmp_path):
+    np.savez(tmp_path / "in.npz", **vit_inputs)
+    js = tmp_path / "verdict.json"
+    code, out, _ = _run(capsys, "bisect", vit_path, "--inputs", tmp_path / "in.npz", "--strategy", "frontier",
+                        "--json", js, "--save-repro", tmp_path / "culprit")
+    assert code == 1 and "DIVERGED" in out and "nonfinite" in out
+    doc = json.loads(js.read_text())
+    assert {"first_divergent", "root_cause", "nonfinite_origin", "strategy", "target_runs", "probes", "repro"} <= set(doc)
+    assert {"tensor", "node", "op_type", "metrics"} <= set(doc["first_divergent"])
+    assert doc["root_cause"]["node"] == "/blocks.0/norm1/Pow" and doc["root_cause"]["kind"] == "nonfinite"
+    assert {"node", "op_type", "kind", "local_error", "reason"} <= set(doc["root_cause"])
+    assert doc["target_runs"] == len(doc["probes"]) and doc["strategy"] == "frontier"
+    assert doc["repro"]["reproduces"] is True
+    # the repro's own command, run as printed, shows the overflow again
+    command = doc["repro"]["command"].split()[1:]
+    code, out, _ = _run(capsys, *command)
+    assert code == 1 and "/blocks.0/norm1/Pow" in out
+
+
+def test_bisect_cli_exit_codes(capsys, vit_path, tmp_path):
+    code, out, _ = _run(capsys, "bisect", vit_path, "--target-model", vit_path)  # same graph: nothing to find
+    assert code == 0 and "No divergence" in out
+    code, out, _ = _run(capsys, "bisect", vit_path, "--target", "ort:cpu:bf16")  # ORT CPU lacks BF16 kernels
+    assert code == 3 and "FAILED" in out
+    code, _, err = _run(capsys, "bisect", vit_path, "--target", "ort:gpu:fp16")
+    assert code == 2 and "ort:cuda:fp16" in err

@@ -11,6 +11,7 @@ from aligner.backends import reference_runner
 from aligner.compare import compare
 from aligner.graph.model import ModelGraph
 from aligner.inputs import make_inputs
+from faults import change_gather_index
 
 
 def test_clean_models_do_not_diverge_in_fp16(cnn_path, detr_path):
@@ -44,44 +45,8 @@ def test_fp16_overflow_is_reported_at_the_scaled_conv(cnn_path, tmp_path):
     assert result.first_divergent.node == victim
 
 
-def _changed_gather(path, tmp_path):
-    """Fault (b): change one Gather's constant index so the model still runs but computes wrong."""
-    graph = ModelGraph.load(path)
-    feeds = make_inputs(graph)
-    ref = reference_runner(graph).run(feeds)
-    for node in graph.nodes:
-        if node.op_type != "Gather" or len(node.input) < 2:
-            continue
-        index = node.input[1]
-        src = graph.producer.get(index)
-        if index in graph.initializers:
-            tensor = graph.initializers[index]
-        elif src is not None and src.op_type == "Constant":
-            tensor = src.attribute[0].t
-        else:
-            continue
-        value = numpy_helper.to_array(tensor)
-        if value.size != 1:
-            continue
-        for new in (int(value.ravel()[0]) + 1, int(value.ravel()[0]) - 1, -1):
-            model = onnx.ModelProto()
-            model.CopyFrom(graph.model)
-            edited = ModelGraph(model)
-            target = edited.initializers.get(index) or edited.producer[index].attribute[0].t
-            target.CopyFrom(numpy_helper.from_array(np.array(new, dtype=value.dtype).reshape(value.shape), target.name))
-            try:
-                out = reference_runner(edited).run(feeds)
-            except Exception:
-                continue
-            if all(o.shape == ref[k].shape for k, o in out.items()) and any(not np.allclose(o, ref[k]) for k, o in out.items()):
-                path_out = tmp_path / "edited.onnx"
-                onnx.save(edited.model, str(path_out))
-                return path_out, node.name
-    pytest.fail("no Gather index could be changed without breaking the model")
-
-
 def test_edited_gather_is_first_divergent(detr_legacy_path, tmp_path):
-    edited, victim = _changed_gather(detr_legacy_path, tmp_path)
+    edited, victim = change_gather_index(detr_legacy_path, tmp_path)
     result = compare(detr_legacy_path, target="ort:cpu:fp32", target_model=edited)
     assert result.first_divergent is not None
     assert result.first_divergent.node == victim

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from aligner.backends import parse_target
+from aligner.compare.metrics import METRICS
+from aligner.compare.tolerance import Tolerance, default_tolerance
 from aligner.errors import InputError
 from aligner.graph.model import ModelGraph
 from aligner.inputs import load_inputs, make_inputs, parse_input_shapes, save_inputs, validate_feeds
@@ -38,3 +41,30 @@ def check_writable(paths: list[str | None], force: bool) -> None:
     for path in paths:
         if path and Path(path).exists() and not force:
             raise InputError(f"{path} exists; pass --force to overwrite it.")
+
+
+def add_tolerance_arguments(p: argparse.ArgumentParser) -> None:
+    t = p.add_argument_group("tolerance")
+    t.add_argument("--metric", choices=sorted(METRICS), default="rel_l2", help="metric of the divergence rule (default rel_l2)")
+    t.add_argument("--threshold", type=float, help="divergence threshold (default per precision: fp32 1e-4, tf32 5e-3, fp16 2e-2, bf16 1e-1 rel_l2)")
+    t.add_argument("--atol", type=float, help="ignore errors whose max_abs is below this")
+
+
+def resolve_target(args: argparse.Namespace) -> str:
+    """--target's default: the FP16 emulator, or the reference runtime when a second graph is given."""
+    if args.target:
+        return args.target
+    return "ort:cpu:fp32" if args.target_model else "emu:fp16"
+
+
+def tolerance_from_args(args: argparse.Namespace) -> Tolerance | None:
+    if args.threshold is None and args.atol is None and args.metric == "rel_l2":
+        return None
+    target = parse_target(resolve_target(args))
+    base = default_tolerance(target.precision if args.target_model is None or target.runtime == "emu" else "fp32")
+    threshold = args.threshold if args.threshold is not None else (base.threshold if args.metric == base.metric else _metric_default(args.metric))
+    return Tolerance(args.metric, threshold, args.atol if args.atol is not None else base.atol)
+
+
+def _metric_default(metric: str) -> float:
+    return {"cosine": 0.999, "snr_db": 40.0, "max_abs": 1e-3, "mean_abs": 1e-4, "mvre": 1e-2}.get(metric, 1e-4)

@@ -11,10 +11,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from aligner.backends.target import valid_targets
-from aligner.cli.common import add_input_arguments, add_model_arguments, check_writable, resolve_feeds
-from aligner.compare import CompareResult, Tolerance, compare, default_tolerance
-from aligner.compare.metrics import METRICS
-from aligner.backends import parse_target
+from aligner.cli.common import (add_input_arguments, add_model_arguments, add_tolerance_arguments, check_writable, resolve_feeds,
+                               resolve_target, tolerance_from_args)
+from aligner.compare import CompareResult, compare
 from aligner.graph.model import ModelGraph
 from aligner.inputs import write_atomic
 from pathlib import Path
@@ -39,16 +38,13 @@ def add_parser(sub) -> None:
                        description="Run the model on the reference and the target, capture every intermediate tensor on both, and report where they diverge.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
-    p.add_argument("--target", default="emu:fp16", help="target to check (default emu:fp16)")
+    p.add_argument("--target", help="target to check (default emu:fp16; ort:cpu:fp32 with --target-model)")
     p.add_argument("--reference", default="ort:cpu:fp32", help="reference (default ort:cpu:fp32, graph optimizations off)")
     p.add_argument("--target-model", metavar="ONNX", help="compare a second graph (e.g. simplified/edited) on the reference runtime; tensors matched by name")
     p.add_argument("--tensors", metavar="NAMES", help="comma-separated tensors to compare (default: every node output)")
     p.add_argument("--fp32-nodes", metavar="NAMES", help="comma-separated nodes kept FP32 in a low-precision target")
     add_input_arguments(p)
-    t = p.add_argument_group("tolerance")
-    t.add_argument("--metric", choices=sorted(METRICS), default="rel_l2", help="metric of the divergence rule (default rel_l2)")
-    t.add_argument("--threshold", type=float, help="divergence threshold (default per precision: fp32 1e-4, fp16 2e-2, bf16 1e-1 rel_l2)")
-    t.add_argument("--atol", type=float, help="ignore errors whose max_abs is below this")
+    add_tolerance_arguments(p)
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="FILE", help="write every tensor's metrics and the summary as JSON")
     o.add_argument("--csv", metavar="FILE", help="write the per-tensor table as CSV")
@@ -57,21 +53,9 @@ def add_parser(sub) -> None:
     o.add_argument("--capture-budget-mb", type=int, default=512, help="memory for captured tensors of one group, both sides (default 512 MB)")
 
 
-def tolerance_from_args(args: argparse.Namespace) -> Tolerance | None:
-    if args.threshold is None and args.atol is None and args.metric == "rel_l2":
-        return None
-    base = default_tolerance(parse_target(args.target).precision if args.target_model is None else "fp32")
-    threshold = args.threshold if args.threshold is not None else (base.threshold if args.metric == base.metric else _metric_default(args.metric))
-    return Tolerance(args.metric, threshold, args.atol if args.atol is not None else base.atol)
-
-
-def _metric_default(metric: str) -> float:
-    return {"cosine": 0.999, "snr_db": 40.0, "max_abs": 1e-3, "mean_abs": 1e-4, "mvre": 1e-2}.get(metric, 1e-4)
-
-
 def run(args: argparse.Namespace) -> int:
     check_writable([args.json, args.csv], args.force)
-    target = args.target if args.target_model is None else ("ort:cpu:fp32" if args.target == "emu:fp16" else args.target)
+    target = resolve_target(args)
     graph = ModelGraph.load(args.model, check=not args.no_check)
     other = ModelGraph.load(args.target_model, check=not args.no_check) if args.target_model else None
     feeds = resolve_feeds(graph, args)

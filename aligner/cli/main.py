@@ -7,12 +7,13 @@ import logging
 import sys
 
 from aligner import __version__
+from aligner.cli import bisect as bisect_cmd
 from aligner.cli import compare as compare_cmd
 from aligner.cli import demo as demo_cmd
 from aligner.cli import inspect as inspect_cmd
 from aligner.errors import AlignerError
 
-COMMANDS = {"inspect": inspect_cmd, "compare": compare_cmd, "demo": demo_cmd}
+COMMANDS = {"inspect": inspect_cmd, "compare": compare_cmd, "bisect": bisect_cmd, "demo": demo_cmd}
 
 DESCRIPTION = """\
 aligner finds where and why a deployed ONNX model's numbers drift from the reference.
@@ -20,6 +21,7 @@ aligner finds where and why a deployed ONNX model's numbers drift from the refer
   aligner demo                                   built-in example with an FP16 overflow
   aligner inspect model.onnx                     opset, I/O, op histogram, FP16 risks
   aligner compare model.onnx --target emu:fp16   layer-by-layer diff against ORT CPU FP32
+  aligner bisect model.onnx                      first divergent node, root cause, repro
 """
 
 

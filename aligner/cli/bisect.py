@@ -1,0 +1,119 @@
+"""``aligner bisect``: the first divergent node, its root cause and a standalone repro."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from aligner.backends.target import valid_targets
+from aligner.cli.common import (add_input_arguments, add_model_arguments, add_tolerance_arguments, check_writable, resolve_feeds,
+                                resolve_target, tolerance_from_args)
+from aligner.graph.model import ModelGraph
+from aligner.inputs import write_atomic
+from aligner.search import STRATEGIES, BisectResult, bisect
+
+EPILOG = f"""\
+strategies:
+  auto      (default) 'all' when every tensor fits one capture group, else 'frontier'; then the
+            first divergent node and its neighbourhood are isolated to name the root cause
+  all       capture every tensor once on each side (in groups of --capture-budget-mb)
+  frontier  capture only the tensors crossing a cut of the topological order and halve the
+            range: ceil(log2 N)+1 target runs, each capturing a handful of tensors; for targets
+            where capturing everything is impossible or changes the result
+  isolate   every node's own error: each node run on the target with the reference's values of
+            its inputs (decoupled graph), so inherited error does not count
+
+root cause kinds:
+  local      the node's own arithmetic (or, with --target-model, its edited definition)
+  nonfinite  the node makes NaN/inf from finite inputs; the input range that did it is named
+  discrete   TopK/ArgMax/comparison whose choice flipped on a tiny input error
+  inherited  no node's own error exceeds the tolerance: the error built up gradually
+
+targets: {', '.join(valid_targets())}
+
+examples:
+  aligner bisect model.onnx
+  aligner bisect model.onnx --target ort:cuda:fp16 --strategy frontier --json verdict.json
+  aligner bisect model.onnx --target-model edited.onnx --save-repro culprit/
+
+exit status: 0 no divergence, 1 divergence found, 2 usage or input error, 3 target failed to build or run
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bisect", help="first divergent node and its root cause",
+                       description="Find where the target starts to diverge from the reference, and why, in as few target runs as possible.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(p)
+    p.add_argument("--target", help="target to check (default emu:fp16; ort:cpu:fp32 with --target-model)")
+    p.add_argument("--reference", default="ort:cpu:fp32", help="reference (default ort:cpu:fp32, graph optimizations off)")
+    p.add_argument("--target-model", metavar="ONNX", help="bisect a second graph (edited, simplified) against the model; tensors and nodes matched by name")
+    p.add_argument("--strategy", choices=STRATEGIES, default="auto", help="search strategy (default auto; see below)")
+    p.add_argument("--fp32-nodes", metavar="NAMES", help="comma-separated nodes kept FP32 in a low-precision target")
+    p.add_argument("--window", type=int, default=16, help="nodes before the first divergent one whose own errors are measured (default 16)")
+    add_input_arguments(p)
+    add_tolerance_arguments(p)
+    o = p.add_argument_group("output")
+    o.add_argument("--json", metavar="FILE", help="write the verdict, the probes and the local errors as JSON")
+    o.add_argument("--save-repro", metavar="DIR", help="write the culprit's subgraph (model.onnx), its inputs (inputs.npz) and expected outputs")
+    o.add_argument("--force", action="store_true", help="overwrite existing output files")
+    o.add_argument("--capture-budget-mb", type=int, default=512, help="memory for captured tensors of one group, both sides (default 512 MB)")
+
+
+def run(args: argparse.Namespace) -> int:
+    check_writable([args.json], args.force)
+    graph = ModelGraph.load(args.model, check=not args.no_check)
+    other = ModelGraph.load(args.target_model, check=not args.no_check) if args.target_model else None
+    feeds = resolve_feeds(graph, args)
+    console = Console(stderr=True, highlight=False)
+    with console.status("bisecting...") as status:
+        def progress(phase: str, done: int, total: int) -> None:
+            status.update(f"{phase}: target run {done}")
+
+        result = bisect(
+            graph, target=resolve_target(args), reference=args.reference, target_model=other, feeds=feeds,
+            strategy=args.strategy, tolerance=tolerance_from_args(args),
+            fp32_nodes=args.fp32_nodes.split(",") if args.fp32_nodes else (), capture_budget_mb=args.capture_budget_mb,
+            window=args.window, save_repro=args.save_repro, force=args.force, progress=progress,
+        )
+    print_result(result)
+    if args.json:
+        write_atomic(Path(args.json), json.dumps(result.to_dict(), indent=1).encode())
+    if result.failed:
+        return 3
+    return 1 if result.diverged else 0
+
+
+def print_result(result: BisectResult, console: Console | None = None) -> None:
+    console = console or Console(highlight=False)
+    table = Table(title=f"probes ({escape(result.target)} vs {escape(result.reference)}, strategy {result.strategy_used})", title_justify="left")
+    for col in ("run", "phase", "cut", "last node before the cut", "tensors", "diverged", "NaN/inf"):
+        table.add_column(col, overflow="fold")
+    flag = {True: "[red]yes[/]", False: "no", None: "-"}
+    for i, p in enumerate(result.probes, 1):
+        table.add_row(str(i), p.phase if p.status == "ok" else f"[red]{p.phase} FAILED[/]", "" if p.cut is None else str(p.cut),
+                      escape(p.node), str(p.tensors), flag[p.diverged], flag[p.nonfinite])
+    console.print(table)
+    cause = result.root_cause
+    if result.first_divergent is not None:
+        f = result.first_divergent
+        console.print(f"first divergent: [bold]{escape(f.node)}[/] ({escape(f.op_type)}, #{f.index}) tensor {escape(f.tensor)}")
+    if cause is not None:
+        console.print(f"root cause:      [bold]{escape(cause.node)}[/] ({escape(cause.op_type)}) kind [bold]{cause.kind}[/]")
+    if result.nonfinite_origin is not None:
+        o = result.nonfinite_origin
+        ranges = ", ".join(f"{escape(r.tensor)} in [{r.min:.3g}, {r.max:.3g}]" for r in o.inputs)
+        console.print(f"NaN/inf origin:  [bold]{escape(o.node)}[/] ({escape(o.op_type)}); inputs {ranges}")
+    shown = [e for e in result.local_errors if e.metrics][:5]
+    if shown and (cause is None or cause.kind == "inherited"):
+        console.print("largest local errors: " + "; ".join(f"{escape(e.node)} ({escape(e.op_type)}) {', '.join(f'{k} {v:.2g}' for k, v in e.metrics.items() if k in ('rel_l2', 'max_abs'))}" for e in shown))
+    if result.repro is not None:
+        r = result.repro
+        console.print(f"repro: {escape(r.model)} ({'reproduces' if r.reproduces else '[red]does not reproduce[/]'} on its own): {escape(r.command)}")
+    head = "[bold red]FAILED[/] " if result.failed else ("[bold red]DIVERGED[/] " if result.diverged else "[bold green]OK[/] ")
+    console.print(head + escape(result.explanation))

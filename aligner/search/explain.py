@@ -1,0 +1,141 @@
+"""Root cause of the first divergent node, and the plain-language story of a bisect."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from aligner.compare.tolerance import Tolerance
+from aligner.graph.model import ModelGraph
+from aligner.search.verdict import BisectResult, LocalError, RootCause, classify, nonfinite_reason
+
+if TYPE_CHECKING:
+    from aligner.search.bisect import _Run
+
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+
+
+def root_cause(run: "_Run", name: str, local: LocalError | None, locals_: list[LocalError], difference: str | None) -> RootCause:
+    graph = run.graph
+    node = run.other.node_by_name.get(name) or graph.node(name)
+    inputs = [t for t in node.input if t and t not in graph.initializers]
+    low = run.target.precision in ("fp16", "bf16")
+    inputs_differ = any(run.diffs[t].metrics.get("max_abs", 0) > 0 for t in inputs if t in run.diffs) or (
+        low and any(_is_float(graph, t) for t in node.input if t))
+    discrete_out = all(not _is_float(graph, o) for o in node.output if o) and any(_is_float(graph, t) for t in node.input if t)
+    kind = classify(node.op_type, local, inputs_differ, discrete_out, redefined=difference is not None, low_precision=low)
+    metric, threshold = run.tol.metric, run.tol.threshold
+    value = local.metrics.get(metric, float("nan")) if local and local.metrics else float("nan")
+    if kind == "nonfinite":
+        reason = nonfinite_reason(node.op_type, local.inputs, local.output, run.target.precision)
+    elif kind == "discrete":
+        worst_in = max((run.diffs[t].metrics.get(metric, 0.0) for t in inputs if t in run.diffs), default=0.0)
+        reason = (f"{node.op_type} makes a choice (indices, booleans, rounding): its inputs differ from the reference only by "
+                  f"{metric} {worst_in:.2g} (within tolerance), yet the choice flipped; what follows inherits that, so blame "
+                  f"neither this node's arithmetic nor its consumers. Compare after sorting, or raise the precision of its inputs.")
+    elif kind == "local":
+        reason = (f"run alone on the target with the reference's inputs, its output still differs ({metric} {value:.3g} > "
+                  f"{threshold:g}): the error is its own")
+        if difference:
+            reason += f"; the two graphs define this node differently: {difference}"
+        elif low:
+            reason += f" arithmetic in {run.target.precision.upper()}"
+    else:
+        top = [e for e in sorted(locals_, key=lambda e: e.metrics.get(metric, 0.0) if e.metrics else 0.0, reverse=True) if e.metrics][:3]
+        listed = ", ".join(f"{e.node} ({e.op_type}, {metric} {e.metrics.get(metric, 0.0):.2g})" for e in top)
+        reason = (f"its own error run alone is {metric} {value:.3g}, within the tolerance {threshold:g}: no single node is to "
+                  f"blame, the error built up over the nodes before it" + (f"; largest local errors: {listed}" if listed else ""))
+    return RootCause(name, node.op_type, graph.index_of.get(name, -1), kind, dict(local.metrics) if local else {}, reason)
+
+
+def _is_float(graph: ModelGraph, name: str) -> bool:
+    info = graph.tensors.get(name)
+    return info is not None and info.elem_type in FLOAT_TYPES
+
+
+def node_difference(graph: ModelGraph, other: ModelGraph, name: str) -> str | None:
+    """How ``other`` defines node ``name`` differently from ``graph`` (op, attributes, constants)."""
+    if other is graph or name not in other.node_by_name or name not in graph.node_by_name:
+        return None
+    a, b = graph.node(name), other.node(name)
+    if a.op_type != b.op_type:
+        return f"op {a.op_type} became {b.op_type}"
+    attrs_a = {x.name: helper.get_attribute_value(x) for x in a.attribute if x.type != onnx.AttributeProto.GRAPH}
+    attrs_b = {x.name: helper.get_attribute_value(x) for x in b.attribute if x.type != onnx.AttributeProto.GRAPH}
+    for key in sorted(set(attrs_a) | set(attrs_b)):
+        va, vb = attrs_a.get(key, "(default)"), attrs_b.get(key, "(default)")
+        if isinstance(va, onnx.TensorProto) and isinstance(vb, onnx.TensorProto):
+            va, vb = numpy_helper.to_array(va), numpy_helper.to_array(vb)
+            if va.shape == vb.shape and np.array_equal(va, vb):
+                continue
+            return f"attribute {key!r} holds different values"
+        if va != vb:
+            return f"attribute {key!r} is {_short(vb)} instead of {_short(va)}"
+    for ta, tb in zip(a.input, b.input):
+        va, vb = _constant(graph, ta), _constant(other, tb)
+        if va is None or vb is None:
+            continue
+        if va.shape != vb.shape:
+            return f"constant input {tb!r} has shape {vb.shape} instead of {va.shape}"
+        changed = va != vb if va.dtype.kind != "f" else ~np.isclose(va, vb, rtol=0, atol=0, equal_nan=True)
+        if changed.any():
+            i = tuple(np.argwhere(changed)[0])
+            return (f"constant input {tb!r} differs in {int(changed.sum())} of {va.size} value(s), e.g. "
+                    f"{_short(va[i] if va.ndim else va)} became {_short(vb[i] if vb.ndim else vb)}")
+    if list(a.input) != list(b.input):
+        return "it reads different tensors"
+    return None
+
+
+def _constant(graph: ModelGraph, name: str) -> np.ndarray | None:
+    if name in graph.initializers:
+        return numpy_helper.to_array(graph.initializers[name])
+    src = graph.producer.get(name)
+    if src is not None and src.op_type == "Constant":
+        value = next((x for x in src.attribute if x.name == "value"), None)
+        return numpy_helper.to_array(value.t) if value is not None else None
+    return None
+
+
+def _short(value) -> str:
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    if isinstance(value, np.generic):
+        value = value.item()
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def explain(result: BisectResult, tol: Tolerance) -> str:
+    """A few sentences a user can act on."""
+    if result.failed:
+        return f"The target failed to build or run, so no verdict: {result.failed}"
+    first, cause, origin = result.first_divergent, result.root_cause, result.nonfinite_origin
+    parts = []
+    if first is None and cause is None:
+        if result.outputs_diverge:
+            return ("The graph outputs diverge, but no node's own error exceeds the tolerance: the error builds up "
+                    "gradually. Largest local errors: " + ", ".join(f"{e.node} ({e.op_type})" for e in result.local_errors[:3]) + ".")
+        return f"No divergence: the target matches the reference within {tol.metric} <= {tol.threshold:g}."
+    if first is not None:
+        how = "has NaN/inf where the reference is finite" if first.new_nonfinite else (
+            f"differs by {tol.metric} {first.metrics.get(tol.metric, float('nan')):.3g}" if first.metrics else f"differs ({first.reason})")
+        parts.append(f"The target first departs from the reference at {first.node!r} ({first.op_type}, node #{first.index} of "
+                     f"{result.nodes}): its output {first.tensor!r} {how}.")
+    if cause is not None:
+        lead = {"local": "Root cause: this node's own error", "nonfinite": "Root cause: this node overflows on its own",
+                "discrete": "Root cause: a discrete choice flipped", "inherited": "No single root cause"}[cause.kind]
+        where = "" if first is not None and cause.node == first.node else f" at {cause.node!r} ({cause.op_type})"
+        parts.append(f"{lead}{where} ({cause.kind}): {cause.reason}.")
+    if origin is not None and (cause is None or origin.node != cause.node):
+        parts.append(f"NaN/inf first appear at {origin.node!r} ({origin.op_type}): {origin.reason}.")
+    if cause is not None and cause.kind in ("nonfinite", "local") and "fp16" in result.target:
+        parts.append("To keep it (and only what is needed) in FP32, run `aligner precision`.")
+    parts.append(f"{result.target_runs} target run(s), strategy {result.strategy_used}.")
+    return " ".join(parts)
+
+
+__all__ = ["explain", "node_difference", "root_cause"]

@@ -1,0 +1,89 @@
+"""Fault injection for the tests: edits whose location is known, on real exported models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from aligner.backends import reference_runner
+from aligner.graph.model import ModelGraph
+from aligner.inputs import make_inputs
+
+
+def change_gather_index(path: Path, tmp_path: Path) -> tuple[Path, str]:
+    """A copy of the model with one Gather's constant index changed (the seed's DETR fault): it still
+    runs, with the same output shapes, but computes wrong. Returns (edited path, the Gather)."""
+    graph = ModelGraph.load(path)
+    feeds = make_inputs(graph)
+    ref = reference_runner(graph).run(feeds)
+    for node in graph.nodes:
+        if node.op_type != "Gather" or len(node.input) < 2:
+            continue
+        index = node.input[1]
+        src = graph.producer.get(index)
+        if index in graph.initializers:
+            tensor = graph.initializers[index]
+        elif src is not None and src.op_type == "Constant":
+            tensor = src.attribute[0].t
+        else:
+            continue
+        value = numpy_helper.to_array(tensor)
+        if value.size != 1:
+            continue
+        for new in (int(value.ravel()[0]) + 1, int(value.ravel()[0]) - 1, -1):
+            model = onnx.ModelProto()
+            model.CopyFrom(graph.model)
+            edited = ModelGraph(model)
+            target = edited.initializers.get(index) or edited.producer[index].attribute[0].t
+            target.CopyFrom(numpy_helper.from_array(np.array(new, dtype=value.dtype).reshape(value.shape), target.name))
+            try:
+                out = reference_runner(edited).run(feeds)
+            except Exception:
+                continue
+            if all(o.shape == ref[k].shape for k, o in out.items()) and any(not np.allclose(o, ref[k]) for k, o in out.items()):
+                path_out = tmp_path / "edited.onnx"
+                onnx.save(edited.model, str(path_out))
+                return path_out, node.name
+    pytest.fail("no Gather index could be changed without breaking the model")
+
+
+def _save(graph: ModelGraph, path: Path) -> Path:
+    onnx.save(graph.model, str(path))
+    return path
+
+
+def scale_weight(path: Path, out: Path, op_type: str, factor: float, which: int = -1) -> tuple[Path, str]:
+    """Scale the weight initializer (input 1) of the ``which``-th ``op_type`` node: with a large
+    factor its output passes 65504 and overflows in FP16. Returns (scaled path, the node)."""
+    graph = ModelGraph.load(path)
+    victims = [n for n in graph.nodes if n.op_type == op_type and len(n.input) > 1 and n.input[1] in graph.initializers]
+    victim = victims[which]
+    weight = graph.initializers[victim.input[1]]
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * np.float32(factor), weight.name))
+    return _save(graph, out), victim.name
+
+
+def edit_constant(path: Path, out: Path, node_name: str, input_index: int, change) -> Path:
+    """Replace the constant (initializer or Constant node) read by ``node_name`` at ``input_index``
+    with ``change(old_array)``."""
+    graph = ModelGraph.load(path)
+    name = graph.node(node_name).input[input_index]
+    src = graph.producer.get(name)
+    tensor = graph.initializers[name] if name in graph.initializers else src.attribute[0].t
+    old = numpy_helper.to_array(tensor)
+    tensor.CopyFrom(numpy_helper.from_array(np.asarray(change(old), dtype=old.dtype).reshape(old.shape), tensor.name))
+    return _save(graph, out)
+
+
+def change_attribute(path: Path, out: Path, op_type: str, attribute: str, value, which: int = 0) -> tuple[Path, str]:
+    """Set ``attribute`` of the ``which``-th ``op_type`` node. Returns (edited path, the node)."""
+    graph = ModelGraph.load(path)
+    victim = [n for n in graph.nodes if n.op_type == op_type][which]
+    kept = [a for a in victim.attribute if a.name != attribute]
+    del victim.attribute[:]
+    victim.attribute.extend(kept + [helper.make_attribute(attribute, value)])
+    return _save(graph, out), victim.name
