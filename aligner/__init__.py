@@ -13,12 +13,13 @@ from aligner.graph.load import load_model
 from aligner.graph.model import ModelGraph
 from aligner.graph.precision import RewriteResult, rewrite_precision
 from aligner.inputs import load_inputs, make_inputs, save_inputs
+from aligner.search import BisectResult, bisect
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AlignerError", "CompareResult", "InputError", "MissingDependencyError", "ModelGraph", "ModelLoadError",
+    "AlignerError", "BisectResult", "CompareResult", "InputError", "MissingDependencyError", "ModelGraph", "ModelLoadError",
     "RewriteResult", "Target", "TargetError", "TargetRunError", "TensorDiff", "Tolerance",
-    "compare", "extract_subgraph", "load_inputs", "load_model", "make_inputs", "make_runner",
+    "bisect", "compare", "extract_subgraph", "load_inputs", "load_model", "make_inputs", "make_runner",
     "parse_target", "reference_runner", "rewrite_precision", "save_inputs", "with_outputs",
 ]

@@ -10,6 +10,7 @@ import onnx
 from rich.console import Console
 from rich.markup import escape
 
+from aligner.cli.bisect import print_result as print_bisect
 from aligner.cli.compare import print_result
 from aligner.compare import compare
 from aligner.errors import InputError
@@ -17,13 +18,14 @@ from aligner.examples import example_inputs, tiny_vit
 from aligner.graph.model import ModelGraph
 from aligner.graph.risk import fp16_risks
 from aligner.inputs import save_inputs, write_atomic
+from aligner.search import bisect
 
 MARKER = ".aligner-demo"
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="run aligner on the built-in example model",
-                       description="Build the example (a tiny ViT that reads raw 0-255 pixels, whose LayerNorm variance overflows FP16), compare FP32 with emulated FP16 and tell the story.")
+                       description="Build the example (a tiny ViT that reads raw 0-255 pixels, whose LayerNorm variance overflows FP16), compare FP32 with emulated FP16, bisect to the root cause and tell the story.")
     p.add_argument("--out", default="aligner-demo", help="folder for the model, inputs and results (default ./aligner-demo)")
 
 
@@ -63,5 +65,12 @@ def run(args: argparse.Namespace) -> int:
         )
     logits = result.tensors[-1]
     console.print(f"Output {escape(logits.tensor)}: rel_l2 {logits.metrics['rel_l2']:.3g} vs FP32.")
-    console.print(f"\nFiles in {out}/: tiny_vit.onnx, inputs.npz, compare.json. Try: aligner compare {model_path} --inputs {out / 'inputs.npz'} --target emu:fp16")
+
+    console.print("\n[bold]bisect[/]: the same question answered with few target runs (frontier strategy: only the "
+                  "tensors crossing a cut are captured), then the culprit run alone on reference inputs")
+    verdict = bisect(graph, target="emu:fp16", feeds=feeds, strategy="frontier", save_repro=out / "culprit", force=True)
+    print_bisect(verdict, console=console)
+    write_atomic(out / "bisect.json", json.dumps(verdict.to_dict(), indent=1).encode())
+    console.print(f"\nFiles in {out}/: tiny_vit.onnx, inputs.npz, compare.json, bisect.json, culprit/ (standalone repro).")
+    console.print(f"Try: aligner bisect {model_path} --inputs {out / 'inputs.npz'} --strategy isolate")
     return 0
