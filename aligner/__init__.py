@@ -14,12 +14,14 @@ from aligner.graph.model import ModelGraph
 from aligner.graph.precision import RewriteResult, rewrite_precision
 from aligner.inputs import load_inputs, make_inputs, save_inputs
 from aligner.search import BisectResult, bisect
+from aligner.search.plan import PrecisionPlan
+from aligner.search.precision import Acceptance, search_precision
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AlignerError", "BisectResult", "CompareResult", "InputError", "MissingDependencyError", "ModelGraph", "ModelLoadError",
+    "Acceptance", "AlignerError", "BisectResult", "CompareResult", "InputError", "MissingDependencyError", "ModelGraph", "ModelLoadError", "PrecisionPlan",
     "RewriteResult", "Target", "TargetError", "TargetRunError", "TensorDiff", "Tolerance",
     "bisect", "compare", "extract_subgraph", "load_inputs", "load_model", "make_inputs", "make_runner",
-    "parse_target", "reference_runner", "rewrite_precision", "save_inputs", "with_outputs",
+    "parse_target", "reference_runner", "rewrite_precision", "save_inputs", "search_precision", "with_outputs",
 ]

@@ -1,6 +1,7 @@
 """Export DETR-R50 (transformers, random weights, ResNet-50 backbone) at 800x800 for the benchmarks.
 
-    python benchmarks/make_detr_r50.py benchmarks/work/detr_r50.onnx
+    python benchmarks/make_detr_r50.py benchmarks/work/detr_r50.onnx          # 800x800
+    python benchmarks/make_detr_r50.py benchmarks/work/detr_r50_512.onnx 512  # 512x512
 """
 
 import sys
@@ -24,4 +25,4 @@ def main(out: str, size: int = 800) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/work/detr_r50.onnx")
+    main(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/work/detr_r50.onnx", int(sys.argv[2]) if len(sys.argv) > 2 else 800)

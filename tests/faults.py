@@ -87,3 +87,33 @@ def change_attribute(path: Path, out: Path, op_type: str, attribute: str, value,
     del victim.attribute[:]
     victim.attribute.extend(kept + [helper.make_attribute(attribute, value)])
     return _save(graph, out), victim.name
+
+
+def inject_overflow_site(graph: ModelGraph, first: str, second: str, feeds: dict, margin: float = 4.0) -> float:
+    """Make ``first`` (Conv or MatMul[+Add bias]) write values ``margin`` times past 65504 and undo
+    it in ``second`` (a Conv/MatMul reached through a ReLU), so FP32 results are unchanged but the
+    tensors between overflow in FP16. Edits ``graph`` in place; returns the scale used."""
+    node = graph.node(first)
+    out = node.output[0]
+    peak = float(np.abs(reference_runner(graph).run(feeds, [out])[out]).max())
+    scale = np.float32(margin * 65504.0 / peak)
+    scaled = [node.input[1]] + ([node.input[2]] if node.op_type == "Conv" and len(node.input) > 2 else [])
+    if node.op_type == "MatMul":  # the Linear's bias lives in the Add that follows
+        add = graph.consumers[out][0]
+        scaled += [x for x in add.input if x in graph.initializers]
+    for name in scaled:
+        t = graph.initializers[name]
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * scale, name))
+    w = graph.initializers[graph.node(second).input[1]]
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) / scale, w.name))
+    return float(scale)
+
+
+def overflowing_nodes(graph: ModelGraph, feeds: dict) -> set[str]:
+    """The oracle: nodes that read or write a float value beyond 65504 on the reference (each must
+    stay FP32, or it stores or reads inf)."""
+    names = [n for n in graph.activations()]
+    values = reference_runner(graph).run(feeds, names)
+    big = {n for n, v in values.items() if v.dtype.kind == "f" and np.abs(v[np.isfinite(v)]).max(initial=0) > 65504}
+    big |= {n for n, t in graph.initializers.items() if t.data_type == onnx.TensorProto.FLOAT and np.abs(numpy_helper.to_array(t)).max(initial=0) > 65504}
+    return {n.name for n in graph.nodes if n.op_type != "Constant" and (set(n.output) & big or set(n.input) & big)}

@@ -123,3 +123,32 @@ def test_bisect_cli_exit_codes(capsys, vit_path, tmp_path):
     assert code == 3 and "FAILED" in out
     code, _, err = _run(capsys, "bisect", vit_path, "--target", "ort:gpu:fp16")
     assert code == 2 and "ort:cuda:fp16" in err
+
+
+def test_precision_cli_plan_model_and_resume(capsys, vit_path, vit_inputs, tmp_path):
+    np.savez(tmp_path / "in.npz", **vit_inputs)
+    plan, mixed = tmp_path / "plan.json", tmp_path / "mixed.onnx"
+    code, out, _ = _run(capsys, "precision", vit_path, "--inputs", tmp_path / "in.npz", "--out", plan, "--save-model", mixed)
+    assert code == 0 and "PASSED" in out
+    doc = json.loads(plan.read_text())
+    assert {"precision", "target", "fp32_nodes", "passed", "trials", "accept", "final", "fp16_flop_fraction"} <= set(doc)
+    assert doc["passed"] and doc["fp32_nodes"] and {"node", "op_type", "reason"} <= set(doc["fp32_nodes"][0])
+    assert "--layerPrecisions=" in doc["tensorrt_legacy"]["trtexec"]
+    pins = [p["node"] for p in doc["fp32_nodes"]]
+    assert sum(doc["op_types"].values()) == len(pins)
+    # the saved mixed model is real FP16 with those nodes in FP32, and it loads
+    model = onnx.load(str(mixed))
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    # resuming from the log re-runs nothing and finds the same plan
+    log = tmp_path / "plan.trials.jsonl"
+    code, out, _ = _run(capsys, "precision", vit_path, "--inputs", tmp_path / "in.npz", "--out", plan, "--resume", log, "--force")
+    assert code == 0 and "0 trial(s)" in out
+    assert [p["node"] for p in json.loads(plan.read_text())["fp32_nodes"]] == pins
+
+
+def test_precision_cli_no_plan_and_bad_accept(capsys, vit_path, vit_inputs, tmp_path):
+    np.savez(tmp_path / "in.npz", **vit_inputs)
+    code, out, _ = _run(capsys, "precision", vit_path, "--inputs", tmp_path / "in.npz", "--accept", "rel_l2<=1e-12", "--max-trials", "3")
+    assert code == 1 and "NO PASSING PLAN" in out
+    code, _, err = _run(capsys, "precision", vit_path, "--accept", "rel_l2 below 3")
+    assert code == 2 and "METRIC<=VALUE" in err

@@ -12,6 +12,7 @@ from rich.markup import escape
 
 from aligner.cli.bisect import print_result as print_bisect
 from aligner.cli.compare import print_result
+from aligner.cli.precision import print_plan
 from aligner.compare import compare
 from aligner.errors import InputError
 from aligner.examples import example_inputs, tiny_vit
@@ -19,13 +20,14 @@ from aligner.graph.model import ModelGraph
 from aligner.graph.risk import fp16_risks
 from aligner.inputs import save_inputs, write_atomic
 from aligner.search import bisect
+from aligner.search.precision import search_precision
 
 MARKER = ".aligner-demo"
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="run aligner on the built-in example model",
-                       description="Build the example (a tiny ViT that reads raw 0-255 pixels, whose LayerNorm variance overflows FP16), compare FP32 with emulated FP16, bisect to the root cause and tell the story.")
+                       description="Build the example (a tiny ViT that reads raw 0-255 pixels, whose LayerNorm variance overflows FP16), compare FP32 with emulated FP16, bisect to the root cause, search the smallest FP32 plan and tell the story.")
     p.add_argument("--out", default="aligner-demo", help="folder for the model, inputs and results (default ./aligner-demo)")
 
 
@@ -71,6 +73,23 @@ def run(args: argparse.Namespace) -> int:
     verdict = bisect(graph, target="emu:fp16", feeds=feeds, strategy="frontier", save_repro=out / "culprit", force=True)
     print_bisect(verdict, console=console)
     write_atomic(out / "bisect.json", json.dumps(verdict.to_dict(), indent=1).encode())
-    console.print(f"\nFiles in {out}/: tiny_vit.onnx, inputs.npz, compare.json, bisect.json, culprit/ (standalone repro).")
+
+    console.print("\n[bold]precision[/]: the smallest set of nodes to keep in FP32 so the FP16 logits pass "
+                  "(finite, rel_l2 <= 2e-2), each pin verified necessary")
+    plan = search_precision(graph, target="emu:fp16", samples=[feeds], trials_log=_fresh(out / "plan.trials.jsonl"),
+                            save_model=out / "tiny_vit.mixed.onnx")
+    print_plan(plan, console=console)
+    write_atomic(out / "plan.json", json.dumps(plan.to_dict(), indent=1).encode())
+    if len(plan.pins) < len(plan.seeds):
+        console.print(f"{len(plan.seeds)} node(s) read or write values beyond 65504 on these inputs, yet only {len(plan.pins)} must "
+                      "stay FP32 for the outputs to pass: where the residual path carries the signal past a collapsed "
+                      "LayerNorm, its overflow does not reach the logits. A task metric (--accept-cmd) may ask for more.")
+    console.print(f"\nFiles in {out}/: tiny_vit.onnx, inputs.npz, compare.json, bisect.json, culprit/ (standalone repro), "
+                  "plan.json, plan.trials.jsonl, tiny_vit.mixed.onnx.")
     console.print(f"Try: aligner bisect {model_path} --inputs {out / 'inputs.npz'} --strategy isolate")
     return 0
+
+
+def _fresh(path: Path) -> Path:
+    path.unlink(missing_ok=True)  # the demo folder is aligner's own: start the log anew
+    return path

@@ -11,9 +11,10 @@ from aligner.cli import bisect as bisect_cmd
 from aligner.cli import compare as compare_cmd
 from aligner.cli import demo as demo_cmd
 from aligner.cli import inspect as inspect_cmd
+from aligner.cli import precision as precision_cmd
 from aligner.errors import AlignerError
 
-COMMANDS = {"inspect": inspect_cmd, "compare": compare_cmd, "bisect": bisect_cmd, "demo": demo_cmd}
+COMMANDS = {"inspect": inspect_cmd, "compare": compare_cmd, "bisect": bisect_cmd, "precision": precision_cmd, "demo": demo_cmd}
 
 DESCRIPTION = """\
 aligner finds where and why a deployed ONNX model's numbers drift from the reference.
@@ -22,6 +23,7 @@ aligner finds where and why a deployed ONNX model's numbers drift from the refer
   aligner inspect model.onnx                     opset, I/O, op histogram, FP16 risks
   aligner compare model.onnx --target emu:fp16   layer-by-layer diff against ORT CPU FP32
   aligner bisect model.onnx                      first divergent node, root cause, repro
+  aligner precision model.onnx                   smallest verified set of FP32 nodes for FP16
 """
 
 

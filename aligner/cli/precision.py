@@ -1,0 +1,123 @@
+"""``aligner precision``: the smallest verified set of FP32 nodes for an FP16/BF16 build."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from aligner.cli.common import add_input_arguments, add_model_arguments, check_writable
+from aligner.errors import InputError
+from aligner.graph.model import ModelGraph
+from aligner.inputs import load_inputs, make_inputs, parse_input_shapes, save_inputs, write_atomic
+from aligner.search.plan import PrecisionPlan
+from aligner.search.precision import Acceptance, search_precision
+
+EPILOG = """\
+how it searches:
+  1. pure low precision (a model that passes needs no plan: one trial);
+  2. seeds from one reference run: nodes that write or read values beyond the low type's range
+     (FP16 max 65504), e.g. the Pow/ReduceMean/Add/Sqrt of a decomposed LayerNorm on large
+     activations, a BatchNormalization with a running variance above 65504, a Div by values that
+     flush to zero; while pinning them fails, add the node where NaN/inf (else the divergence)
+     starts in that trial;
+  3. delta debugging until removing any single pin makes the check fail (1-minimal).
+  Every trial is appended to the trials log (JSONL); --resume LOG continues from it.
+
+acceptance (all must hold on every output of every input sample):
+  default            outputs finite where the reference is, rel_l2 within the target's tolerance
+  --accept SPEC      METRIC<=VALUE or METRIC>=VALUE, several allowed: rel_l2, max_abs, mean_abs,
+                     mvre, cosine, snr_db (e.g. --accept "rel_l2<=5e-3" --accept "cosine>=0.999")
+  --accept-cmd CMD   your task metric: CMD runs with {model} = the mixed ONNX; exit 0 = pass
+
+examples:
+  aligner precision model.onnx
+  aligner precision model.onnx --target ort:cuda:fp16 --accept "rel_l2<=5e-3" --inputs calib.npz \\
+      --out plan.json --save-model model.mixed.onnx
+  aligner precision model.onnx --accept-cmd "python my_eval.py {model}"
+  aligner precision model.onnx --out plan.json --resume plan.trials.jsonl
+
+exit status: 0 a plan was found and verified, 1 no passing plan, 2 usage or input error
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("precision", help="smallest verified set of FP32 nodes for an FP16 build",
+                       description="Search the smallest set of nodes to keep in FP32 so that the FP16 (or BF16) build passes an acceptance check; every pin is verified necessary.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(p)
+    p.add_argument("--target", default="emu:fp16", help="low-precision target (default emu:fp16; ort:cuda:fp16 on a GPU)")
+    p.add_argument("--accept", action="append", default=[], metavar="SPEC", help="output bound, e.g. 'rel_l2<=5e-3' (repeatable)")
+    p.add_argument("--accept-cmd", metavar="CMD", help="external check; {model} is replaced by the mixed model's path; exit 0 = pass")
+    p.add_argument("--max-trials", type=int, default=200, help="stop after this many trials (default 200); resume later")
+    add_input_arguments(p)
+    p.add_argument("--inputs-dir", metavar="DIR", help="several input samples: every .npz in DIR")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", metavar="PLAN.json", help="write the plan (pins, reasons, metrics, TensorRT strings)")
+    o.add_argument("--save-model", metavar="ONNX", help="write the mixed-precision model of the plan")
+    o.add_argument("--trials", metavar="JSONL", help="trials log (default: next to --out as *.trials.jsonl)")
+    o.add_argument("--resume", metavar="JSONL", help="continue a search from its trials log")
+    o.add_argument("--force", action="store_true", help="overwrite existing output files")
+
+
+def run(args: argparse.Namespace) -> int:
+    trials = args.trials or (str(Path(args.out).with_suffix("")) + ".trials.jsonl" if args.out else None)
+    resuming_same = args.resume and trials and Path(args.resume).resolve() == Path(trials).resolve()
+    check_writable([args.out, args.save_model] + ([] if resuming_same else [trials]), args.force)
+    graph = ModelGraph.load(args.model, check=not args.no_check)
+    samples = _samples(graph, args)
+    accept = Acceptance.parse(args.accept, args.accept_cmd) if (args.accept or args.accept_cmd) else None
+    console = Console(stderr=True, highlight=False)
+    with console.status("measuring value ranges on the reference...") as status:
+        def progress(trial, n: int) -> None:
+            mark = "[green]pass[/]" if trial.passed else ("[red]error[/]" if trial.error else "fail")
+            console.print(f"trial {n:3d} {trial.phase:<8} {len(trial.pins):4d} pins  {mark}  {escape(trial.reason or trial.error)[:90]}")
+            status.update(f"trial {n + 1}...")
+
+        plan = search_precision(graph, target=args.target, samples=samples, accept=accept, trials_log=trials,
+                                resume=args.resume, max_trials=args.max_trials, save_model=args.save_model, progress=progress)
+    print_plan(plan)
+    if args.out:
+        write_atomic(Path(args.out), json.dumps(plan.to_dict(), indent=1).encode())
+    return 0 if plan.passed else 1
+
+
+def _samples(graph: ModelGraph, args: argparse.Namespace) -> list[dict]:
+    if args.inputs_dir:
+        files = sorted(Path(args.inputs_dir).glob("*.npz"))
+        if not files:
+            raise InputError(f"--inputs-dir {args.inputs_dir}: no .npz files there.")
+        return [s for f in files for s in load_inputs(f)]
+    if args.inputs:
+        return load_inputs(args.inputs)
+    feeds = make_inputs(graph, parse_input_shapes(args.input_shapes), seed=args.seed)
+    if args.save_inputs:
+        save_inputs([feeds], args.save_inputs, force=args.force)
+    return [feeds]
+
+
+def print_plan(plan: PrecisionPlan, console: Console | None = None) -> None:
+    console = console or Console(highlight=False)
+    if plan.pins:
+        table = Table(title=f"{len(plan.pins)} node(s) kept in FP32 ({escape(plan.target)})", title_justify="left")
+        table.add_column("node", overflow="fold", ratio=2)
+        table.add_column("op", no_wrap=True)
+        table.add_column("why", overflow="fold", ratio=3)
+        for pin in plan.pins:
+            table.add_row(escape(pin.node), escape(pin.op_type), escape(pin.reason))
+        console.print(table)
+        console.print("op types: " + ", ".join(f"{escape(k)} x{v}" for k, v in plan.op_type_summary().items()))
+    metrics = ", ".join(f"{k} {v:.3g}" for k, v in plan.final_metrics.items() if k in ("rel_l2", "max_abs", "cosine"))
+    head = "[bold green]PASSED[/]" if plan.passed else "[bold red]NO PASSING PLAN[/]"
+    console.print(f"{head} {len(plan.pins)} pin(s), {plan.trials} trial(s) (+{plan.culprit_runs} target runs locating culprits); "
+                  f"{plan.fp16_flop_fraction:.1%} of Conv/MatMul/Gemm FLOPs stay in {plan.precision.upper()}; "
+                  f"accept: {escape('; '.join(plan.accept))}" + (f"; final {metrics}" if metrics else ""))
+    for note in plan.notes:
+        console.print(f"note: {escape(note)}")
+    if not plan.passed:
+        console.print(f"Tried pure {plan.precision}, the {len(plan.seeds)} seed(s) from the value ranges, and growing by "
+                      "each failing trial's NaN/inf origin; see the trials log for each attempt.")

@@ -1,0 +1,299 @@
+"""``search_precision``: the smallest verified set of FP32 nodes that makes a low-precision target pass.
+
+One reference pass gives the value range of every tensor; nodes that read or write values beyond
+the low type's range (or divide by values it flushes to zero) are the seeds. Trials run the target
+with a pin set and apply the acceptance check on every input sample; the search itself is
+:func:`aligner.search.pins.search_pins`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import re
+import shlex
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from aligner.backends import make_runner, parse_target, reference_runner
+from aligner.backends.target import Target
+from aligner.compare.layerwise import estimate_sizes, plan_groups
+from aligner.compare.metrics import HIGHER_IS_BETTER, METRICS, all_metrics, nonfinite_counts
+from aligner.compare.tolerance import default_tolerance
+from aligner.errors import InputError, TargetRunError
+from aligner.graph.model import ModelGraph
+from aligner.graph.precision import auto_pinned, is_fp32, node_typing, rewrite_precision
+from aligner.inputs import Feeds, make_inputs, validate_feeds, write_atomic
+from aligner.search.pins import Trial, search_pins
+from aligner.search.plan import Pin, PrecisionPlan, TrialLog, flop_fraction
+from aligner.search.verdict import FP16_TINY, LOW_MAX, ValueRange
+
+log = logging.getLogger(__name__)
+_BOUND = re.compile(r"^\s*([a-z_0-9]+)\s*(<=|>=|<|>)\s*([-+0-9.eE]+|inf)\s*$")
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    """When a trial passes: outputs finite where the reference is, every ``bounds`` holds on every
+    output and sample, and ``command`` (``{model}`` = the mixed model) / ``check`` say yes."""
+
+    bounds: tuple[tuple[str, str, float], ...] = ()
+    finite: bool = True
+    command: str | None = None
+    check: Callable[[onnx.ModelProto], bool] | None = field(default=None, compare=False)
+
+    @classmethod
+    def parse(cls, specs: Iterable[str] = (), command: str | None = None, check=None) -> "Acceptance":
+        bounds = []
+        for spec in specs:
+            m = _BOUND.match(spec)
+            if not m or m.group(1) not in METRICS:
+                raise InputError(f"--accept {spec!r}: write METRIC<=VALUE or METRIC>=VALUE with METRIC one of {sorted(METRICS)}, "
+                                 f"e.g. 'rel_l2<=5e-3' or 'cosine>=0.999'.")
+            bounds.append((m.group(1), m.group(2), float(m.group(3))))
+        return cls(tuple(bounds), True, command, check)
+
+    def describe(self) -> tuple[str, ...]:
+        parts = ["outputs finite"] if self.finite else []
+        parts += [f"{m}{op}{v:g}" for m, op, v in self.bounds]
+        if self.command:
+            parts.append(f"command: {self.command}")
+        if self.check is not None:
+            parts.append(f"callable: {getattr(self.check, '__name__', 'check')}")
+        return tuple(parts)
+
+    def judge(self, metrics: dict[str, float]) -> str:
+        """'' when the bounds hold, else what failed."""
+        for metric, op, value in self.bounds:
+            got = metrics.get(metric, math.nan)
+            ok = {"<=": got <= value, "<": got < value, ">=": got >= value, ">": got > value}[op]
+            if not ok:
+                return f"{metric} {got:.3g} fails {metric}{op}{value:g}"
+        return ""
+
+
+def default_acceptance(precision: str) -> Acceptance:
+    tol = default_tolerance(precision)
+    op = ">=" if tol.metric in HIGHER_IS_BETTER else "<="
+    return Acceptance(((tol.metric, op, tol.threshold),))
+
+
+# ---- seeds ---------------------------------------------------------------------------------------
+
+def value_ranges(graph: ModelGraph, samples: Sequence[Feeds], budget_bytes: int = 256 * 2**20) -> dict[str, ValueRange]:
+    """Range of every float activation over all samples (reference, in memory-bounded groups)."""
+    runner = reference_runner(graph)
+    names = [n for n in graph.activations() if is_fp32(graph, n)]
+    out: dict[str, ValueRange] = {}
+    for feeds in samples:
+        for group in plan_groups(names, estimate_sizes(graph, feeds), budget_bytes):
+            values = runner.run(feeds, group)
+            for name in group:
+                r = ValueRange.of(name, values.pop(name))
+                out[name] = r if name not in out else _merge(out[name], r)
+        for name, value in feeds.items():
+            out[name] = ValueRange.of(name, value)
+    return out
+
+
+def _merge(a: ValueRange, b: ValueRange) -> ValueRange:
+    return ValueRange(a.tensor, min(a.min, b.min), max(a.max, b.max), max(a.max_abs, b.max_abs), min(a.min_abs_nonzero, b.min_abs_nonzero))
+
+
+def seed_pins(graph: ModelGraph, ranges: dict[str, ValueRange], precision: str) -> dict[str, str]:
+    """Nodes that cannot run in ``precision`` on this data, with the evidence, in topological order."""
+    limit = LOW_MAX[precision]
+    params = {name: ValueRange.of(name, onnx.numpy_helper.to_array(t)) for name, t in graph.initializers.items() if is_fp32(graph, name)}
+    seeds: dict[str, str] = {}
+    for node in graph.nodes:
+        if node.op_type == "Constant":
+            continue
+        typing = node_typing(node, graph.opset, precision)
+        for out in node.output:
+            r = ranges.get(out)
+            if r is not None and r.max_abs > limit:
+                seeds[node.name] = f"writes {out!r} with values up to {r.max_abs:.3g}, beyond {precision.upper()} max {limit:g}"
+                break
+        if node.name in seeds:
+            continue
+        for i, name in enumerate(node.input):
+            r = ranges.get(name) or params.get(name)
+            if r is None or i in typing.fp32_inputs:
+                continue
+            if r.max_abs > limit:
+                what = "weight" if name in params else "input"
+                seeds[node.name] = f"reads {what} {name!r} with values up to {r.max_abs:.3g}, beyond {precision.upper()} max {limit:g}"
+                break
+            flushes = precision == "fp16" and 0 < r.min_abs_nonzero < FP16_TINY
+            if flushes and ((node.op_type == "Div" and i == 1) or node.op_type in ("Reciprocal", "Log", "Sqrt")):
+                seeds[node.name] = f"{node.op_type} of {name!r} whose values go down to {r.min_abs_nonzero:.3g}, which flush to 0 in FP16"
+                break
+    return seeds
+
+
+# ---- trials --------------------------------------------------------------------------------------
+
+class _Evaluator:
+    """check(pins, phase) -> Trial, memoised through the trials log."""
+
+    def __init__(self, graph: ModelGraph, target: Target, samples: list[Feeds], accept: Acceptance, log_: TrialLog,
+                 locate: bool, max_trials: int, progress: Callable[[Trial, int], None] | None):
+        self.graph, self.target, self.samples, self.accept, self.log = graph, target, samples, accept, log_
+        self.locate, self.max_trials, self.progress = locate, max_trials, progress
+        ref = reference_runner(graph)
+        self.reference = [ref.run(feeds) for feeds in samples]
+        self.trials = 0
+        self.culprit_runs = 0
+        self.last_passed: Trial | None = None
+
+    def __call__(self, pins: frozenset[str], phase: str) -> Trial:
+        if pins in self.log.cache:
+            return self.log.cache[pins]
+        if self.trials >= self.max_trials:
+            raise _OutOfTrials()
+        start = time.perf_counter()
+        try:
+            passed, metrics, reason = self._run(pins)
+            error = ""
+        except TargetRunError as exc:
+            passed, metrics, reason, error = False, {}, "", str(exc)
+        culprit = None
+        if not passed and not error and (phase in ("seed", "grow") or (phase == "pure" and self.locate)):
+            culprit = self._culprit(pins)  # only growing needs to know where it goes wrong
+        trial = Trial(pins, passed, phase, metrics, culprit, error, time.perf_counter() - start, reason)
+        self.trials += 1
+        self.log.record(trial)
+        if self.progress:
+            self.progress(trial, self.trials)
+        return trial
+
+    def _run(self, pins: frozenset[str]) -> tuple[bool, dict[str, float], str]:
+        runner = make_runner(self.graph, self.target, pins)
+        worst: dict[str, float] = {}
+        reason = ""
+        for feeds, ref in zip(self.samples, self.reference):
+            got = runner.run(feeds)
+            for name, r in ref.items():
+                t = got[name]
+                if r.dtype.kind != "f":
+                    continue
+                if self.accept.finite and nonfinite_counts(t).total > nonfinite_counts(r).total:
+                    reason = reason or f"output {name!r} has NaN/inf"
+                m = all_metrics(r, t)
+                for k, v in m.items():
+                    v = v if not np.isnan(v) else math.inf
+                    worst[k] = max(worst.get(k, -math.inf), v) if k not in HIGHER_IS_BETTER else min(worst.get(k, math.inf), v)
+                reason = reason or self.accept.judge(m)
+        if not reason and (self.accept.command or self.accept.check is not None):
+            model = rewrite_precision(self.graph, pins, self.target.precision).model
+            reason = self._external(model)
+        return not reason, worst, reason
+
+    def _external(self, model: onnx.ModelProto) -> str:
+        if self.accept.check is not None and not self.accept.check(model):
+            return "the acceptance callable said no"
+        if self.accept.command:
+            with tempfile.TemporaryDirectory(prefix="aligner-accept-") as tmp:
+                path = Path(tmp) / "mixed.onnx"
+                onnx.save(model, str(path))
+                cmd = self.accept.command.replace("{model}", shlex.quote(str(path)))
+                done = subprocess.run(cmd, shell=True, capture_output=True, text=True)
+                if done.returncode != 0:
+                    tail = (done.stdout + done.stderr).strip().splitlines()[-1:] or [""]
+                    return f"--accept-cmd exited {done.returncode}: {tail[0][:200]}"
+        return ""
+
+    def _culprit(self, pins: frozenset[str]) -> str | None:
+        """Where NaN/inf (else the divergence) starts under these pins, not already pinned."""
+        from aligner.search.bisect import bisect
+
+        verdict = bisect(self.graph, target=self.target, feeds=self.samples[0], fp32_nodes=pins, strategy="auto", window=0)
+        self.culprit_runs += verdict.target_runs
+        for node in (verdict.nonfinite_origin.node if verdict.nonfinite_origin else None,
+                     verdict.first_divergent.node if verdict.first_divergent else None):
+            if node and node not in pins:
+                return node
+        return None
+
+
+class _OutOfTrials(Exception):
+    pass
+
+
+def search_precision(
+    model: ModelGraph | str | Path,
+    target: str | Target = "emu:fp16",
+    samples: Sequence[Feeds] | None = None,
+    accept: Acceptance | None = None,
+    trials_log: str | Path | None = None,
+    resume: str | Path | None = None,
+    max_trials: int = 200,
+    save_model: str | Path | None = None,
+    progress: Callable[[Trial, int], None] | None = None,
+) -> PrecisionPlan:
+    """The smallest verified set of nodes to keep in FP32 so ``target`` passes ``accept``."""
+    graph = model if isinstance(model, ModelGraph) else ModelGraph.load(model)
+    target = parse_target(target) if isinstance(target, str) else target
+    if target.precision not in LOW_MAX:
+        raise InputError(f"aligner precision searches FP16/BF16 builds; target {target} is {target.precision}. "
+                         f"Use e.g. --target emu:fp16 or ort:cuda:fp16.")
+    samples = [validate_feeds(graph, s) for s in samples] if samples else [make_inputs(graph)]
+    accept = accept or default_acceptance(target.precision)
+    header = {"model": str(graph.path or "<in-memory>"), "model_sha": _fingerprint(graph), "target": str(target),
+              "accept": list(accept.describe()), "samples": len(samples)}
+    log_ = TrialLog(Path(trials_log) if trials_log else None, header, Path(resume) if resume else None)
+
+    ranges = value_ranges(graph, samples)
+    seeds = seed_pins(graph, ranges, target.precision)
+    evaluator = _Evaluator(graph, target, list(samples), accept, log_, not seeds, max_trials, progress)
+    notes = []
+    try:
+        pins, verified = search_pins(list(seeds), evaluator)
+    except _OutOfTrials:
+        pins, verified = sorted(seeds, key=graph.index_of.__getitem__), None
+        notes.append(f"stopped after --max-trials {max_trials}; resume with --resume to continue")
+    pins = sorted(pins, key=graph.index_of.__getitem__)
+    reasons = _reasons(graph, pins, seeds, log_)
+    typing = {n.name: node_typing(n, graph.opset, target.precision) for n in graph.nodes}
+    plan = PrecisionPlan(
+        model=str(graph.path or "<in-memory>"), precision=target.precision, target=str(target), accept=accept.describe(),
+        pins=tuple(Pin(n, graph.node(n).op_type, reasons[n]) for n in pins), passed=verified is not None and verified.passed,
+        trials=evaluator.trials, culprit_runs=evaluator.culprit_runs,
+        final_metrics=dict(verified.metrics) if verified else {},
+        fp16_flop_fraction=flop_fraction(graph, pins, {k: v.shape for k, v in samples[0].items()}),
+        auto_pinned=auto_pinned(graph, typing), seeds=tuple(seeds), notes=tuple(notes),
+    )
+    if save_model is not None and plan.passed:
+        mixed = rewrite_precision(graph, pins, target.precision).model
+        write_atomic(Path(save_model), mixed.SerializeToString())
+    return plan
+
+
+def _reasons(graph: ModelGraph, pins: list[str], seeds: dict[str, str], log_: TrialLog) -> dict[str, str]:
+    out = {}
+    pinned = set(pins)
+    for name in pins:
+        why = seeds.get(name) or next((f"NaN/inf or the divergence started here in a trial with {len(t.pins)} pin(s)"
+                                       for t in log_.cache.values() if t.culprit == name), "grown by the search")
+        without = log_.cache.get(frozenset(pinned - {name}))
+        if without is not None and not without.passed:
+            why += f"; necessary: without it the check fails ({without.reason or without.error or 'not accepted'})"
+        out[name] = why
+    return out
+
+
+def _fingerprint(graph: ModelGraph) -> str:
+    from aligner.graph.model import skeleton
+
+    return hashlib.sha256(skeleton(graph.model).SerializeToString()).hexdigest()[:16]
+
+
+__all__ = ["Acceptance", "default_acceptance", "search_precision", "seed_pins", "value_ranges"]

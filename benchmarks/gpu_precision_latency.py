@@ -1,0 +1,63 @@
+"""Latency of FP32, pure FP16 and the precision plan's mixed model on ONNX Runtime CUDA.
+
+Run on the device after staging onnxruntime-gpu (see ../shared/gpu/stage):
+
+    source .gpu/bin/env.sh && PYTHONPATH=.:$PYTHONPATH python benchmarks/gpu_precision_latency.py
+
+For each example model the plan is searched on the real GPU target (``ort:cuda:fp16``), then the
+three models are timed with I/O bound on the GPU (inputs copied once; outputs left on the device),
+after warm-up, as the median of ``--runs`` runs with the device synchronised by ORT's run call.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from aligner.graph.precision import rewrite_precision  # noqa: E402
+from aligner.search.precision import search_precision  # noqa: E402
+from precision_vs_baselines import accepts, models  # noqa: E402
+
+
+def latency_ms(model, feeds: dict, runs: int = 300, warmup: int = 30) -> float:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), options, providers=[("CUDAExecutionProvider", {"use_tf32": "0"})])
+    binding = sess.io_binding()
+    for name, value in feeds.items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
+    for out in sess.get_outputs():
+        binding.bind_output(out.name, "cuda")
+    times = []
+    for i in range(warmup + runs):
+        start = time.perf_counter()
+        sess.run_with_iobinding(binding)  # returns after the GPU work is done
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    print("onnxruntime", ort.__version__, ort.get_available_providers())
+    print("| model | plan pins (found on ort:cuda:fp16) | trials | plan passes emu:fp16 | FP32 ms | pure FP16 ms | mixed ms | mixed / FP16 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label, (graph, feeds) in models().items():
+        plan = search_precision(graph, target="ort:cuda:fp16", samples=[feeds])
+        pure = rewrite_precision(graph, [], "fp16").model
+        mixed = rewrite_precision(graph, plan.fp32_nodes, "fp16").model
+        t32, t16, tmix = (latency_ms(m, feeds) for m in (graph.model, pure, mixed))
+        ok = accepts(graph, feeds, plan.fp32_nodes)
+        print(f"| {label} | {len(plan.pins)} | {plan.trials} | {ok} | {t32:.3f} | {t16:.3f} | {tmix:.3f} | {tmix / t16:.3f} |")
+    np.random.seed(0)
+
+
+if __name__ == "__main__":
+    main()
