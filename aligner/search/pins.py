@@ -6,8 +6,8 @@
 1. tries pure low precision (a model that passes needs no plan: one trial);
 2. tries the seeds (nodes the reference's value ranges show cannot live in FP16); while that fails,
    *grows* the set by the trial's culprit (where NaN/inf or the divergence starts);
-3. *minimises* the passing set by delta debugging (complements of chunks, then single pins) until
-   removing any one pin makes the check fail: the result is 1-minimal.
+3. *minimises* the passing set by delta debugging (removal by recursive halves, then single pins)
+   until removing any one pin makes the check fail: the result is 1-minimal.
 
 A trial that fails to build or run (``error``) never counts as "passes"; it is kept apart in the log.
 """
@@ -48,37 +48,45 @@ def grow(seeds: Sequence[str], check: Check, limit: int) -> tuple[list[str], Tri
     return pins, trial, grown
 
 
-def minimize(pins: Sequence[str], check: Check, coarse_above: int = 16) -> list[str]:
-    """Delta debugging over a passing pin set: returns a subset that still passes and from which
-    no single pin can be removed (1-minimal). Large sets start with halves (ddmin); small ones go
-    straight to single removals, since seeds are mostly necessary."""
+def minimize(pins: Sequence[str], check: Check) -> list[str]:
+    """Delta debugging over a passing pin set: a subset that still passes and from which no single
+    pin can be removed (1-minimal).
+
+    Removal is tried by halves, recursively (adaptive group testing): a chunk whose removal still
+    passes is dropped whole, one that fails is split, a single pin that fails is kept. Then every
+    kept pin is re-checked against the final set (the check need not be monotone), so the result
+    is 1-minimal by construction; with seeds that are mostly necessary this costs about one trial
+    per pin.
+    """
     current = list(pins)
-    n = 2 if len(current) > coarse_above else max(len(current), 1)
-    while current:
-        n = min(n, len(current))
-        chunks = _split(current, n)
-        for chunk in chunks:
-            drop = set(chunk)
-            rest = [p for p in current if p not in drop]
-            if check(frozenset(rest), "minimize").passed:
-                current = rest
-                n = max(n - 1, 2) if len(chunk) > 1 else n
-                break
-        else:
-            if n >= len(current):
-                break  # every single removal failed: 1-minimal
-            n = min(2 * n, len(current))
+
+    def drop(chunk: list[str]) -> None:
+        nonlocal current
+        chunk = [p for p in chunk if p in current]
+        if not chunk:
+            return
+        rest = [p for p in current if p not in set(chunk)]
+        if check(frozenset(rest), "minimize").passed:
+            current = rest
+        elif len(chunk) > 1:
+            mid = len(chunk) // 2
+            drop(chunk[:mid])
+            drop(chunk[mid:])
+
+    if len(current) > 1:
+        mid = len(current) // 2
+        drop(current[:mid])
+        drop(current[mid:])
+    else:
+        drop(current)
+    changed = True
+    while changed:  # 1-minimal against the final set, whatever the check's monotonicity
+        changed = False
+        for pin in list(current):
+            if check(frozenset(p for p in current if p != pin), "minimize").passed:
+                current = [p for p in current if p != pin]
+                changed = True
     return current
-
-
-def _split(items: list[str], n: int) -> list[list[str]]:
-    size, extra = divmod(len(items), n)
-    out, start = [], 0
-    for i in range(n):
-        end = start + size + (1 if i < extra else 0)
-        out.append(items[start:end])
-        start = end
-    return [c for c in out if c]
 
 
 def search_pins(seeds: Sequence[str], check: Check, grow_limit: int = 64) -> tuple[list[str], Trial | None]:
