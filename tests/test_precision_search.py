@@ -32,9 +32,12 @@ def _needs(required: set[str], log: list):
 def test_minimize_keeps_exactly_the_necessary_pins():
     required = {"n3", "n40", "n41", "n77"}
     seeds = [f"n{i}" for i in range(0, 100, 3)] + ["n40", "n41", "n77"]
-    log = []
-    assert set(minimize(seeds, _needs(required, log))) == required
-    assert len(log) < len(seeds)  # cheaper than trying every seed alone
+    for halve_above in (128, 8):  # one trial per seed, or halving first when seeds are many
+        log = []
+        kept = minimize(seeds, _needs(required, log), halve_above=halve_above)
+        assert set(kept) == required
+        assert all(frozenset(required - {p}) in log for p in required)  # each pin proven necessary
+    assert len(log) < len(seeds)  # halving is cheaper than one trial per seed when most are not needed
 
 
 def test_search_grows_missing_pins_and_passes_pure_models_in_one_trial():

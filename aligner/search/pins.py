@@ -48,15 +48,16 @@ def grow(seeds: Sequence[str], check: Check, limit: int) -> tuple[list[str], Tri
     return pins, trial, grown
 
 
-def minimize(pins: Sequence[str], check: Check) -> list[str]:
+def minimize(pins: Sequence[str], check: Check, halve_above: int = 128) -> list[str]:
     """Delta debugging over a passing pin set: a subset that still passes and from which no single
     pin can be removed (1-minimal).
 
-    Removal is tried by halves, recursively (adaptive group testing): a chunk whose removal still
-    passes is dropped whole, one that fails is split, a single pin that fails is kept. Then every
-    kept pin is re-checked against the final set (the check need not be monotone), so the result
-    is 1-minimal by construction; with seeds that are mostly necessary this costs about one trial
-    per pin.
+    Seeds come from evidence and are mostly necessary, so each one is simply tried without (one
+    trial per pin, the least a proof of 1-minimality needs) — unless the set is sparse (more than
+    ``halve_above`` pins, or dropping its first half already passes): then it is first thinned by
+    recursive halves (adaptive group testing): a chunk whose removal still passes is dropped
+    whole, one that fails is split. Every kept pin is then re-checked against
+    the final set (the check need not be monotone), so the result is 1-minimal by construction.
     """
     current = list(pins)
 
@@ -73,12 +74,11 @@ def minimize(pins: Sequence[str], check: Check) -> list[str]:
             drop(chunk[:mid])
             drop(chunk[mid:])
 
-    if len(current) > 1:
-        mid = len(current) // 2
+    mid = len(current) // 2
+    # Sparse (many seeds, or dropping the first half already passes): thin by halves first.
+    if len(current) > halve_above or (len(current) > 3 and check(frozenset(current[mid:]), "minimize").passed):
         drop(current[:mid])
         drop(current[mid:])
-    else:
-        drop(current)
     changed = True
     while changed:  # 1-minimal against the final set, whatever the check's monotonicity
         changed = False
