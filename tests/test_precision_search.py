@@ -155,3 +155,23 @@ def test_external_check_and_resume(vit_path, vit_inputs, tmp_path):
     assert json.loads(lines[0])["header"]["target"] == "emu:fp16" and len(lines) == plan.trials + 1
     again = search_precision(vit_path, samples=[vit_inputs], accept=accept, resume=log)
     assert again.trials == 0 and again.fp32_nodes == plan.fp32_nodes  # every trial came from the log
+
+
+def test_a_target_that_fails_to_build_is_an_error_not_a_failed_check(vit_path, vit_inputs, tmp_path):
+    log = tmp_path / "trials.jsonl"
+    plan = search_precision(vit_path, target="ort:cpu:bf16", samples=[vit_inputs], trials_log=log)  # ORT CPU: no BF16 Add
+    assert not plan.passed
+    rows = [json.loads(line) for line in log.read_text().splitlines()[1:]]
+    assert rows and all(r["error"] and not r["passed"] for r in rows) and "Add" in rows[0]["error"]
+
+
+def test_accept_command_judges_the_mixed_model(vit_path, vit_inputs, tmp_path):
+    marker = tmp_path / "calls.txt"
+    script = tmp_path / "judge.py"
+    script.write_text("import sys, onnx\nm = onnx.load(sys.argv[1])\nopen(sys.argv[2], 'a').write('x')\n"
+                      "sys.exit(0 if any(t.data_type == onnx.TensorProto.FLOAT16 for t in m.graph.initializer) else 1)\n")
+    import sys
+
+    accept = Acceptance.parse([], command=f"{sys.executable} {script} {{model}} {marker}")
+    plan = search_precision(vit_path, samples=[vit_inputs], accept=accept)
+    assert plan.passed and marker.read_text()  # the command ran on a real FP16 model and said yes
