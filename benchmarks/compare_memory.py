@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 
 
@@ -60,7 +59,7 @@ def main() -> None:
     for _ in range(args.repeat):
         for name, cmd in commands.items():
             results[name].append(measure(cmd))
-    print(f"| command | median wall s | median peak RSS GiB | runs |")
+    print("| command | median wall s | median peak RSS GiB | runs |")
     print("|---|---|---|---|")
     for name, rows in results.items():
         print(f"| {name} | {statistics.median(r[0] for r in rows):.1f} | {statistics.median(r[1] for r in rows):.2f} | {len(rows)} |")

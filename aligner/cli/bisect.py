@@ -11,9 +11,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from aligner.backends.target import valid_targets
-from aligner.cli.common import (add_input_arguments, add_model_arguments, add_tolerance_arguments, check_writable, resolve_feeds,
+from aligner.cli.common import (add_input_arguments, add_model_arguments, add_tolerance_arguments, check_writable, load_models_and_feeds,
                                 resolve_target, tolerance_from_args)
-from aligner.graph.model import ModelGraph
 from aligner.inputs import write_atomic
 from aligner.search import STRATEGIES, BisectResult, bisect
 
@@ -67,9 +66,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_writable([args.json], args.force)
-    graph = ModelGraph.load(args.model, check=not args.no_check)
-    other = ModelGraph.load(args.target_model, check=not args.no_check) if args.target_model else None
-    feeds = resolve_feeds(graph, args)
+    graph, other, feeds = load_models_and_feeds(args)
     console = Console(stderr=True, highlight=False)
     with console.status("bisecting...") as status:
         def progress(phase: str, done: int, total: int) -> None:

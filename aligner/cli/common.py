@@ -68,3 +68,10 @@ def tolerance_from_args(args: argparse.Namespace) -> Tolerance | None:
 
 def _metric_default(metric: str) -> float:
     return {"cosine": 0.999, "snr_db": 40.0, "max_abs": 1e-3, "mean_abs": 1e-4, "mvre": 1e-2}.get(metric, 1e-4)
+
+
+def load_models_and_feeds(args: argparse.Namespace) -> tuple[ModelGraph, ModelGraph | None, dict]:
+    """The model, the optional --target-model, and the inputs, as every comparing command reads them."""
+    graph = ModelGraph.load(args.model, check=not args.no_check)
+    other = ModelGraph.load(args.target_model, check=not args.no_check) if args.target_model else None
+    return graph, other, resolve_feeds(graph, args)

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from aligner.backends.target import valid_targets
-from aligner.cli.common import (add_input_arguments, add_model_arguments, add_tolerance_arguments, check_writable, resolve_feeds,
+from aligner.cli.common import (add_input_arguments, add_model_arguments, add_tolerance_arguments, check_writable, load_models_and_feeds,
                                resolve_target, tolerance_from_args)
 from aligner.compare import CompareResult, compare
-from aligner.graph.model import ModelGraph
 from aligner.inputs import write_atomic
 from pathlib import Path
 
@@ -56,9 +54,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     check_writable([args.json, args.csv], args.force)
     target = resolve_target(args)
-    graph = ModelGraph.load(args.model, check=not args.no_check)
-    other = ModelGraph.load(args.target_model, check=not args.no_check) if args.target_model else None
-    feeds = resolve_feeds(graph, args)
+    graph, other, feeds = load_models_and_feeds(args)
     console = Console(stderr=True, highlight=False)
     with console.status("capturing tensors...") as status:
         def progress(phase: str, done: int, total: int) -> None:

@@ -6,7 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-import onnx
 from rich.console import Console
 from rich.markup import escape
 
