@@ -82,8 +82,9 @@ def cnn_legacy(tmp_path_factory):
 
 @pytest.mark.parametrize("pairs", [
     [("/layer2/conv1/Conv", "/layer2/conv2/Conv")],
-    [("/layer1/conv1/Conv", "/layer1/conv2/Conv"), ("/layer2/conv1/Conv", "/layer2/conv2/Conv")],
-], ids=["k1", "k2"])
+    [("/layer1/conv1/Conv", "/layer1/conv2/Conv"), ("/layer2/conv1/Conv", "/layer2/conv2/Conv"),
+     ("/layer3/conv1/Conv", "/layer3/conv2/Conv")],
+], ids=["k1", "k3"])
 def test_cnn_plan_pins_exactly_the_overflow_sites(cnn_legacy, pairs):
     graph, feeds, expected = _sites_model(cnn_legacy, pairs)
     assert len(expected) == 3 * len(pairs)  # conv (writes) -> relu (reads, writes) -> conv (reads) per site
