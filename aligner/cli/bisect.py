@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from aligner.backends.target import valid_targets
-from aligner.cli.common import (add_input_arguments, add_model_arguments, add_tolerance_arguments, check_writable, load_models_and_feeds,
+from aligner.cli.common import (add_input_arguments, add_report_arguments, emit_run, report_paths, add_model_arguments, add_tolerance_arguments, check_writable, load_models_and_feeds,
                                 resolve_target, tolerance_from_args)
 from aligner.inputs import write_atomic
 from aligner.search import STRATEGIES, BisectResult, bisect
@@ -62,10 +62,11 @@ def add_parser(sub) -> None:
     o.add_argument("--save-repro", metavar="DIR", help="write the culprit's subgraph (model.onnx), its inputs (inputs.npz) and expected outputs")
     o.add_argument("--force", action="store_true", help="overwrite existing output files")
     o.add_argument("--capture-budget-mb", type=int, default=512, help="memory for captured tensors of one group, both sides (default 512 MB)")
+    add_report_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    check_writable([args.json], args.force)
+    check_writable([args.json] + report_paths(args), args.force)
     graph, other, feeds = load_models_and_feeds(args)
     console = Console(stderr=True, highlight=False)
     with console.status("bisecting...") as status:
@@ -81,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     print_result(result)
     if args.json:
         write_atomic(Path(args.json), json.dumps(result.to_dict(), indent=1).encode())
+    emit_run(args, "bisect", graph, result.to_dict())
     if result.failed:
         return 3
     return 1 if result.diverged else 0

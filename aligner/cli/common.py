@@ -75,3 +75,27 @@ def load_models_and_feeds(args: argparse.Namespace) -> tuple[ModelGraph, ModelGr
     graph = ModelGraph.load(args.model, check=not args.no_check)
     other = ModelGraph.load(args.target_model, check=not args.no_check) if args.target_model else None
     return graph, other, resolve_feeds(graph, args)
+
+
+def add_report_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("report")
+    g.add_argument("--report", metavar="HTML", help="write a self-contained HTML report of this run (its run directory goes beside it)")
+    g.add_argument("--run", metavar="DIR", help="write the run directory (JSON results for `aligner report`) here")
+
+
+def report_paths(args: argparse.Namespace) -> list[str | None]:
+    """Output paths the report options will write (for the --force check before any work)."""
+    return [args.report]
+
+
+def emit_run(args: argparse.Namespace, kind: str, graph: ModelGraph, result: dict, trials: Path | None = None) -> None:
+    """Write the run directory and render the report when --run / --report ask for them."""
+    if not (args.report or args.run):
+        return
+    from aligner.report import write_report, write_run
+
+    run_dir = Path(args.run) if args.run else Path(args.report).with_suffix(".run")
+    write_run(run_dir, kind, graph, result, trials, force=getattr(args, "force", False))
+    if args.report:
+        write_report([run_dir], args.report, force=getattr(args, "force", False))
+        print(f"report: {args.report} (run directory {run_dir})")

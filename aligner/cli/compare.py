@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from aligner.backends.target import valid_targets
-from aligner.cli.common import (add_input_arguments, add_model_arguments, add_tolerance_arguments, check_writable, load_models_and_feeds,
+from aligner.cli.common import (add_input_arguments, add_report_arguments, emit_run, report_paths, add_model_arguments, add_tolerance_arguments, check_writable, load_models_and_feeds,
                                resolve_target, tolerance_from_args)
 from aligner.compare import CompareResult, compare
 from aligner.inputs import write_atomic
@@ -49,10 +49,11 @@ def add_parser(sub) -> None:
     o.add_argument("--top", type=int, default=10, help="divergent tensors to print (default 10)")
     o.add_argument("--force", action="store_true", help="overwrite existing output files")
     o.add_argument("--capture-budget-mb", type=int, default=512, help="memory for captured tensors of one group, both sides (default 512 MB)")
+    add_report_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    check_writable([args.json, args.csv], args.force)
+    check_writable([args.json, args.csv] + report_paths(args), args.force)
     target = resolve_target(args)
     graph, other, feeds = load_models_and_feeds(args)
     console = Console(stderr=True, highlight=False)
@@ -71,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         write_atomic(Path(args.json), json.dumps(result.to_dict(), indent=1).encode())
     if args.csv:
         write_atomic(Path(args.csv), result.to_frame().to_csv(index=False).encode())
+    emit_run(args, "compare", graph, result.to_dict())
     return 1 if result.first_divergent else 0
 
 

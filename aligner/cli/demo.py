@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -18,6 +19,7 @@ from aligner.examples import example_inputs, tiny_vit
 from aligner.graph.model import ModelGraph
 from aligner.graph.risk import fp16_risks
 from aligner.inputs import save_inputs, write_atomic
+from aligner.report import write_report, write_run
 from aligner.search import bisect
 from aligner.search.precision import search_precision
 
@@ -34,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
         raise InputError(f"{out} exists and was not made by aligner demo; choose another --out.")
+    start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).touch()
     console = Console(highlight=False)
@@ -83,8 +86,15 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"{len(plan.seeds)} node(s) read or write values beyond 65504 on these inputs, yet only {len(plan.pins)} must "
                       "stay FP32 for the outputs to pass: where the residual path carries the signal past a collapsed "
                       "LayerNorm, its overflow does not reach the logits. A task metric (--accept-cmd) may ask for more.")
-    console.print(f"\nFiles in {out}/: tiny_vit.onnx, inputs.npz, compare.json, bisect.json, culprit/ (standalone repro), "
-                  "plan.json, plan.trials.jsonl, tiny_vit.mixed.onnx.")
+
+    runs = [write_run(out / "runs" / "compare", "compare", graph, result.to_dict(), force=True),
+            write_run(out / "runs" / "bisect", "bisect", graph, verdict.to_dict(), force=True),
+            write_run(out / "runs" / "precision", "precision", graph, plan.to_dict(), out / "plan.trials.jsonl", force=True)]
+    report = write_report(runs, out / "report.html", force=True, title="aligner demo: tiny ViT on raw pixels, FP16")
+    console.print(f"\n[bold]report[/]: {report} (one self-contained page: open it in any browser). "
+                  f"Done in {time.perf_counter() - start:.1f} s.")
+    console.print(f"Files in {out}/: report.html, runs/, tiny_vit.onnx, inputs.npz, compare.json, bisect.json, culprit/ "
+                  "(standalone repro), plan.json, plan.trials.jsonl, tiny_vit.mixed.onnx.")
     console.print(f"Try: aligner bisect {model_path} --inputs {out / 'inputs.npz'} --strategy isolate")
     return 0
 

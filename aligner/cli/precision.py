@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from aligner.cli.common import add_input_arguments, add_model_arguments, check_writable
+from aligner.cli.common import add_input_arguments, add_model_arguments, add_report_arguments, check_writable, emit_run, report_paths
 from aligner.errors import InputError
 from aligner.graph.model import ModelGraph
 from aligner.inputs import load_inputs, make_inputs, parse_input_shapes, save_inputs, write_atomic
@@ -62,12 +62,13 @@ def add_parser(sub) -> None:
     o.add_argument("--trials", metavar="JSONL", help="trials log (default: next to --out as *.trials.jsonl)")
     o.add_argument("--resume", metavar="JSONL", help="continue a search from its trials log")
     o.add_argument("--force", action="store_true", help="overwrite existing output files")
+    add_report_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     trials = args.trials or (str(Path(args.out).with_suffix("")) + ".trials.jsonl" if args.out else None)
     resuming_same = args.resume and trials and Path(args.resume).resolve() == Path(trials).resolve()
-    check_writable([args.out, args.save_model] + ([] if resuming_same else [trials]), args.force)
+    check_writable([args.out, args.save_model] + ([] if resuming_same else [trials]) + report_paths(args), args.force)
     graph = ModelGraph.load(args.model, check=not args.no_check)
     samples = _samples(graph, args)
     accept = Acceptance.parse(args.accept, args.accept_cmd) if (args.accept or args.accept_cmd) else None
@@ -83,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     print_plan(plan)
     if args.out:
         write_atomic(Path(args.out), json.dumps(plan.to_dict(), indent=1).encode())
+    emit_run(args, "precision", graph, plan.to_dict(), Path(trials) if trials else None)
     return 0 if plan.passed else 1
 
 

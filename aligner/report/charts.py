@@ -1,0 +1,97 @@
+"""Charts as inline SVG, drawn by matplotlib (imported here only, never by ``import aligner``).
+
+Why matplotlib SVG rather than a JavaScript chart library: the page must open offline from a mail
+attachment with no external scripts, SVG is vector and self-contained, and matplotlib is already
+in this field's toolbox. Text is drawn as glyph paths (``svg.fonttype = "path"``) and every
+string from the model has its ``$`` escaped, so a hostile node name can become neither markup nor
+mathtext.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+from aligner._optional import require
+
+
+def _pyplot():
+    require("matplotlib", "drawing the report's charts")
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"svg.fonttype": "path", "font.size": 9,
+                         "axes.spines.top": False, "axes.spines.right": False})
+    return plt
+
+
+def _plain(text: str) -> str:
+    """A model's string shown literally (no mathtext)."""
+    return text.replace("$", r"\$")
+
+
+def _svg(fig) -> str:
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight")
+    text = buf.getvalue()
+    return text[text.index("<svg"):]  # drop the XML prolog and DOCTYPE: the SVG goes inline
+
+
+def layer_error_chart(rows: list[dict], metric: str, threshold: float, culprit_index: int | None = None,
+                      culprit_label: str = "", title: str = "") -> str:
+    """``metric`` per tensor vs topological index (log scale), tolerance line, first divergence and
+    root cause marked, the region where the target has NaN/inf shaded."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8.0, 3.2))
+    pts = [(r["index"], r["metrics"].get(metric)) for r in rows if isinstance(r["metrics"].get(metric), (int, float))]
+    finite = [(i, v) for i, v in pts if math.isfinite(v)]
+    floor = min([v for _, v in finite if v > 0], default=1e-12) / 10
+    xs = [i for i, _ in finite]
+    ys = [max(v, floor) for _, v in finite]
+    div = [(r["index"], max(r["metrics"].get(metric, floor) if math.isfinite(r["metrics"].get(metric, math.nan)) else floor, floor))
+           for r in rows if r.get("diverges") and isinstance(r["metrics"].get(metric), (int, float))]
+    ax.plot(xs, ys, ".", ms=3, color="#4a7ab8", label=f"{metric} per tensor")
+    if div:
+        ax.plot([d[0] for d in div], [d[1] for d in div], "o", ms=4, mfc="none", color="#c0392b", label="diverges")
+    ax.axhline(threshold, color="#888", lw=0.8, ls="--", label=f"tolerance {threshold:g}")
+    bad = [r["index"] for r in rows if r.get("nonfinite", {}).get("target", {}).get("nan", 0) + _inf(r) > 0]
+    if bad:
+        ax.axvspan(min(bad), max(bad), color="#f5b7b1", alpha=0.35, lw=0, label="target has NaN/inf")
+    first = next((r["index"] for r in rows if r.get("diverges")), None)
+    if first is not None:
+        ax.axvline(first, color="#c0392b", lw=1, label=f"first divergence (#{first})")
+    if culprit_index is not None:
+        ax.axvline(culprit_index, color="#8e44ad", lw=1.5, ls=":", label=_plain(f"root cause (#{culprit_index}) {culprit_label}"[:70]))
+    ax.set_yscale("log")
+    ax.set_xlabel("topological index of the producing node")
+    ax.set_ylabel(metric)
+    if title:
+        ax.set_title(_plain(title[:100]), loc="left")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
+    svg = _svg(fig)
+    plt.close(fig)
+    return svg
+
+
+def _inf(row: dict) -> int:
+    t = row.get("nonfinite", {}).get("target", {})
+    return int(t.get("posinf", 0)) + int(t.get("neginf", 0))
+
+
+def trials_chart(trials: list[dict]) -> str:
+    """Pins per trial, pass or fail: how the search narrowed down."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9.5, 2.6))
+    for i, t in enumerate(trials, 1):
+        color = "#27ae60" if t.get("passed") else ("#7f8c8d" if t.get("error") else "#c0392b")
+        ax.bar(i, len(t.get("pins", [])), color=color, width=0.8)
+    ax.set_xlabel("trial (green: passes, red: fails, grey: target error)")
+    ax.set_ylabel("nodes pinned to FP32")
+    svg = _svg(fig)
+    plt.close(fig)
+    return svg
+
+
+__all__ = ["layer_error_chart", "trials_chart"]
