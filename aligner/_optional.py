@@ -7,7 +7,7 @@ from types import ModuleType
 
 from aligner.errors import MissingDependencyError
 
-_EXTRA_OF = {"torch": "torch", "pycocotools": "coco", "tensorrt": "tensorrt", "matplotlib": "report", "jinja2": "report", "faster_coco_eval": "coco"}
+_EXTRA_OF = {"torch": "torch", "pycocotools": "coco", "tensorrt": "tensorrt", "matplotlib": "report", "jinja2": "report", "faster_coco_eval": "coco", "PIL": "coco"}
 
 
 def require(module: str, purpose: str, package: str | None = None) -> ModuleType:

@@ -30,6 +30,10 @@ class Detections:
         for box, score, label in zip(self.boxes, self.scores, self.labels):
             if not (np.all(np.isfinite(box)) and np.isfinite(score)):
                 continue  # a non-finite detection cannot be scored; the image is reported as non-finite
+            if label_map is not None and int(label) not in label_map:
+                raise InputError(f"The model predicts label {int(label)}, which the label map does not cover "
+                                 f"(it maps {sorted(label_map)[:10]} to category ids); use --label-map contiguous for "
+                                 "labels 0..C-1, or identity when labels are already the category ids.")
             category = label_map[int(label)] if label_map is not None else int(label)
             out.append({"image_id": int(image_id), "category_id": category,
                         "bbox": [round(float(v), 3) for v in box], "score": float(score)})

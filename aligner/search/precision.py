@@ -49,6 +49,9 @@ class Acceptance:
     finite: bool = True
     command: str | None = None
     check: Callable[[onnx.ModelProto], bool] | None = field(default=None, compare=False)
+    # A task metric on the trial's own target: gets the trial's runner, returns "" (pass) or why not.
+    task: Callable[[object], str] | None = field(default=None, compare=False)
+    task_name: str = ""
 
     @classmethod
     def parse(cls, specs: Iterable[str] = (), command: str | None = None, check=None) -> "Acceptance":
@@ -68,6 +71,8 @@ class Acceptance:
             parts.append(f"command: {self.command}")
         if self.check is not None:
             parts.append(f"callable: {getattr(self.check, '__name__', 'check')}")
+        if self.task is not None:
+            parts.append(self.task_name or "task metric")
         return tuple(parts)
 
     def judge(self, metrics: dict[str, float]) -> str:
@@ -192,6 +197,8 @@ class _Evaluator:
                     v = v if not np.isnan(v) else math.inf
                     worst[k] = max(worst.get(k, -math.inf), v) if k not in HIGHER_IS_BETTER else min(worst.get(k, math.inf), v)
                 reason = reason or self.accept.judge(m)
+        if not reason and self.accept.task is not None:
+            reason = self.accept.task(runner)
         if not reason and (self.accept.command or self.accept.check is not None):
             model = rewrite_precision(self.graph, pins, self.target.precision).model
             reason = self._external(model)

@@ -1,0 +1,173 @@
+"""``aligner eval coco``: COCO mAP and MVRE of a detector on several targets, side by side."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from aligner.cli.common import add_model_arguments, add_report_arguments, check_writable, emit_run, report_paths
+from aligner.errors import InputError
+from aligner.eval.adapters import ADAPTERS
+from aligner.eval.dataset import CocoDataset, Preprocess
+from aligner.eval.run import EvalResult, evaluate_detector, label_map_for
+from aligner.graph.model import ModelGraph
+from aligner.inputs import write_atomic
+
+EPILOG = """\
+With no model, the built-in example runs: the shapes detector (a small transformer detector
+that reads raw 0-255 pixels) on the shipped 200-image synthetic val split.
+
+targets: any of aligner's targets; add +plan to keep a precision plan's nodes in FP32
+(e.g. emu:fp16+plan with --plan plan.json). The first target is the reference of the delta and
+MVRE columns.
+
+adapters (raw outputs -> detections):
+  detr   class logits [B,Q,C+1] + normalized cxcywh boxes [B,Q,4]   (--adapter-outputs logits,boxes)
+  boxes  final boxes [B,N,4] (xyxy pixels) + scores [B,N] + labels [B,N]  (--adapter-outputs boxes,scores,labels)
+  yolo   rows [B,N,5+C]: cx,cy,w,h (pixels), objectness, class scores; per-class NMS (--adapter-outputs output)
+
+examples:
+  aligner eval coco
+  aligner eval coco model.onnx --data val2017/ --ann annotations/instances_val2017.json --adapter detr \\
+      --input-size 800x800 --scale 0.00392157 --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 \\
+      --targets ort:cpu:fp32,emu:fp16,emu:fp16+plan --plan plan.json --json eval.json
+  aligner eval coco model.onnx ... --targets emu:fp16+plan --plan plan.json --min-ap 0.43   # exit 1 below
+
+exit status: 0 evaluated (and --min-ap met), 1 an AP below --min-ap, 2 usage or input error
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="task accuracy (COCO mAP, MVRE) across targets",
+                       description="Evaluate task accuracy across targets.", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    kinds = p.add_subparsers(dest="task", metavar="TASK", required=True)
+    c = kinds.add_parser("coco", help="COCO detection metrics (AP, AP50, AP75, APs/m/l, AR100) and MVRE per output",
+                         description="COCO detection metrics per target, with the delta and MVRE vs the first target.",
+                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("model", nargs="?", help="detector .onnx (default: the built-in example detector)")
+    c.add_argument("--no-check", action="store_true", help="skip the ONNX checker when loading")
+    c.add_argument("--data", metavar="DIR", help="image folder (val2017 layout)")
+    c.add_argument("--ann", metavar="JSON", help="COCO instances JSON")
+    c.add_argument("--adapter", choices=sorted(ADAPTERS), help="how to read the outputs (default yolo for the example)")
+    c.add_argument("--adapter-outputs", metavar="NAMES", help="comma-separated output names the adapter reads")
+    c.add_argument("--targets", default="ort:cpu:fp32,emu:fp16", help="comma-separated targets (default ort:cpu:fp32,emu:fp16)")
+    c.add_argument("--plan", metavar="PLAN.json", help="precision plan for the +plan targets")
+    g = c.add_argument_group("preprocessing")
+    g.add_argument("--input-size", metavar="HxW", help="model input size (default: from the model's input shape)")
+    g.add_argument("--resize", choices=("stretch", "letterbox"), default="stretch")
+    g.add_argument("--scale", type=float, default=1.0, help="pixel multiplier (1 = raw 0-255, 0.00392157 = 0-1)")
+    g.add_argument("--mean", default="0,0,0", help="per-channel mean subtracted after scaling")
+    g.add_argument("--std", default="1,1,1", help="per-channel std divided by after scaling")
+    g.add_argument("--label-map", choices=("contiguous", "identity"), default="contiguous",
+                   help="model label i -> i-th category id (contiguous) or label = category id")
+    g.add_argument("--batch", type=int, default=16)
+    g.add_argument("--limit", type=int, help="evaluate the first N images only")
+    o = c.add_argument_group("output")
+    o.add_argument("--json", metavar="FILE", help="write the metrics per target as JSON")
+    o.add_argument("--min-ap", type=float, help="exit 1 if any target's AP is below this (e.g. as an --accept-cmd)")
+    o.add_argument("--force", action="store_true", help="overwrite existing output files")
+    add_report_arguments(c)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_writable([args.json] + report_paths(args), args.force)
+    from aligner import examples
+
+    builtin = args.model is None
+    path = Path(args.model) if args.model else examples.shapes_detector_path()
+    graph = ModelGraph.load(path, check=not args.no_check)
+    images, ann = (Path(args.data), Path(args.ann)) if args.data and args.ann else (None, None)
+    if images is None:
+        if not builtin:
+            raise InputError("Give the dataset: --data IMAGE_DIR --ann INSTANCES.json (the val2017 layout).")
+        images, ann = examples.shapes_val()
+    dataset = CocoDataset(images, ann, limit=args.limit)
+    adapter = _adapter(args, builtin)
+    preprocess = examples.shapes_preprocess() if builtin and not args.input_size else _preprocess(args, graph)
+    plan = _plan_nodes(args.plan)
+    console = Console(stderr=True, highlight=False)
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task(f"evaluating {len(args.targets.split(','))} target(s)", total=len(dataset))
+
+        def progress(phase: str, done: int, total: int) -> None:
+            bar.update(task, completed=done)
+
+        result = evaluate_detector(graph, dataset, adapter, preprocess, args.targets.split(","), plan,
+                                   label_map_for(dataset.gt, args.label_map), args.batch, progress)
+    print_eval(result)
+    if args.json:
+        write_atomic(Path(args.json), json.dumps(result.to_dict(), indent=1).encode())
+    emit_run(args, "eval", graph, result.to_dict())
+    if args.min_ap is not None and any(t.stats["AP"] < args.min_ap for t in result.targets):
+        return 1
+    return 0
+
+
+def _adapter(args, builtin: bool):
+    from aligner import examples
+
+    if builtin and not args.adapter:
+        return examples.shapes_adapter()
+    if not args.adapter:
+        raise InputError(f"Choose how to read the outputs: --adapter {{{','.join(sorted(ADAPTERS))}}}.")
+    names = args.adapter_outputs.split(",") if args.adapter_outputs else []
+    factory = ADAPTERS[args.adapter]
+    try:
+        return factory(*names)
+    except TypeError:
+        raise InputError(f"--adapter-outputs: the {args.adapter} adapter takes at most {factory.__code__.co_argcount} names.") from None
+
+
+def _preprocess(args, graph: ModelGraph) -> Preprocess:
+    if args.input_size:
+        try:
+            h, w = (int(v) for v in args.input_size.lower().split("x"))
+        except ValueError:
+            raise InputError(f"--input-size {args.input_size!r}: write HxW, e.g. 800x800.") from None
+    else:
+        shape = graph.tensor(graph.input_names[0]).shape or ()
+        if len(shape) != 4 or not all(isinstance(d, int) for d in shape[2:]):
+            raise InputError(f"The model's input shape {shape} does not say the image size; pass --input-size HxW.")
+        h, w = shape[2], shape[3]
+    try:
+        mean, std = (tuple(float(v) for v in s.split(",")) for s in (args.mean, args.std))
+    except ValueError:
+        raise InputError("--mean and --std take three comma-separated numbers (R,G,B).") from None
+    if len(mean) != 3 or len(std) != 3:
+        raise InputError("--mean and --std take three comma-separated values (R,G,B).")
+    return Preprocess((h, w), args.resize, args.scale, mean, std)
+
+
+def _plan_nodes(path: str | None) -> list[str]:
+    if not path:
+        return []
+    try:
+        doc = json.loads(Path(path).read_text())
+        return [p["node"] for p in doc["fp32_nodes"]]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise InputError(f"--plan {path}: not a plan written by aligner precision ({exc}).") from None
+
+
+def print_eval(result: EvalResult, console: Console | None = None) -> None:
+    console = console or Console(highlight=False)
+    ref = result.targets[0]
+    table = Table(title=f"COCO metrics on {ref.images} images (Δ vs {escape(result.reference)})", title_justify="left")
+    table.add_column("target", min_width=16, overflow="fold")
+    for col in ("AP", "ΔAP", "AP50", "AR100", "MVRE", "NaN img", "img/s"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for t in result.targets:
+        delta = t.stats["AP"] - ref.stats["AP"]
+        mvre = ", ".join(f"{v:.1e}" for v in t.mvre.values() if not math.isnan(v)) or "-"
+        table.add_row(escape(t.target), f"{t.stats['AP']:.4f}", "" if t is ref else f"{delta:+.4f}", f"{t.stats['AP50']:.3f}",
+                      f"{t.stats['AR100']:.3f}", "" if t is ref else mvre, str(t.nonfinite_images),
+                      f"{t.images / t.seconds:.0f}" if t.seconds else "-")
+    console.print(table)

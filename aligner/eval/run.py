@@ -1,0 +1,187 @@
+"""Run a detector over a dataset on several targets: COCO metrics per target, MVRE vs the reference."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from aligner.backends import Runner, make_runner, parse_target, reference_runner
+from aligner.errors import InputError
+from aligner.eval.adapters import Adapter, Detections
+from aligner.eval.coco import STAT_NAMES, CocoStats, evaluate_coco, stats_delta
+from aligner.eval.dataset import CocoDataset, Preprocess
+from aligner.graph.model import ModelGraph
+
+PLAN_SUFFIX = "+plan"
+
+
+@dataclass(frozen=True)
+class TargetEval:
+    target: str
+    stats: CocoStats
+    mvre: dict[str, float]  # per output, vs the reference target
+    images: int
+    nonfinite_images: int
+    seconds: float
+    fp32_nodes: int = 0
+
+    def to_dict(self, reference: "TargetEval | None" = None) -> dict:
+        d = {name: self.stats[name] for name in STAT_NAMES}
+        d.update({"mvre": {k: _num(v) for k, v in self.mvre.items()}, "images": self.images,
+                  "nonfinite_images": self.nonfinite_images, "seconds": round(self.seconds, 3), "fp32_nodes": self.fp32_nodes,
+                  "images_per_s": round(self.images / self.seconds, 2) if self.seconds else None})
+        if reference is not None:
+            d["delta"] = {k: _num(v) for k, v in stats_delta(self.stats, reference.stats).items()}
+        return d
+
+
+def _num(v: float):
+    return v if math.isfinite(v) else None
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    model: str
+    dataset: str
+    reference: str
+    targets: tuple[TargetEval, ...]
+
+    def __getitem__(self, target: str) -> TargetEval:
+        for t in self.targets:
+            if t.target == target:
+                return t
+        raise KeyError(target)
+
+    def to_dict(self) -> dict:
+        ref = self.targets[0]
+        return {"model": self.model, "dataset": self.dataset, "reference": self.reference,
+                "targets": {t.target: t.to_dict(ref if t is not ref else None) for t in self.targets}}
+
+
+def label_map_for(gt: dict, kind: str = "contiguous") -> dict[int, int]:
+    """Model label -> COCO category id: ``contiguous`` (label i is the i-th category id) or ``identity``."""
+    cats = sorted(c["id"] for c in gt["categories"])
+    if kind == "identity":
+        return {c: c for c in cats}
+    if kind == "contiguous":
+        return dict(enumerate(cats))
+    raise InputError(f"Unknown label map {kind!r}: use contiguous or identity.")
+
+
+def _map_back(d: Detections, back: tuple[float, float, float, float]) -> Detections:
+    sx, sy, px, py = back
+    boxes = np.asarray(d.boxes, np.float64).copy()
+    boxes[:, 0] = (boxes[:, 0] - px) * sx
+    boxes[:, 1] = (boxes[:, 1] - py) * sy
+    boxes[:, 2] *= sx
+    boxes[:, 3] *= sy
+    return Detections(boxes, d.scores, d.labels)
+
+
+def _runner(graph: ModelGraph, spec: str, plan: Sequence[str]) -> tuple[Runner, int]:
+    base, with_plan = (spec[: -len(PLAN_SUFFIX)], True) if spec.endswith(PLAN_SUFFIX) else (spec, False)
+    target = parse_target(base)
+    if with_plan and not plan:
+        raise InputError(f"Target {spec!r} asks for the plan, but no --plan was given.")
+    if target.runtime == "ort" and target.precision == "fp32" and target.device == "cpu" and not with_plan:
+        return reference_runner(graph, target), 0
+    pins = list(plan) if with_plan else []
+    return make_runner(graph, target, pins), len(pins)
+
+
+def evaluate_detector(
+    model: ModelGraph | str | Path,
+    dataset: CocoDataset,
+    adapter: Adapter,
+    preprocess: Preprocess,
+    targets: Iterable[str] = ("ort:cpu:fp32", "emu:fp16"),
+    plan: Sequence[str] = (),
+    label_map: Mapping[int, int] | None = None,
+    batch: int = 16,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> EvalResult:
+    """COCO metrics of ``model`` on ``dataset`` for each target; the first target is the reference
+    of the Δ and MVRE columns. Targets ending in ``+plan`` keep ``plan``'s nodes in FP32."""
+    graph = model if isinstance(model, ModelGraph) else ModelGraph.load(model)
+    targets = list(targets)
+    if not targets:
+        raise InputError("Give at least one target, e.g. --targets ort:cpu:fp32,emu:fp16")
+    if len(graph.input_names) != 1:
+        raise InputError(f"aligner eval feeds one image tensor; this model has inputs {graph.input_names}.")
+    input_name = graph.input_names[0]
+    label_map = label_map if label_map is not None else label_map_for(dataset.gt)
+    runners = [_runner(graph, t, plan) for t in targets]
+    dets = {t: [] for t in targets}
+    nonfinite = dict.fromkeys(targets, 0)
+    seconds = dict.fromkeys(targets, 0.0)
+    err_sum: dict[str, dict[str, float]] = {t: {} for t in targets}
+    err_n: dict[str, dict[str, int]] = {t: {} for t in targets}
+    done = 0
+    for x, entries, backs in dataset.batches(preprocess, batch):
+        ref_out = None
+        for spec, (runner, _) in zip(targets, runners):
+            start = time.perf_counter()
+            out = runner.run({input_name: x})
+            seconds[spec] += time.perf_counter() - start
+            ref_out = out if ref_out is None else ref_out
+            _accumulate_mvre(ref_out, out, err_sum[spec], err_n[spec])
+            per_image = adapter(out, [preprocess.size] * len(entries))
+            for k, (entry, d, back) in enumerate(zip(entries, per_image, backs)):
+                if any(not np.all(np.isfinite(np.asarray(v)[k])) for v in out.values() if np.asarray(v).dtype.kind == "f"):
+                    nonfinite[spec] += 1
+                dets[spec] += _map_back(d, back).to_coco(entry["id"], label_map)
+        done += len(entries)
+        if progress:
+            progress("images", done, len(dataset))
+    results = []
+    for spec, (_, pins) in zip(targets, runners):
+        stats = evaluate_coco(dataset.gt, dets[spec], image_ids=dataset.image_ids)
+        mvre = {k: err_sum[spec][k] / err_n[spec][k] if err_n[spec][k] else math.nan for k in err_sum[spec]}
+        results.append(TargetEval(spec, stats, mvre, len(dataset), nonfinite[spec], seconds[spec], pins))
+    return EvalResult(str(graph.path or "<in-memory>"), str(dataset.annotations), targets[0], tuple(results))
+
+
+def coco_acceptance(dataset: CocoDataset, adapter: Adapter, preprocess: Preprocess, reference: Runner,
+                    max_drop: float = 0.005, label_map: Mapping[int, int] | None = None, batch: int = 50):
+    """An ``Acceptance`` for ``aligner precision``: a trial passes when its COCO AP is at most
+    ``max_drop`` below the reference's (AP is 0-1: 0.005 = half an AP point)."""
+    from aligner.search.precision import Acceptance
+
+    label_map = label_map if label_map is not None else label_map_for(dataset.gt)
+
+    def ap_of(runner: Runner) -> float:
+        dets = []
+        for x, entries, backs in dataset.batches(preprocess, batch):
+            out = runner.run({runner.input_names[0]: x})
+            for entry, d, back in zip(entries, adapter(out, [preprocess.size] * len(entries)), backs):
+                dets += _map_back(d, back).to_coco(entry["id"], label_map)
+        return evaluate_coco(dataset.gt, dets, image_ids=dataset.image_ids)["AP"]
+
+    ref_ap = ap_of(reference)
+
+    def task(runner: Runner) -> str:
+        ap = ap_of(runner)
+        return "" if ap >= ref_ap - max_drop else f"AP {ap:.4f} is {ref_ap - ap:.4f} below the reference {ref_ap:.4f} (allowed {max_drop:g})"
+
+    return Acceptance(finite=True, task=task, task_name=f"COCO AP drop <= {max_drop:g} (reference AP {ref_ap:.4f})")
+
+
+def _accumulate_mvre(ref: dict, out: dict, sums: dict, counts: dict) -> None:
+    """Mean over all elements of all images of |t - r| / max(|r|, eps), finite elements only."""
+    from aligner.eval.adapters import MVRE_EPS
+
+    for name, r in ref.items():
+        r, t = np.asarray(r, np.float64), np.asarray(out[name], np.float64)
+        if r.dtype.kind != "f" or r.shape != t.shape:
+            continue
+        ok = np.isfinite(r) & np.isfinite(t)
+        sums[name] = sums.get(name, 0.0) + float(np.sum(np.abs(t[ok] - r[ok]) / np.maximum(np.abs(r[ok]), MVRE_EPS)))
+        counts[name] = counts.get(name, 0) + int(ok.sum())
+
+
+__all__ = ["EvalResult", "PLAN_SUFFIX", "TargetEval", "coco_acceptance", "evaluate_detector", "label_map_for"]
