@@ -46,7 +46,8 @@ def test_demo_report_renders_in_headless_chromium(tmp_path, capsys):
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert _console_messages(dom.stderr) == []  # no script errors, no console output at all
     assert dom.stdout.count("<svg") >= 2 and dom.stdout.count("<path") > 50  # both charts drawn, not empty
-    assert "/blocks.0/norm1/Pow" in dom.stdout and "nonfinite" in dom.stdout  # the culprit and its kind
+    assert "/stem_norm/Pow" in dom.stdout and "nonfinite" in dom.stdout  # the culprit and its kind
+    assert "emu:fp16+plan" in dom.stdout and "0.83" in dom.stdout  # the mAP table
     shot = tmp_path / "report.png"
     result = _chromium(tmp_path, page.as_uri(), f"--screenshot={shot}")
     assert result.returncode == 0 and shot.exists() and shot.stat().st_size > 20_000

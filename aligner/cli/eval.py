@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from aligner.cli.common import add_model_arguments, add_report_arguments, check_writable, emit_run, report_paths
+from aligner.cli.common import add_report_arguments, check_writable, emit_run, report_paths
 from aligner.errors import InputError
 from aligner.eval.adapters import ADAPTERS
 from aligner.eval.dataset import CocoDataset, Preprocess

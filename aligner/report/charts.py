@@ -44,6 +44,7 @@ def layer_error_chart(rows: list[dict], metric: str, threshold: float, culprit_i
     """``metric`` per tensor vs topological index (log scale), tolerance line, first divergence and
     root cause marked, the region where the target has NaN/inf shaded."""
     plt = _pyplot()
+    rows = [r for r in rows if str(r.get("dtype", "float")).startswith(("float", "bfloat"))]  # shapes and indices are exact
     fig, ax = plt.subplots(figsize=(8.0, 3.2))
     pts = [(r["index"], r["metrics"].get(metric)) for r in rows if isinstance(r["metrics"].get(metric), (int, float))]
     finite = [(i, v) for i, v in pts if math.isfinite(v)]
