@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from aligner.backends.target import valid_targets
-from aligner.cli.common import (add_input_arguments, add_report_arguments, emit_run, report_paths, add_model_arguments, add_tolerance_arguments, check_writable, load_models_and_feeds,
+from aligner.cli.common import (add_input_arguments, add_target_arguments, add_report_arguments, emit_run, report_paths, add_model_arguments, add_tolerance_arguments, check_writable, load_models_and_feeds,
                                 resolve_target, tolerance_from_args)
 from aligner.inputs import write_atomic
 from aligner.search import STRATEGIES, BisectResult, bisect
@@ -49,11 +49,8 @@ def add_parser(sub) -> None:
                        description="Find where the target starts to diverge from the reference, and why, in as few target runs as possible.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
-    p.add_argument("--target", help="target to check (default emu:fp16; ort:cpu:fp32 with --target-model)")
-    p.add_argument("--reference", default="ort:cpu:fp32", help="reference (default ort:cpu:fp32, graph optimizations off)")
-    p.add_argument("--target-model", metavar="ONNX", help="bisect a second graph (edited, simplified) against the model; tensors and nodes matched by name")
+    add_target_arguments(p, "bisect")
     p.add_argument("--strategy", choices=STRATEGIES, default="auto", help="search strategy (default auto; see below)")
-    p.add_argument("--fp32-nodes", metavar="NAMES", help="comma-separated nodes kept FP32 in a low-precision target")
     p.add_argument("--window", type=int, default=16, help="nodes before the first divergent one whose own errors are measured (default 16)")
     add_input_arguments(p)
     add_tolerance_arguments(p)

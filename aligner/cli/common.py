@@ -18,6 +18,15 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-check", action="store_true", help="skip the ONNX checker when loading")
 
 
+def add_target_arguments(p: argparse.ArgumentParser, verb: str) -> None:
+    """--target, --reference, --target-model, as every comparing command takes them."""
+    p.add_argument("--target", help="target to check (default emu:fp16; ort:cpu:fp32 with --target-model)")
+    p.add_argument("--reference", default="ort:cpu:fp32", help="reference (default ort:cpu:fp32, graph optimizations off)")
+    p.add_argument("--target-model", metavar="ONNX",
+                   help=f"{verb} a second graph (edited, simplified) against the model on the reference runtime; tensors and nodes matched by name")
+    p.add_argument("--fp32-nodes", metavar="NAMES", help="comma-separated nodes kept FP32 in a low-precision target")
+
+
 def add_input_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("inputs")
     g.add_argument("--inputs", metavar="FILE", help="input values: .npz, or Polygraphy's JSON (polygraphy run --save-inputs)")

@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from aligner.backends.target import valid_targets
-from aligner.cli.common import (add_input_arguments, add_report_arguments, emit_run, report_paths, add_model_arguments, add_tolerance_arguments, check_writable, load_models_and_feeds,
+from aligner.cli.common import (add_input_arguments, add_target_arguments, add_report_arguments, emit_run, report_paths, add_model_arguments, add_tolerance_arguments, check_writable, load_models_and_feeds,
                                resolve_target, tolerance_from_args)
 from aligner.compare import CompareResult, compare
 from aligner.inputs import write_atomic
@@ -36,11 +36,8 @@ def add_parser(sub) -> None:
                        description="Run the model on the reference and the target, capture every intermediate tensor on both, and report where they diverge.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
-    p.add_argument("--target", help="target to check (default emu:fp16; ort:cpu:fp32 with --target-model)")
-    p.add_argument("--reference", default="ort:cpu:fp32", help="reference (default ort:cpu:fp32, graph optimizations off)")
-    p.add_argument("--target-model", metavar="ONNX", help="compare a second graph (e.g. simplified/edited) on the reference runtime; tensors matched by name")
+    add_target_arguments(p, "compare")
     p.add_argument("--tensors", metavar="NAMES", help="comma-separated tensors to compare (default: every node output)")
-    p.add_argument("--fp32-nodes", metavar="NAMES", help="comma-separated nodes kept FP32 in a low-precision target")
     add_input_arguments(p)
     add_tolerance_arguments(p)
     o = p.add_argument_group("output")
