@@ -64,3 +64,22 @@ def test_eval_cli_json_schema_and_bad_inputs(tmp_path, capsys):
         dataset = CocoDataset(images, ann, limit=10)
         evaluate_detector(shapes_detector_path(), dataset, shapes_adapter(), shapes_preprocess(), ["ort:cpu:fp32"],
                           label_map=label_map_for(dataset.gt, "identity"))
+
+
+def test_topk_agreement_of_a_classifier_in_fp16(tmp_path, capsys):
+    import torch
+
+    from conftest import _export, build_cnn
+
+    path = _export(build_cnn(), (torch.randn(1, 3, 32, 32),), tmp_path / "cnn.onnx", dynamo=False)
+    images, _ = shapes_val()
+    out = tmp_path / "topk.json"
+    code = main(["eval", "topk", str(path), "--images", str(images), "--limit", "40", "--input-size", "32x32",
+                 "--scale", "0.00392157", "--targets", "ort:cpu:fp32,emu:fp16", "--json", str(out)])
+    assert code == 0
+    doc = json.loads(out.read_text())
+    fp16 = doc["targets"]["emu:fp16"]
+    assert doc["targets"]["ort:cpu:fp32"]["top1_agreement"] == 1.0 and doc["images"] == 40
+    assert fp16["top1_agreement"] >= 0.9 and fp16["top5_agreement"] == 1.0 and 0 < fp16["mvre"] < 0.05
+    code = main(["eval", "topk", str(path), "--images", str(tmp_path / "nothing")])
+    assert code == 2 and "Image folder not found" in capsys.readouterr().err

@@ -76,8 +76,36 @@ def add_parser(sub) -> None:
     o.add_argument("--force", action="store_true", help="overwrite existing output files")
     add_report_arguments(c)
 
+    t = kinds.add_parser("topk", help="classifier top-1/top-5 agreement with the reference, MVRE of logits",
+                         description="Run a classifier on a folder of images on several targets and measure how often each target "
+                                     "agrees with the first one (top-1, and reference top-1 within top-5), plus the MVRE of the logits.",
+                         epilog="example:\n  aligner eval topk classifier.onnx --images dir/ --targets ort:cpu:fp32,emu:fp16 "
+                                "--scale 0.00392157 --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225\n\nexit status: 0 evaluated, "
+                                "1 a top-1 agreement below --min-top1, 2 usage or input error",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("model", help="classifier .onnx (one image input, logits output)")
+    t.add_argument("--no-check", action="store_true", help="skip the ONNX checker when loading")
+    t.add_argument("--images", required=True, metavar="DIR", help="folder of images (searched recursively)")
+    t.add_argument("--output", help="the logits output (default: the first output)")
+    t.add_argument("--targets", default="ort:cpu:fp32,emu:fp16", help="comma-separated targets; the first is the reference")
+    t.add_argument("--plan", metavar="PLAN.json", help="precision plan for the +plan targets")
+    tg = t.add_argument_group("preprocessing")
+    tg.add_argument("--input-size", metavar="HxW", help="model input size (default: from the model's input shape)")
+    tg.add_argument("--resize", choices=("stretch", "letterbox"), default="stretch")
+    tg.add_argument("--scale", type=float, default=1.0, help="pixel multiplier (1 = raw 0-255, 0.00392157 = 0-1)")
+    tg.add_argument("--mean", default="0,0,0")
+    tg.add_argument("--std", default="1,1,1")
+    tg.add_argument("--batch", type=int, default=32)
+    tg.add_argument("--limit", type=int, help="the first N images only")
+    to = t.add_argument_group("output")
+    to.add_argument("--json", metavar="FILE", help="write the agreement per target as JSON")
+    to.add_argument("--min-top1", type=float, help="exit 1 if a target's top-1 agreement is below this")
+    to.add_argument("--force", action="store_true", help="overwrite existing output files")
+
 
 def run(args: argparse.Namespace) -> int:
+    if args.task == "topk":
+        return _run_topk(args)
     check_writable([args.json] + report_paths(args), args.force)
     from aligner import examples
 
@@ -108,6 +136,31 @@ def run(args: argparse.Namespace) -> int:
         write_atomic(Path(args.json), json.dumps(result.to_dict(), indent=1).encode())
     emit_run(args, "eval", graph, result.to_dict())
     if args.min_ap is not None and any(t.stats["AP"] < args.min_ap for t in result.targets):
+        return 1
+    return 0
+
+
+def _run_topk(args: argparse.Namespace) -> int:
+    from aligner.eval.topk import evaluate_topk, image_files
+
+    check_writable([args.json], args.force)
+    graph = ModelGraph.load(args.model, check=not args.no_check)
+    files = image_files(args.images, args.limit)
+    results = evaluate_topk(graph, files, _preprocess(args, graph), args.targets.split(","), _plan_nodes(args.plan),
+                            args.batch, args.output)
+    console = Console(highlight=False)
+    table = Table(title=f"agreement with {escape(results[0].target)} on {len(files)} images", title_justify="left")
+    table.add_column("target", min_width=16, overflow="fold")
+    for col in ("top-1", "top-5", "MVRE logits", "NaN/inf images", "img/s"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for r in results:
+        table.add_row(escape(r.target), f"{r.top1_agreement:.2%}", f"{r.top5_agreement:.2%}",
+                      "" if r is results[0] else f"{r.mvre:.2e}", str(r.nonfinite_images), f"{r.images / r.seconds:.0f}" if r.seconds else "-")
+    console.print(table)
+    if args.json:
+        doc = {"reference": results[0].target, "images": len(files), "targets": {r.target: r.to_dict() for r in results}}
+        write_atomic(Path(args.json), json.dumps(doc, indent=1).encode())
+    if args.min_top1 is not None and any(r.top1_agreement < args.min_top1 for r in results):
         return 1
     return 0
 

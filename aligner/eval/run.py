@@ -83,6 +83,12 @@ def _map_back(d: Detections, back: tuple[float, float, float, float]) -> Detecti
     return Detections(boxes, d.scores, d.labels)
 
 
+def model_batch(graph: ModelGraph, wanted: int) -> int:
+    """The batch to feed: ``wanted``, unless the model's input has a fixed batch dimension."""
+    shape = graph.tensor(graph.input_names[0]).shape or ()
+    return shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else wanted
+
+
 def _runner(graph: ModelGraph, spec: str, plan: Sequence[str]) -> tuple[Runner, int]:
     base, with_plan = (spec[: -len(PLAN_SUFFIX)], True) if spec.endswith(PLAN_SUFFIX) else (spec, False)
     target = parse_target(base)
@@ -114,6 +120,7 @@ def evaluate_detector(
     if len(graph.input_names) != 1:
         raise InputError(f"aligner eval feeds one image tensor; this model has inputs {graph.input_names}.")
     input_name = graph.input_names[0]
+    batch = model_batch(graph, batch)
     label_map = label_map if label_map is not None else label_map_for(dataset.gt)
     runners = [_runner(graph, t, plan) for t in targets]
     dets = {t: [] for t in targets}
@@ -184,4 +191,4 @@ def _accumulate_mvre(ref: dict, out: dict, sums: dict, counts: dict) -> None:
         counts[name] = counts.get(name, 0) + int(ok.sum())
 
 
-__all__ = ["EvalResult", "PLAN_SUFFIX", "TargetEval", "coco_acceptance", "evaluate_detector", "label_map_for"]
+__all__ = ["EvalResult", "PLAN_SUFFIX", "TargetEval", "coco_acceptance", "evaluate_detector", "label_map_for", "model_batch"]
