@@ -7,6 +7,7 @@ import json
 
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from aligner.backends.target import valid_targets
@@ -54,9 +55,12 @@ def run(args: argparse.Namespace) -> int:
     target = resolve_target(args)
     graph, other, feeds = load_models_and_feeds(args)
     console = Console(stderr=True, highlight=False)
-    with console.status("capturing tensors...") as status:
+    with Progress(TextColumn("[bold]capture groups"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("capture", total=None)
+
         def progress(phase: str, done: int, total: int) -> None:
-            status.update(f"{phase}: capture group {done}/{total}")
+            bar.update(task, completed=done, total=total)
 
         result = compare(
             graph, target=target, reference=args.reference, target_model=other, feeds=feeds,
