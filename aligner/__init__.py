@@ -7,6 +7,7 @@ the functions that need them.
 from aligner.backends import make_runner, parse_target, reference_runner
 from aligner.backends.target import Target
 from aligner.compare import CompareResult, TensorDiff, Tolerance, compare
+from aligner.compare.torch_compare import TorchCompareResult, compare_torch
 from aligner.errors import AlignerError, InputError, MissingDependencyError, ModelLoadError, TargetError, TargetRunError
 from aligner.graph.capture import extract_subgraph, with_outputs
 from aligner.graph.load import load_model
@@ -21,7 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Acceptance", "AlignerError", "BisectResult", "CompareResult", "InputError", "MissingDependencyError", "ModelGraph", "ModelLoadError", "PrecisionPlan",
-    "RewriteResult", "Target", "TargetError", "TargetRunError", "TensorDiff", "Tolerance",
-    "bisect", "compare", "extract_subgraph", "load_inputs", "load_model", "make_inputs", "make_runner",
+    "RewriteResult", "Target", "TargetError", "TargetRunError", "TensorDiff", "Tolerance", "TorchCompareResult",
+    "bisect", "compare", "compare_torch", "extract_subgraph", "load_inputs", "load_model", "make_inputs", "make_runner",
     "parse_target", "reference_runner", "rewrite_precision", "save_inputs", "search_precision", "with_outputs",
 ]

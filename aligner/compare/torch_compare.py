@@ -1,0 +1,151 @@
+"""``compare_torch``: PyTorch module outputs vs the ONNX model on a target, module by module."""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from aligner.backends import make_runner, parse_target, reference_runner
+from aligner.compare.layerwise import diff_tensor
+from aligner.compare.results import _json_float
+from aligner.compare.tolerance import Tolerance, default_tolerance
+from aligner.compare.torch_map import match, node_scopes
+from aligner.errors import InputError
+from aligner.graph.model import ModelGraph
+
+
+@dataclass(frozen=True)
+class ModuleDiff:
+    path: str
+    call: int
+    key: str  # which output of the call ("out", "[0]", "logits"...)
+    type_name: str
+    order: int
+    tensor: str  # the matched ONNX tensor
+    how: str  # "value" (reference values agree) or "structure" (scope and shape only)
+    metrics: dict[str, float]
+    diverges: bool
+
+    def to_dict(self) -> dict:
+        d = dict(vars(self))
+        d["metrics"] = {k: _json_float(v) for k, v in self.metrics.items()}
+        return d
+
+
+@dataclass(frozen=True)
+class TorchCompareResult:
+    reference: str
+    target: str
+    onnx: str
+    modules: tuple[ModuleDiff, ...]
+    unmatched: tuple[dict, ...]
+    leaf_coverage: float  # share of leaf modules producing tensors that were matched
+    tolerance: Tolerance
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def first_divergent(self) -> ModuleDiff | None:
+        return next((m for m in sorted(self.modules, key=lambda m: m.order) if m.diverges), None)
+
+    def verdict(self) -> str:
+        first = self.first_divergent
+        head = f"{len(self.modules)} module outputs matched (leaf coverage {self.leaf_coverage:.0%}), {len(self.unmatched)} unmatched"
+        if first is None:
+            return f"{head}; no module diverges beyond {self.tolerance.metric} {self.tolerance.threshold:g}."
+        return (f"{head}; the first module to diverge is {first.path!r} ({first.type_name}, call {first.call}) at ONNX tensor "
+                f"{first.tensor!r}: {self.tolerance.metric} {first.metrics.get(self.tolerance.metric, float('nan')):.3g}.")
+
+    def to_dict(self) -> dict:
+        first = self.first_divergent
+        return {"reference": self.reference, "target": self.target, "onnx": self.onnx, "leaf_coverage": self.leaf_coverage,
+                "modules": [m.to_dict() for m in self.modules], "unmatched": list(self.unmatched),
+                "summary": {"first_divergent": None if first is None else {"module": first.path, "call": first.call, "tensor": first.tensor}},
+                "notes": list(self.notes)}
+
+    def to_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame([{"order": m.order, "module": m.path, "call": m.call, "output": m.key, "type": m.type_name,
+                              "tensor": m.tensor, "match": m.how, **m.metrics, "diverges": m.diverges} for m in self.modules])
+
+
+def export_onnx(model, args: Sequence, path: str | Path, exporter: str = "legacy", opset: int | None = None) -> list[str]:
+    """Export with the legacy (TorchScript) or dynamo exporter; returns the warnings that mean
+    trouble (values traced as constants: the export will not follow the input)."""
+    import torch
+
+    path = Path(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            if exporter == "dynamo":
+                torch.onnx.export(model, tuple(args), str(path), opset_version=opset or 18, dynamo=True, verbose=False)
+            elif exporter == "legacy":
+                torch.onnx.export(model, tuple(args), str(path), opset_version=opset or 17, dynamo=False)
+            else:
+                raise InputError(f"Unknown exporter {exporter!r}: legacy or dynamo.")
+        except InputError:
+            raise
+        except Exception as exc:  # the exporters raise many types
+            raise InputError(f"The model failed to export with the {exporter} exporter: {str(exc).splitlines()[0][:300]}") from None
+    return list(dict.fromkeys(str(w.message).splitlines()[0] for w in caught
+                              if any(k in str(w.message).lower() for k in ("constant", "trace might", "traced"))))
+
+
+def compare_torch(model, args: Sequence, onnx: str | Path | None = None, target: str = "ort:cpu:fp32",
+                  target_model: str | Path | None = None, exporter: str = "legacy", opset: int | None = None,
+                  tolerance: Tolerance | None = None) -> TorchCompareResult:
+    """Each PyTorch module call's outputs (eager, FP32, CPU) against the matching ONNX tensors on ``target``
+    (or ``target_model``'s, e.g. an edited copy); the ONNX model is exported first if ``onnx`` is missing."""
+    from aligner.backends.torch import capture_module_outputs
+
+    model = model.eval()
+    notes = []
+    if onnx is None or not Path(onnx).exists():
+        onnx = Path(onnx) if onnx is not None else Path(tempfile.mkdtemp(prefix="aligner-torch-")) / "model.onnx"
+        trouble = export_onnx(model, args, onnx, exporter, opset)
+        notes.append(f"exported with the {exporter} exporter to {onnx}")
+        notes += [f"export warning: {w}" for w in trouble]
+    graph = ModelGraph.load(onnx)
+    arrays = [np.asarray(a.detach().cpu().numpy() if hasattr(a, "detach") else a) for a in args]
+    if len(arrays) != len(graph.input_names):
+        raise InputError(f"The ONNX model takes {len(graph.input_names)} input(s) {graph.input_names}; {len(arrays)} given.")
+    feeds = dict(zip(graph.input_names, arrays))
+    calls = capture_module_outputs(model, args)
+    ref = reference_runner(graph)
+    matches, unmatched = match(calls, graph, node_scopes(graph), lambda names: _capture(ref, feeds, names))
+    other = ModelGraph.load(target_model) if target_model is not None else graph
+    runner = make_runner(other, parse_target(target))
+    wanted = sorted({t for t, _ in matches.values() if t in runner.capturable})
+    got = _capture(runner, feeds, wanted)
+    tol = tolerance or default_tolerance(parse_target(target).precision)
+    by_key = {(c.path, c.call, k): (c, o) for c in calls for k, o in zip(c.output_keys, c.outputs)}
+    diffs = []
+    for key, (tensor, how) in matches.items():
+        if tensor not in got:
+            continue
+        call, out = by_key[key]
+        metrics, _, _, diverges, _ = diff_tensor(tensor, out, got[tensor], tol)
+        diffs.append(ModuleDiff(call.path, call.call, key[2], call.type_name, call.order, tensor, how, metrics, diverges))
+    producing = {(c.path, c.call) for c in calls if c.leaf and c.outputs}
+    matched = {(m.path, m.call) for m in diffs}
+    coverage = len(producing & matched) / len(producing) if producing else 1.0
+    lost = tuple({"module": p, "call": k, "reason": r} for (p, k), r in unmatched.items() if (p, k) not in matched)
+    return TorchCompareResult("torch:cpu:fp32", target if target_model is None else f"{target} ({Path(target_model).name})",
+                              str(onnx), tuple(sorted(diffs, key=lambda m: m.order)), lost, coverage, tol, tuple(notes))
+
+
+def _capture(runner, feeds: dict, names: list[str], group: int = 200) -> dict[str, np.ndarray]:
+    out = {}
+    names = [n for n in names if n in runner.capturable]
+    for i in range(0, len(names), group):
+        out.update(runner.run(feeds, names[i:i + group]))
+    return out
+
+
+__all__ = ["ModuleDiff", "TorchCompareResult", "compare_torch", "export_onnx"]
