@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from aligner.compare.torch_compare import compare_torch, export_onnx
@@ -106,3 +108,35 @@ def test_bad_inputs_are_named(tmp_path):
 
     with pytest.raises(InputError, match="failed to export.*linalg_eig"):
         export_onnx(Eig(), (torch.randn(3, 3),), tmp_path / "eig.onnx")
+
+
+def test_cli_compare_torch_factory(tmp_path, capsys, monkeypatch):
+    import json
+
+    import numpy as np
+
+    from aligner.cli.main import main
+
+    (tmp_path / "mymodels.py").write_text(
+        "import sys\nsys.path.insert(0, %r)\nfrom conftest import build_cnn\n\ndef build():\n    return build_cnn()\n" % str(Path(__file__).parent))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32))
+    code = main(["compare", str(tmp_path / "cnn.onnx"), "--torch", "mymodels:build", "--torch-inputs", str(tmp_path / "x.npz"),
+                 "--json", str(tmp_path / "t.json")])
+    out = capsys.readouterr().out
+    assert code == 0 and "leaf coverage" in out and "exported with the legacy exporter" in out
+    assert json.loads((tmp_path / "t.json").read_text())["summary"]["first_divergent"] is None
+    code = main(["compare", str(tmp_path / "cnn.onnx"), "--torch", "mymodels:biuld"])
+    assert code == 2 and "Did you mean: 'build'" in capsys.readouterr().err
+    code = main(["compare", str(tmp_path / "cnn.onnx"), "--torch", "not_a_module:build"])
+    assert code == 2 and "cannot import 'not_a_module'" in capsys.readouterr().err
+
+
+def test_torch_targets_compare_module_by_module():
+    import torch
+
+    same = compare_torch(build_cnn(), (torch.randn(1, 3, 32, 32),), target="torch:cpu:fp32")
+    assert same.first_divergent is None and len(same.modules) > 10
+    assert all(m.metrics["max_abs"] == 0 for m in same.modules)  # deterministic CPU eager
+    with pytest.raises(InputError, match="torch:cuda:fp16"):
+        compare_torch(build_cnn(), (torch.randn(1, 3, 32, 32),), target="torch:tpu:fp8")

@@ -44,8 +44,14 @@ def _flatten(value, prefix: str = "") -> list[tuple[str, object]]:
 
 def capture_module_outputs(model, args: Sequence, device: str = "cpu", dtype: str = "fp32",
                            autocast: bool = False) -> list[ModuleCall]:
-    """Run ``model(*args)`` once with hooks on every module; returns each call's outputs (float32 numpy)."""
+    """Run ``model(*args)`` once with hooks on every module; returns each call's outputs (float32 numpy).
+
+    ``dtype`` "fp32" on CUDA turns TF32 off for matmuls and convolutions (PyTorch leaves it on for
+    cuDNN convolutions by default); "tf32" turns it on: the choice is explicit, as for ONNX Runtime.
+    """
     torch = require("torch", "capturing PyTorch module outputs")
+    tf32 = dtype == "tf32"
+    dtype = "fp32" if tf32 else dtype
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if dtype not in dtypes:
         raise ValueError(f"dtype {dtype!r}: choose fp32, fp16 or bf16")
@@ -70,10 +76,13 @@ def capture_module_outputs(model, args: Sequence, device: str = "cpu", dtype: st
     cast = lambda a: a.to(device=device, dtype=dtypes[dtype] if not autocast else torch.float32) if a.is_floating_point() else a.to(device)  # noqa: E731
     inputs = [cast(torch.as_tensor(a)) for a in args]
     ctx = torch.autocast(device_type=device.split(":")[0], dtype=dtypes["bf16" if dtype == "bf16" else "fp16"]) if autocast else contextlib.nullcontext()
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     try:
         with torch.no_grad(), ctx:
             model(*inputs)
     finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
         for h in handles:
             h.remove()
     return calls

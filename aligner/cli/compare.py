@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from aligner.backends.target import valid_targets
-from aligner.cli.common import (add_input_arguments, add_target_arguments, add_report_arguments, emit_run, report_paths, add_model_arguments, add_tolerance_arguments, check_writable, load_models_and_feeds,
+from aligner.cli.common import (add_input_arguments, add_target_arguments, resolve_feeds, add_report_arguments, emit_run, report_paths, add_model_arguments, add_tolerance_arguments, check_writable, load_models_and_feeds,
                                resolve_target, tolerance_from_args)
 from aligner.compare import CompareResult, compare
 from aligner.inputs import write_atomic
@@ -48,9 +48,16 @@ def add_parser(sub) -> None:
     o.add_argument("--force", action="store_true", help="overwrite existing output files")
     o.add_argument("--capture-budget-mb", type=int, default=512, help="memory for captured tensors of one group, both sides (default 512 MB)")
     add_report_arguments(p)
+    t = p.add_argument_group("PyTorch (module by module)")
+    t.add_argument("--torch", metavar="MODULE:FUNCTION", help="a factory returning the nn.Module (e.g. mypkg.models:build_detector); compares its "
+                   "module outputs with the ONNX model's tensors on --target; exports the model first if the .onnx is missing")
+    t.add_argument("--torch-inputs", metavar="NPZ", help="the PyTorch inputs, in forward() order (npz of arrays; default: the ONNX inputs' generated values)")
+    t.add_argument("--exporter", choices=("legacy", "dynamo"), default="legacy", help="exporter used when the .onnx does not exist")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.torch:
+        return _run_torch(args)
     check_writable([args.json, args.csv] + report_paths(args), args.force)
     target = resolve_target(args)
     graph, other, feeds = load_models_and_feeds(args)
@@ -96,3 +103,54 @@ def print_result(result: CompareResult, top: int = 10, console: Console | None =
     if result.unmatched:
         console.print(f"{len(result.unmatched)} reference tensor(s) have no counterpart in the target and were skipped.")
     console.print(("[bold red]DIVERGED[/] " if result.first_divergent else "[bold green]OK[/] ") + escape(result.verdict()))
+
+
+def _run_torch(args: argparse.Namespace) -> int:
+    import importlib
+
+    import numpy as np
+
+    from aligner.compare.torch_compare import compare_torch
+    from aligner.errors import InputError, unknown_name_message
+    from aligner.inputs import load_inputs
+
+    check_writable([args.json], args.force)
+    module_name, _, func = args.torch.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InputError(f"--torch {args.torch}: cannot import {module_name!r} ({exc}). Make it importable (PYTHONPATH) "
+                         "and write MODULE:FUNCTION.") from None
+    if not func or not callable(getattr(module, func, None)):
+        names = [n for n in dir(module) if callable(getattr(module, n)) and not n.startswith("_")]
+        raise InputError(unknown_name_message("factory", func or "(none)", names) + f" (in module {module_name!r})")
+    model = getattr(module, func)()
+    if args.torch_inputs:
+        arrays = list(load_inputs(args.torch_inputs)[0].values())
+    else:
+        from aligner.graph.model import ModelGraph
+
+        if not Path(args.model).exists():
+            raise InputError("--torch-inputs is needed when the .onnx does not exist yet (the export needs example inputs).")
+        graph = ModelGraph.load(args.model)
+        arrays = list(resolve_feeds(graph, args).values())
+    import torch
+
+    result = compare_torch(model, [torch.from_numpy(np.asarray(a)) for a in arrays], onnx=args.model,
+                           target=resolve_target(args), target_model=args.target_model, exporter=args.exporter)
+    console = Console(highlight=False)
+    rows = [m for m in result.modules if m.diverges][: args.top]
+    if rows:
+        table = Table(title=f"first {len(rows)} divergent modules (torch:cpu:fp32 vs {escape(result.target)})", title_justify="left")
+        for col in ("module", "type", "call", "ONNX tensor", "match", result.tolerance.metric):
+            table.add_column(col, overflow="fold")
+        for m in rows:
+            table.add_row(escape(m.path), escape(m.type_name), str(m.call), escape(m.tensor), m.how,
+                          f"{m.metrics.get(result.tolerance.metric, float('nan')):.3g}")
+        console.print(table)
+    for note in result.notes:
+        console.print(f"note: {escape(note)}")
+    console.print(("[bold red]DIVERGED[/] " if result.first_divergent else "[bold green]OK[/] ") + escape(result.verdict()))
+    if args.json:
+        write_atomic(Path(args.json), json.dumps(result.to_dict(), indent=1).encode())
+    return 1 if result.first_divergent else 0

@@ -105,6 +105,8 @@ def compare_torch(model, args: Sequence, onnx: str | Path | None = None, target:
     from aligner.backends.torch import capture_module_outputs
 
     model = model.eval()
+    if target.startswith("torch:"):
+        return _torch_vs_torch(model, args, target, tolerance)
     notes = []
     if onnx is None or not Path(onnx).exists():
         onnx = Path(onnx) if onnx is not None else Path(tempfile.mkdtemp(prefix="aligner-torch-")) / "model.onnx"
@@ -140,6 +142,34 @@ def compare_torch(model, args: Sequence, onnx: str | Path | None = None, target:
                               str(onnx), tuple(sorted(diffs, key=lambda m: m.order)), lost, coverage, tol, tuple(notes))
 
 
+TORCH_TARGETS = ("torch:cpu:fp32", "torch:cuda:fp32", "torch:cuda:tf32", "torch:cuda:fp16", "torch:cuda:bf16", "torch:cuda:autocast")
+
+
+def _torch_vs_torch(model, args: Sequence, target: str, tolerance: Tolerance | None) -> TorchCompareResult:
+    """Every module call on ``target`` (e.g. torch:cuda:fp16) against eager FP32 on the CPU."""
+    import copy
+
+    from aligner.backends.torch import capture_module_outputs
+
+    if target not in TORCH_TARGETS:
+        raise InputError(f"Unknown PyTorch target {target!r}; choose from {', '.join(TORCH_TARGETS)}.")
+    _, device, precision = target.split(":")
+    reference = capture_module_outputs(copy.deepcopy(model), args)
+    autocast = precision == "autocast"
+    got = capture_module_outputs(copy.deepcopy(model), args, device=device, dtype="fp16" if autocast else precision, autocast=autocast)
+    tol = tolerance or default_tolerance("fp16" if autocast else precision)
+    theirs = {(c.path, c.call, k): o for c in got for k, o in zip(c.output_keys, c.outputs)}
+    diffs = []
+    for c in reference:
+        for key, out in zip(c.output_keys, c.outputs):
+            other = theirs.get((c.path, c.call, key))
+            if other is None:
+                continue
+            metrics, _, _, diverges, _ = diff_tensor(key, out, other, tol)
+            diffs.append(ModuleDiff(c.path, c.call, key, c.type_name, c.order, "", "module", metrics, diverges))
+    return TorchCompareResult("torch:cpu:fp32", target, "", tuple(diffs), (), 1.0, tol)
+
+
 def _capture(runner, feeds: dict, names: list[str], group: int = 200) -> dict[str, np.ndarray]:
     out = {}
     names = [n for n in names if n in runner.capturable]
@@ -148,4 +178,4 @@ def _capture(runner, feeds: dict, names: list[str], group: int = 200) -> dict[st
     return out
 
 
-__all__ = ["ModuleDiff", "TorchCompareResult", "compare_torch", "export_onnx"]
+__all__ = ["ModuleDiff", "TORCH_TARGETS", "TorchCompareResult", "compare_torch", "export_onnx"]
