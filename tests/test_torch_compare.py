@@ -102,6 +102,11 @@ def test_bad_inputs_are_named(tmp_path):
         export_onnx(build_cnn(), (torch.randn(1, 3, 32, 32),), path)
         compare_torch(build_cnn(), (torch.randn(1, 3, 32, 32), torch.randn(1)), onnx=path)
 
+    with pytest.raises(InputError, match=r"expected .*32.*given|shape"):
+        compare_torch(build_cnn(), (torch.randn(1, 3, 48, 48),), onnx=path)  # the ONNX model was exported at 32x32
+    with pytest.raises(InputError, match=r"PyTorch model failed on inputs of shape \[\(1, 5, 32, 32\)\]"):
+        compare_torch(build_cnn(), (torch.randn(1, 5, 32, 32),), target="torch:cpu:fp32")
+
     class Eig(torch.nn.Module):
         def forward(self, x):
             return torch.linalg.eig(x)[0]  # complex eigenvalues: ONNX has no such operator

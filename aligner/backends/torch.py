@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from aligner._optional import require
+from aligner.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,9 @@ def capture_module_outputs(model, args: Sequence, device: str = "cpu", dtype: st
     try:
         with torch.no_grad(), ctx:
             model(*inputs)
+    except Exception as exc:  # the user's forward() raised: say so with the shapes given
+        shapes = [tuple(a.shape) for a in inputs]
+        raise InputError(f"The PyTorch model failed on inputs of shape {shapes}: {str(exc).splitlines()[0][:300]}") from None
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
         for h in handles:

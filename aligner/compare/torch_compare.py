@@ -17,6 +17,7 @@ from aligner.compare.tolerance import Tolerance, default_tolerance
 from aligner.compare.torch_map import match, node_scopes
 from aligner.errors import InputError
 from aligner.graph.model import ModelGraph
+from aligner.inputs import validate_feeds
 
 
 @dataclass(frozen=True)
@@ -74,9 +75,11 @@ class TorchCompareResult:
                               "tensor": m.tensor, "match": m.how, **m.metrics, "diverges": m.diverges} for m in self.modules])
 
 
-def export_onnx(model, args: Sequence, path: str | Path, exporter: str = "legacy", opset: int | None = None) -> list[str]:
+def export_onnx(model, args: Sequence, path: str | Path, exporter: str = "legacy", opset: int | None = None,
+                dynamic: dict | None = None) -> list[str]:
     """Export with the legacy (TorchScript) or dynamo exporter; returns the warnings that mean
-    trouble (values traced as constants: the export will not follow the input)."""
+    trouble (values traced as constants: the export will not follow the input). ``dynamic`` is
+    passed on as ``dynamic_axes`` (legacy: ``{"input": {0: "batch"}}``) or ``dynamic_shapes`` (dynamo)."""
     import torch
 
     path = Path(path)
@@ -84,9 +87,11 @@ def export_onnx(model, args: Sequence, path: str | Path, exporter: str = "legacy
         warnings.simplefilter("always")
         try:
             if exporter == "dynamo":
-                torch.onnx.export(model, tuple(args), str(path), opset_version=opset or 18, dynamo=True, verbose=False)
+                torch.onnx.export(model, tuple(args), str(path), opset_version=opset or 18, dynamo=True, verbose=False,
+                                  **({"dynamic_shapes": dynamic} if dynamic else {}))
             elif exporter == "legacy":
-                torch.onnx.export(model, tuple(args), str(path), opset_version=opset or 17, dynamo=False)
+                torch.onnx.export(model, tuple(args), str(path), opset_version=opset or 17, dynamo=False,
+                                  **({"dynamic_axes": dynamic} if dynamic else {}))
             else:
                 raise InputError(f"Unknown exporter {exporter!r}: legacy or dynamo.")
         except InputError:
@@ -117,7 +122,7 @@ def compare_torch(model, args: Sequence, onnx: str | Path | None = None, target:
     arrays = [np.asarray(a.detach().cpu().numpy() if hasattr(a, "detach") else a) for a in args]
     if len(arrays) != len(graph.input_names):
         raise InputError(f"The ONNX model takes {len(graph.input_names)} input(s) {graph.input_names}; {len(arrays)} given.")
-    feeds = dict(zip(graph.input_names, arrays))
+    feeds = validate_feeds(graph, dict(zip(graph.input_names, arrays)))  # shapes: expected vs given
     calls = capture_module_outputs(model, args)
     ref = reference_runner(graph)
     matches, unmatched = match(calls, graph, node_scopes(graph), lambda names: _capture(ref, feeds, names))
