@@ -60,16 +60,9 @@ def add_parser(sub) -> None:
     c.add_argument("--adapter-outputs", metavar="NAMES", help="comma-separated output names the adapter reads")
     c.add_argument("--targets", default="ort:cpu:fp32,emu:fp16", help="comma-separated targets (default ort:cpu:fp32,emu:fp16)")
     c.add_argument("--plan", metavar="PLAN.json", help="precision plan for the +plan targets")
-    g = c.add_argument_group("preprocessing")
-    g.add_argument("--input-size", metavar="HxW", help="model input size (default: from the model's input shape)")
-    g.add_argument("--resize", choices=("stretch", "letterbox"), default="stretch")
-    g.add_argument("--scale", type=float, default=1.0, help="pixel multiplier (1 = raw 0-255, 0.00392157 = 0-1)")
-    g.add_argument("--mean", default="0,0,0", help="per-channel mean subtracted after scaling")
-    g.add_argument("--std", default="1,1,1", help="per-channel std divided by after scaling")
+    g = _add_preprocess_arguments(c, batch=16)
     g.add_argument("--label-map", choices=("contiguous", "identity"), default="contiguous",
                    help="model label i -> i-th category id (contiguous) or label = category id")
-    g.add_argument("--batch", type=int, default=16)
-    g.add_argument("--limit", type=int, help="evaluate the first N images only")
     o = c.add_argument_group("output")
     o.add_argument("--json", metavar="FILE", help="write the metrics per target as JSON")
     o.add_argument("--min-ap", type=float, help="exit 1 if any target's AP is below this (e.g. as an --accept-cmd)")
@@ -89,18 +82,23 @@ def add_parser(sub) -> None:
     t.add_argument("--output", help="the logits output (default: the first output)")
     t.add_argument("--targets", default="ort:cpu:fp32,emu:fp16", help="comma-separated targets; the first is the reference")
     t.add_argument("--plan", metavar="PLAN.json", help="precision plan for the +plan targets")
-    tg = t.add_argument_group("preprocessing")
-    tg.add_argument("--input-size", metavar="HxW", help="model input size (default: from the model's input shape)")
-    tg.add_argument("--resize", choices=("stretch", "letterbox"), default="stretch")
-    tg.add_argument("--scale", type=float, default=1.0, help="pixel multiplier (1 = raw 0-255, 0.00392157 = 0-1)")
-    tg.add_argument("--mean", default="0,0,0")
-    tg.add_argument("--std", default="1,1,1")
-    tg.add_argument("--batch", type=int, default=32)
-    tg.add_argument("--limit", type=int, help="the first N images only")
+    _add_preprocess_arguments(t, batch=32)
     to = t.add_argument_group("output")
     to.add_argument("--json", metavar="FILE", help="write the agreement per target as JSON")
     to.add_argument("--min-top1", type=float, help="exit 1 if a target's top-1 agreement is below this")
     to.add_argument("--force", action="store_true", help="overwrite existing output files")
+
+
+def _add_preprocess_arguments(p: argparse.ArgumentParser, batch: int):
+    g = p.add_argument_group("preprocessing")
+    g.add_argument("--input-size", metavar="HxW", help="model input size (default: from the model's input shape)")
+    g.add_argument("--resize", choices=("stretch", "letterbox"), default="stretch")
+    g.add_argument("--scale", type=float, default=1.0, help="pixel multiplier (1 = raw 0-255, 0.00392157 = 0-1)")
+    g.add_argument("--mean", default="0,0,0", help="per-channel mean subtracted after scaling")
+    g.add_argument("--std", default="1,1,1", help="per-channel std divided by after scaling")
+    g.add_argument("--batch", type=int, default=batch, help=f"images per run (default {batch}; 1 for fixed-batch models)")
+    g.add_argument("--limit", type=int, help="evaluate the first N images only")
+    return g
 
 
 def run(args: argparse.Namespace) -> int:
