@@ -95,4 +95,21 @@ def trials_chart(trials: list[dict]) -> str:
     return svg
 
 
-__all__ = ["layer_error_chart", "trials_chart"]
+def latency_throughput_chart(rows: list[dict]) -> str:
+    """Median latency vs throughput, one line per target, points labelled by batch size."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8.0, 3.4))
+    for target in dict.fromkeys(r["target"] for r in rows):
+        pts = sorted((r["throughput"], r["latency_ms"]["median"], r["batch"]) for r in rows if r["target"] == target)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=4, label=_plain(target))
+        for x, y, b in pts:
+            ax.annotate(str(b), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    ax.set_xlabel("throughput (items/s)")
+    ax.set_ylabel("median latency (ms)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
+    svg = _svg(fig)
+    plt.close(fig)
+    return svg
+
+
+__all__ = ["latency_throughput_chart", "layer_error_chart", "trials_chart"]

@@ -14,7 +14,7 @@ from pathlib import Path
 from aligner._optional import require
 from aligner.errors import InputError
 from aligner.inputs import write_atomic
-from aligner.report.charts import layer_error_chart, trials_chart
+from aligner.report.charts import latency_throughput_chart, layer_error_chart, trials_chart
 from aligner.report.runs import Run, read_run
 
 
@@ -50,6 +50,8 @@ def _view(run: Run, runs: list[Run]) -> dict:
         view["top"] = [t for t in r["tensors"] if t.get("diverges")][:20]
     elif run.kind == "precision" and run.trials:
         view["chart"] = trials_chart(list(run.trials))
+    elif run.kind == "bench" and run.result.get("rows"):
+        view["chart"] = latency_throughput_chart(run.result["rows"])
     return view
 
 

@@ -1,6 +1,6 @@
 """Run directories: what an analysis command leaves behind for the report (JSON, never tensors).
 
-    RUN/meta.json      {"kind": "compare" | "bisect" | "precision" | "eval", "created", "aligner", "model"}
+    RUN/meta.json      {"kind": "compare" | "bisect" | "precision" | "eval" | "bench", "created", "aligner", "model"}
     RUN/model.json     model summary (opset, I/O, node count, op histogram)
     RUN/result.json    the command's result (CompareResult / BisectResult / PrecisionPlan .to_dict())
     RUN/trials.jsonl   precision only: the trials log
@@ -18,7 +18,7 @@ from aligner.errors import InputError
 from aligner.graph.model import ModelGraph
 from aligner.inputs import write_atomic
 
-KINDS = ("compare", "bisect", "precision", "eval")
+KINDS = ("compare", "bisect", "precision", "eval", "bench")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,164 @@
+"""``bench``: latency and throughput of a model on ONNX Runtime targets, per batch size.
+
+Warm-up, then timed runs; on CUDA the inputs and outputs are bound on the GPU (I/O binding), so a
+run is the model alone, and the outputs are synchronised before the host clock is read. Reports
+median / p90 / p99 latency, throughput (items/s) and the GPU memory in use (NVML, when present).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from aligner.backends import parse_target
+from aligner.errors import InputError, TargetError, TargetRunError
+from aligner.graph.model import ModelGraph
+from aligner.inputs import make_inputs
+
+PLAN = "+plan"
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    target: str
+    batch: int
+    latency_ms: dict[str, float]  # median, p90, p99, mean
+    throughput: float  # items per second at the median latency
+    runs: int
+    gpu_memory_mb: float | None = None
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    device: str
+    model: str
+    rows: tuple[BenchRow, ...]
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"device": self.device, "model": self.model, "rows": [r.to_dict() for r in self.rows], "notes": list(self.notes)}
+
+
+def _model_for(graph: ModelGraph, spec: str, plan: Sequence[str]):
+    base, with_plan = (spec[: -len(PLAN)], True) if spec.endswith(PLAN) else (spec, False)
+    target = parse_target(base)
+    if target.runtime != "ort":
+        raise InputError(f"aligner bench times ONNX Runtime targets (ort:cpu:*, ort:cuda:*); {spec!r} is not one.")
+    if with_plan and not plan:
+        raise InputError(f"Target {spec!r} asks for the plan, but no plan was given (--plan plan.json).")
+    if target.precision in ("fp32", "tf32"):
+        return target, graph.model
+    from aligner.graph.precision import rewrite_precision
+
+    return target, rewrite_precision(graph, list(plan) if with_plan else [], target.precision).model
+
+
+def _session(model, target):
+    import onnxruntime as ort
+
+    provider = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[target.device]
+    if provider not in ort.get_available_providers():
+        raise TargetError(f"Target {target} needs ONNX Runtime's {provider}, which this install lacks. Install it with: pip install 'aligner[gpu]'")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    providers = [provider] if target.device == "cpu" else [(provider, {"use_tf32": "1" if target.precision == "tf32" else "0"})]
+    try:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own types
+        raise TargetRunError(f"{target}: ONNX Runtime could not build the model: {str(exc)[:300]}") from None
+
+
+def _gpu_memory_mb() -> float | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used / 2**20
+    except Exception:  # noqa: BLE001 - NVML is optional
+        return None
+
+
+def time_session(session, feeds: dict, device: str, runs: int, warmup: int) -> list[float]:
+    """Latencies in ms of ``runs`` runs after ``warmup``."""
+    import onnxruntime as ort
+
+    if device == "cuda":
+        binding = session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
+        for out in session.get_outputs():
+            binding.bind_output(out.name, "cuda")
+
+        def once():
+            session.run_with_iobinding(binding)
+            binding.synchronize_outputs()
+    else:
+        names = [o.name for o in session.get_outputs()]
+
+        def once():
+            session.run(names, feeds)
+
+    times = []
+    for i in range(warmup + runs):
+        start = time.perf_counter()
+        once()
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def bench(model: ModelGraph | str | Path, targets: Iterable[str], batches: Iterable[int] = (1,), plan: Sequence[str] = (),
+          runs: int = 100, warmup: int = 10, progress: Callable[[str, int, int], None] | None = None) -> BenchResult:
+    graph = model if isinstance(model, ModelGraph) else ModelGraph.load(model)
+    targets, batches = list(targets), sorted(set(batches))
+    rows, notes = [], []
+    first = graph.tensor(graph.input_names[0]).shape or ()
+    fixed = first[0] if first and isinstance(first[0], int) else None
+    if fixed is not None and batches != [fixed]:
+        notes.append(f"the model's batch dimension is fixed at {fixed}; only batch {fixed} was timed")
+        batches = [fixed]
+    device = "cpu"
+    total, done = len(targets) * len(batches), 0
+    for spec in targets:
+        target, prepared = _model_for(graph, spec, plan)
+        device = target.device if target.device == "cuda" else device
+        session = _session(prepared, target)
+        for b in batches:
+            shapes = {i.name: tuple(b if k == 0 else d for k, d in enumerate(i.shape or ())) for i in graph.input_infos()}
+            feeds = make_inputs(graph, {k: v for k, v in shapes.items() if all(isinstance(d, int) for d in v)})
+            times = time_session(session, feeds, target.device, runs, warmup)
+            times.sort()
+            median = statistics.median(times)
+            pct = lambda q: times[min(len(times) - 1, int(round(q * (len(times) - 1))))]  # noqa: E731
+            rows.append(BenchRow(spec, b, {"median": median, "p90": pct(0.9), "p99": pct(0.99), "mean": float(np.mean(times))},
+                                 b * 1e3 / median, runs, _gpu_memory_mb() if target.device == "cuda" else None))
+            done += 1
+            if progress:
+                progress(spec, done, total)
+        del session
+    return BenchResult(_device_name(device), str(graph.path or "<in-memory>"), tuple(rows), tuple(notes))
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            return str(pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0)))
+        except Exception:  # noqa: BLE001
+            return "cuda"
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+__all__ = ["BenchResult", "BenchRow", "bench", "time_session"]

@@ -1,0 +1,84 @@
+"""``aligner bench``: latency and throughput per target and batch size, side by side."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
+
+from aligner.bench import BenchResult, bench
+from aligner.cli.common import add_model_arguments, add_report_arguments, check_writable, emit_run, report_paths
+from aligner.errors import InputError
+from aligner.graph.model import ModelGraph
+from aligner.inputs import write_atomic
+
+EPILOG = """\
+Targets are ONNX Runtime targets (ort:cpu:fp32, ort:cuda:fp32|tf32|fp16|bf16); add +plan to keep a
+precision plan's nodes in FP32 (--plan plan.json). On CUDA, inputs and outputs are bound on the GPU
+(I/O binding) and outputs are synchronised before the clock is read; the first --warmup runs are
+not timed. Latency: median / p90 / p99 of --runs runs; throughput = batch / median latency.
+
+examples:
+  aligner bench model.onnx --target ort:cuda:fp16 --batch 1,2,4,8,16 --plan plan.json --json bench.json
+  aligner bench model.onnx --target ort:cuda:fp32,ort:cuda:fp16,ort:cuda:fp16+plan --batch 1,8 --report bench.html
+
+exit status: 0 measured, 2 usage or input error, 3 a target failed to build or run
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="latency / throughput per target and batch size",
+                       description="Time the model on one or more ONNX Runtime targets and batch sizes, side by side in one run.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(p)
+    p.add_argument("--target", default="ort:cpu:fp32", help="comma-separated targets (default ort:cpu:fp32)")
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
+    p.add_argument("--plan", metavar="PLAN.json", help="precision plan for the +plan targets")
+    p.add_argument("--runs", type=int, default=100, help="timed runs per point (default 100)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
+    p.add_argument("--json", metavar="FILE", help="write {device, rows: [{target, batch, latency_ms, throughput}]}")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    add_report_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_writable([args.json] + report_paths(args), args.force)
+    try:
+        batches = [int(b) for b in args.batch.split(",")]
+    except ValueError:
+        raise InputError(f"--batch {args.batch!r}: write comma-separated integers, e.g. 1,2,4,8.") from None
+    graph = ModelGraph.load(args.model, check=not args.no_check)
+    plan = []
+    if args.plan:
+        try:
+            plan = [p["node"] for p in json.loads(Path(args.plan).read_text())["fp32_nodes"]]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise InputError(f"--plan {args.plan}: not a plan written by aligner precision ({exc}).") from None
+    targets = args.target.split(",")
+    with Progress(TextColumn("[bold]timing"), BarColumn(), MofNCompleteColumn(), console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("bench", total=len(targets) * len(batches))
+        result = bench(graph, targets, batches, plan, args.runs, args.warmup, lambda s, d, t: bar.update(task, completed=d))
+    print_bench(result)
+    if args.json:
+        write_atomic(Path(args.json), json.dumps(result.to_dict(), indent=1).encode())
+    emit_run(args, "bench", graph, result.to_dict())
+    return 0
+
+
+def print_bench(result: BenchResult, console: Console | None = None) -> None:
+    console = console or Console(highlight=False)
+    table = Table(title=f"latency and throughput on {escape(result.device)}", title_justify="left")
+    table.add_column("target", min_width=16, overflow="fold")
+    for col in ("batch", "median ms", "p90 ms", "p99 ms", "items/s", "GPU MiB"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for r in result.rows:
+        table.add_row(escape(r.target), str(r.batch), f"{r.latency_ms['median']:.3f}", f"{r.latency_ms['p90']:.3f}",
+                      f"{r.latency_ms['p99']:.3f}", f"{r.throughput:.1f}", "-" if r.gpu_memory_mb is None else f"{r.gpu_memory_mb:.0f}")
+    console.print(table)
+    for note in result.notes:
+        console.print(f"note: {escape(note)}")

@@ -1,0 +1,39 @@
+"""aligner bench on the CPU: the JSON the issue asks for, fixed-batch models, the report's chart."""
+
+from __future__ import annotations
+
+import json
+
+from aligner.cli.main import main
+from aligner.examples import shapes_detector_path
+from aligner.report import read_run, render_report
+
+
+def test_bench_json_rows_and_report(tmp_path, capsys):
+    out, page = tmp_path / "bench.json", tmp_path / "bench.html"
+    code = main(["bench", str(shapes_detector_path()), "--target", "ort:cpu:fp32", "--batch", "1,2", "--runs", "5",
+                 "--warmup", "1", "--json", str(out), "--report", str(page)])
+    assert code == 0
+    doc = json.loads(out.read_text())
+    assert doc["device"] and [r["batch"] for r in doc["rows"]] == [1, 2]
+    for row in doc["rows"]:
+        assert row["target"] == "ort:cpu:fp32" and row["throughput"] > 0
+        assert row["latency_ms"]["median"] <= row["latency_ms"]["p90"] <= row["latency_ms"]["p99"]
+    html = page.read_text()
+    assert "Latency and throughput" in html and html.count("<svg") >= 1
+    assert "items/s" in capsys.readouterr().out
+
+
+def test_bench_respects_a_fixed_batch_and_names_bad_targets(vit_path, tmp_path, capsys):
+    import onnx
+
+    from aligner.examples import tiny_vit
+
+    model = tiny_vit()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1  # batch fixed at 1
+    path = tmp_path / "vit1.onnx"
+    onnx.save(model, str(path))
+    assert main(["bench", str(path), "--batch", "1,4", "--runs", "3", "--warmup", "0"]) == 0
+    assert "fixed at 1" in capsys.readouterr().out
+    assert main(["bench", str(path), "--target", "emu:fp16"]) == 2
+    assert "ONNX Runtime targets" in capsys.readouterr().err
