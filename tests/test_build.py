@@ -1,0 +1,24 @@
+"""aligner build: the deployable mixed model of a plan, checked before it is written."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from aligner.cli.main import main
+
+
+def test_build_refuses_a_diverging_model_and_writes_the_planned_one(vit_path, vit_inputs, tmp_path, capsys):
+    np.savez(tmp_path / "in.npz", **vit_inputs)
+    plan = tmp_path / "plan.json"
+    assert main(["precision", str(vit_path), "--inputs", str(tmp_path / "in.npz"), "--out", str(plan)]) == 0
+    out = tmp_path / "vit.fp16.onnx"
+    assert main(["build", str(vit_path), "--inputs", str(tmp_path / "in.npz"), "-o", str(out)]) == 1  # pure FP16 overflows
+    assert not out.exists() and "not written" in capsys.readouterr().out
+    assert main(["build", str(vit_path), "--inputs", str(tmp_path / "in.npz"), "--plan", str(plan), "-o", str(out)]) == 0
+    model = onnx.load(str(out))
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    assert any(n.op_type == "Cast" for n in model.graph.node)
+    assert main(["build", str(vit_path), "--plan", str(plan), "-o", str(out)]) == 2  # never overwrite without --force
+    assert main(["build", str(vit_path), "--target", "trt:fp16", "-o", str(tmp_path / "m.engine")]) == 2
+    assert "trtexec" in capsys.readouterr().err
