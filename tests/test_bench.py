@@ -6,7 +6,6 @@ import json
 
 from aligner.cli.main import main
 from aligner.examples import shapes_detector_path
-from aligner.report import read_run, render_report
 
 
 def test_bench_json_rows_and_report(tmp_path, capsys):
