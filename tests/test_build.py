@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import onnx
 
@@ -20,5 +22,7 @@ def test_build_refuses_a_diverging_model_and_writes_the_planned_one(vit_path, vi
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
     assert any(n.op_type == "Cast" for n in model.graph.node)
     assert main(["build", str(vit_path), "--plan", str(plan), "-o", str(out)]) == 2  # never overwrite without --force
-    assert main(["build", str(vit_path), "--target", "trt:fp16", "-o", str(tmp_path / "m.engine")]) == 2
-    assert "trtexec" in capsys.readouterr().err
+    capsys.readouterr()
+    code = main(["build", str(vit_path), "--target", "trt:fp16", "-o", str(tmp_path / "m.engine")])
+    if importlib.util.find_spec("tensorrt") is None and importlib.util.find_spec("tensorrt_rtx") is None:
+        assert code == 2 and "pip install 'aligner[tensorrt]'" in capsys.readouterr().err  # no TensorRT on this machine

@@ -24,8 +24,12 @@ FP16 emulator mirrors and the precision search verified, and the form ONNX Runti
 against the FP32 model on the emulator with --inputs (or generated inputs): outputs finite, rel_l2
 reported. Use real data: random inputs may not reach the ranges that overflow.
 
+For trt:* the same rewrite is parsed by TensorRT (or TensorRT-RTX: ALIGNER_TENSORRT=tensorrt_rtx)
+into a strongly typed network and serialized; parser failures name each node (op, name, why).
+
 examples:
   aligner build model.onnx --target ort:cuda:fp16 --plan plan.json -o model.ort.onnx
+  aligner build model.onnx --target trt:fp16 --plan plan.json -o model.engine --input-shapes pixels:1x3x128x128
   aligner build model.onnx --target ort:cuda:bf16 -o model.bf16.onnx          # no plan: pure BF16
 
 exit status: 0 written, 1 the check found diverging outputs (written only with --force), 2 usage or input error
@@ -37,28 +41,44 @@ def add_parser(sub) -> None:
                        description="Write the FP16/BF16 model with a precision plan's nodes kept in FP32 (explicit Casts).",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
-    p.add_argument("--target", default="ort:cuda:fp16", help="ort:*:fp16 or ort:*:bf16 (default ort:cuda:fp16)")
+    p.add_argument("--target", default="ort:cuda:fp16", help="ort:*:fp16|bf16 (mixed ONNX) or trt:fp32|fp16|bf16 (engine; default ort:cuda:fp16)")
     p.add_argument("--plan", metavar="PLAN.json", help="precision plan (aligner precision --out); without it: pure low precision")
     p.add_argument("-o", "--output", required=True, metavar="ONNX", help="the model to write")
     p.add_argument("--force", action="store_true", help="overwrite, and write even when the check finds NaN/inf")
     add_input_arguments(p)
 
 
+def _plan(path: str | None) -> list[str]:
+    if not path:
+        return []
+    try:
+        return [p["node"] for p in json.loads(Path(path).read_text())["fp32_nodes"]]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise InputError(f"--plan {path}: not a plan written by aligner precision ({exc}).") from None
+
+
+def _build_trt(args: argparse.Namespace) -> int:
+    from aligner.backends.tensorrt import build_engine
+    from aligner.inputs import parse_input_shapes
+
+    precision = args.target.split(":")[-1]
+    graph = ModelGraph.load(args.model, check=not args.no_check)
+    engine = build_engine(graph, precision, _plan(args.plan), parse_input_shapes(args.input_shapes))
+    write_atomic(Path(args.output), engine.data)
+    Console(highlight=False).print(f"[bold green]wrote[/] {escape(args.output)}: {len(engine.data) / 2**20:.1f} MiB engine built "
+                                   f"strongly typed by {engine.module} {engine.version} ({precision}, {len(_plan(args.plan))} node(s) FP32)")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     check_writable([args.output], args.force)
-    target = parse_target(args.target) if not args.target.startswith("trt") else None
-    if target is None:
-        raise InputError("This version of aligner does not build TensorRT engines yet. Build the mixed ONNX with "
-                         "--target ort:cuda:fp16 and give it to `trtexec --onnx=MODEL --stronglyTyped`, which keeps its Casts.")
+    if args.target.startswith("trt"):
+        return _build_trt(args)
+    target = parse_target(args.target)
     if target.runtime != "ort" or target.precision not in ("fp16", "bf16"):
         raise InputError(f"--target {args.target}: aligner build writes FP16/BF16 models for ONNX Runtime (ort:cuda:fp16, ort:cpu:bf16, ...).")
     graph = ModelGraph.load(args.model, check=not args.no_check)
-    pins = []
-    if args.plan:
-        try:
-            pins = [p["node"] for p in json.loads(Path(args.plan).read_text())["fp32_nodes"]]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise InputError(f"--plan {args.plan}: not a plan written by aligner precision ({exc}).") from None
+    pins = _plan(args.plan)
     result = rewrite_precision(graph, pins, target.precision)
     check = compare(graph, target=f"emu:{target.precision}", feeds=resolve_feeds(graph, args), tensors=graph.output_names, fp32_nodes=pins)
     console = Console(highlight=False)

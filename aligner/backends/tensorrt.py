@@ -1,0 +1,141 @@
+"""TensorRT (10.x / 11.x, ``tensorrt``) and TensorRT-RTX (``tensorrt_rtx``): parse, mark, build.
+
+Precision goes in through the ONNX itself: aligner's precision rewrite puts explicit Casts at
+every FP32/low-precision boundary and the network is created *strongly typed*, which is the only
+way on TensorRT 11 (per-layer precision flags are gone) and what TensorRT-RTX does. ``mark``
+makes chosen intermediate tensors outputs (the frontier bisect marks a handful, never all).
+
+What runs where (see the README): full TensorRT is not installable on the machines of this
+project; TensorRT-RTX builds on the GPU machine but does not execute on compute capability 9.0,
+so engines are built and serialized here, not run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import onnx
+
+from aligner.errors import MissingDependencyError, TargetError, TargetRunError
+from aligner.graph.model import ModelGraph
+
+MODULES = ("tensorrt", "tensorrt_rtx")
+
+
+def load_tensorrt():
+    """The TensorRT module: ``ALIGNER_TENSORRT`` (tensorrt or tensorrt_rtx), else the first installed."""
+    wanted = os.environ.get("ALIGNER_TENSORRT")
+    for name in ([wanted] if wanted else list(MODULES)):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise MissingDependencyError("tensorrt", "tensorrt", "Building TensorRT engines (TensorRT 10+/11, or tensorrt_rtx for TensorRT-RTX)")
+
+
+@dataclass(frozen=True)
+class ParseFailure:
+    node: str
+    op_type: str
+    index: int
+    why: str
+
+    def __str__(self) -> str:
+        return f"{self.op_type} {self.node!r} (node #{self.index}): {self.why}"
+
+
+@dataclass(frozen=True)
+class Engine:
+    data: bytes
+    module: str  # tensorrt or tensorrt_rtx
+    version: str
+    outputs: tuple[str, ...]
+    unmarked: tuple[str, ...]  # asked for, but no network tensor has that name (fused or removed by the parser)
+
+
+def parse(model: onnx.ModelProto, trt=None):
+    """(trt, builder, network, parser, logger) for ``model``; parser errors become one TargetError
+    naming each failing node (op type, name, index, why)."""
+    trt = trt or load_tensorrt()
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    flags = 0
+    strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if strongly is not None:
+        flags |= 1 << int(strongly)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    ok = parser.parse(model.SerializeToString())
+    if not ok or parser.num_errors:
+        failures = [_failure(parser.get_error(i), model) for i in range(parser.num_errors)]
+        listed = "; ".join(str(f) for f in failures[:10])
+        raise TargetError(f"{trt.__name__} {trt.__version__} could not parse {len(failures)} node(s): {listed}")
+    return trt, builder, network, parser, logger
+
+
+def _failure(error, model: onnx.ModelProto) -> ParseFailure:
+    index = int(error.node()) if hasattr(error, "node") else -1
+    name = error.node_name() if hasattr(error, "node_name") else ""
+    op = error.node_operator() if hasattr(error, "node_operator") else ""
+    if 0 <= index < len(model.graph.node):
+        name = name or model.graph.node[index].name
+        op = op or model.graph.node[index].op_type
+    return ParseFailure(name, op, index, error.desc())
+
+
+def mark_outputs(network, names: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Mark ``names`` as network outputs: (marked, not found)."""
+    by_name = {}
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        for j in range(layer.num_outputs):
+            by_name[layer.get_output(j).name] = layer.get_output(j)
+    existing = {network.get_output(i).name for i in range(network.num_outputs)}
+    marked, missing = [], []
+    for name in names:
+        if name in existing:
+            continue
+        tensor = by_name.get(name)
+        if tensor is None:
+            missing.append(name)
+        else:
+            network.mark_output(tensor)
+            marked.append(name)
+    return marked, missing
+
+
+def build_engine(graph: ModelGraph, precision: str = "fp32", fp32_nodes: Iterable[str] = (),
+                 input_shapes: Mapping[str, tuple[int, ...]] | None = None, mark: Iterable[str] = ()) -> Engine:
+    """A serialized engine of ``graph`` in ``precision`` (fp32, fp16, bf16; ``fp32_nodes`` stay FP32),
+    built strongly typed from aligner's rewrite, with ``mark`` tensors as extra outputs."""
+    trt = load_tensorrt()
+    model = graph.model
+    if precision in ("fp16", "bf16"):
+        from aligner.graph.precision import rewrite_precision
+
+        model = rewrite_precision(graph, list(fp32_nodes), precision).model
+    elif precision != "fp32":
+        raise TargetError(f"trt:{precision}: aligner builds trt:fp32, trt:fp16 and trt:bf16 (precision through explicit Casts).")
+    trt, builder, network, _parser, _logger = parse(model, trt)
+    _, missing = mark_outputs(network, mark)
+    config = builder.create_builder_config()
+    dynamic = [network.get_input(i) for i in range(network.num_inputs) if any(d < 0 for d in network.get_input(i).shape)]
+    if dynamic:
+        profile = builder.create_optimization_profile()
+        for tensor in dynamic:
+            shape = tuple((input_shapes or {}).get(tensor.name, ()))
+            if len(shape) != len(tensor.shape):
+                raise TargetError(f"Input {tensor.name!r} has dynamic dims {tuple(tensor.shape)}; give its shape (--input-shapes NAME:DIMS).")
+            profile.set_shape(tensor.name, shape, shape, shape)
+        config.add_optimization_profile(profile)
+    data = builder.build_serialized_network(network, config)
+    if data is None:
+        raise TargetRunError(f"{trt.__name__} {trt.__version__} failed to build the engine (see its log above).")
+    outputs = tuple(network.get_output(i).name for i in range(network.num_outputs))
+    return Engine(bytes(data), trt.__name__, trt.__version__, outputs, tuple(missing))
+
+
+__all__ = ["Engine", "ParseFailure", "build_engine", "load_tensorrt", "mark_outputs", "parse"]
