@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import onnx
 from onnx import TensorProto, helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
