@@ -42,3 +42,27 @@ try:
     build_engine(ModelGraph(bad, None), "fp32")
 except AlignerError as exc:
     print("parser failure reported as:", exc)
+
+# Execution: TensorRT-RTX refuses compute capability 9.0; record exactly how it says so.
+from aligner.backends.tensorrt import load_tensorrt  # noqa: E402
+
+trt = load_tensorrt()
+
+
+class Collect(trt.ILogger):
+    def __init__(self):
+        trt.ILogger.__init__(self)
+        self.messages = []
+
+    def log(self, severity, msg):
+        self.messages.append(f"{severity}: {msg}")
+
+
+logger = Collect()
+engine_bytes = build_engine(graph, "fp16", plan, shapes).data
+runtime = trt.Runtime(logger)
+engine = runtime.deserialize_cuda_engine(engine_bytes)
+context = engine.create_execution_context() if engine is not None else None
+print("deserialize:", "ok" if engine is not None else "refused", "| execution context:", "ok" if context is not None else "refused")
+for m in logger.messages[-4:]:
+    print("  TensorRT-RTX said:", m[:300])

@@ -22,6 +22,10 @@ def test_build_refuses_a_diverging_model_and_writes_the_planned_one(vit_path, vi
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
     assert any(n.op_type == "Cast" for n in model.graph.node)
     assert main(["build", str(vit_path), "--plan", str(plan), "-o", str(out)]) == 2  # never overwrite without --force
+    optimized = tmp_path / "vit.fp16.ort.onnx"
+    assert main(["build", str(vit_path), "--target", "ort:cpu:fp16", "--inputs", str(tmp_path / "in.npz"), "--plan", str(plan),
+                 "-o", str(tmp_path / "vit.cpu.onnx"), "--ort-optimized", str(optimized)]) == 0
+    assert optimized.exists() and onnx.load(str(optimized)).graph.node  # ORT's own optimized graph, loadable
     capsys.readouterr()
     code = main(["build", str(vit_path), "--target", "trt:fp16", "-o", str(tmp_path / "m.engine")])
     if importlib.util.find_spec("tensorrt") is None and importlib.util.find_spec("tensorrt_rtx") is None:

@@ -108,10 +108,16 @@ def mark_outputs(network, names: Iterable[str]) -> tuple[list[str], list[str]]:
 
 
 def build_engine(graph: ModelGraph, precision: str = "fp32", fp32_nodes: Iterable[str] = (),
-                 input_shapes: Mapping[str, tuple[int, ...]] | None = None, mark: Iterable[str] = ()) -> Engine:
+                 input_shapes: Mapping[str, tuple[int, ...]] | None = None, mark: Iterable[str] = (),
+                 plugins: Iterable[str] = (), timing_cache: str | os.PathLike | None = None) -> Engine:
     """A serialized engine of ``graph`` in ``precision`` (fp32, fp16, bf16; ``fp32_nodes`` stay FP32),
-    built strongly typed from aligner's rewrite, with ``mark`` tensors as extra outputs."""
+    built strongly typed from aligner's rewrite, with ``mark`` tensors as extra outputs, plugin
+    libraries loaded first, and a timing cache read from and saved to ``timing_cache``."""
     trt = load_tensorrt()
+    for library in plugins:
+        if not os.path.exists(library):
+            raise TargetError(f"Plugin library not found: {library}")
+        trt.get_plugin_registry().load_library(str(library))
     model = graph.model
     if precision in ("fp16", "bf16"):
         from aligner.graph.precision import rewrite_precision
@@ -122,6 +128,11 @@ def build_engine(graph: ModelGraph, precision: str = "fp32", fp32_nodes: Iterabl
     trt, builder, network, _parser, _logger = parse(model, trt)
     _, missing = mark_outputs(network, mark)
     config = builder.create_builder_config()
+    cache = None
+    if timing_cache is not None:
+        blob = open(timing_cache, "rb").read() if os.path.exists(timing_cache) else b""
+        cache = config.create_timing_cache(blob)
+        config.set_timing_cache(cache, ignore_mismatch=False)
     dynamic = [network.get_input(i) for i in range(network.num_inputs) if any(d < 0 for d in network.get_input(i).shape)]
     if dynamic:
         profile = builder.create_optimization_profile()
@@ -134,8 +145,29 @@ def build_engine(graph: ModelGraph, precision: str = "fp32", fp32_nodes: Iterabl
     data = builder.build_serialized_network(network, config)
     if data is None:
         raise TargetRunError(f"{trt.__name__} {trt.__version__} failed to build the engine (see its log above).")
+    if cache is not None:
+        from pathlib import Path
+
+        from aligner.inputs import write_atomic
+
+        write_atomic(Path(timing_cache), bytes(cache.serialize()))
     outputs = tuple(network.get_output(i).name for i in range(network.num_outputs))
     return Engine(bytes(data), trt.__name__, trt.__version__, outputs, tuple(missing))
 
 
-__all__ = ["Engine", "ParseFailure", "build_engine", "load_tensorrt", "mark_outputs", "parse"]
+def sidecar(engine: Engine, graph: ModelGraph, precision: str, fp32_nodes: Iterable[str],
+            input_shapes: Mapping[str, tuple[int, ...]] | None, plugins: Iterable[str] = ()) -> dict:
+    """How an engine was built: written beside it as JSON."""
+    import hashlib
+
+    from aligner import __version__
+
+    pins = sorted(fp32_nodes)
+    return {"aligner": __version__, "tensorrt": {"module": engine.module, "version": engine.version},
+            "model": str(graph.path or "<in-memory>"), "precision": precision, "strongly_typed": True,
+            "plan": {"fp32_nodes": pins, "sha256": hashlib.sha256("\n".join(pins).encode()).hexdigest()[:16]},
+            "input_shapes": {k: list(v) for k, v in (input_shapes or {}).items()}, "outputs": list(engine.outputs),
+            "plugins": list(plugins), "bytes": len(engine.data)}
+
+
+__all__ = ["Engine", "ParseFailure", "build_engine", "load_tensorrt", "mark_outputs", "parse", "sidecar"]

@@ -45,6 +45,9 @@ def add_parser(sub) -> None:
     p.add_argument("--plan", metavar="PLAN.json", help="precision plan (aligner precision --out); without it: pure low precision")
     p.add_argument("-o", "--output", required=True, metavar="ONNX", help="the model to write")
     p.add_argument("--force", action="store_true", help="overwrite, and write even when the check finds NaN/inf")
+    p.add_argument("--plugins", nargs="+", metavar="LIB", help="trt: plugin libraries to load before parsing")
+    p.add_argument("--timing-cache", metavar="FILE", help="trt: timing cache to read and update")
+    p.add_argument("--ort-optimized", metavar="ONNX", help="ort: also write ONNX Runtime's optimized model for the target's provider")
     add_input_arguments(p)
 
 
@@ -58,20 +61,22 @@ def _plan(path: str | None) -> list[str]:
 
 
 def _build_trt(args: argparse.Namespace) -> int:
-    from aligner.backends.tensorrt import build_engine
+    from aligner.backends.tensorrt import build_engine, sidecar
     from aligner.inputs import parse_input_shapes
 
     precision = args.target.split(":")[-1]
     graph = ModelGraph.load(args.model, check=not args.no_check)
-    engine = build_engine(graph, precision, _plan(args.plan), parse_input_shapes(args.input_shapes))
+    shapes, plugins, pins = parse_input_shapes(args.input_shapes), args.plugins or [], _plan(args.plan)
+    engine = build_engine(graph, precision, pins, shapes, plugins=plugins, timing_cache=args.timing_cache)
     write_atomic(Path(args.output), engine.data)
+    write_atomic(Path(args.output + ".json"), json.dumps(sidecar(engine, graph, precision, pins, shapes, plugins), indent=1).encode())
     Console(highlight=False).print(f"[bold green]wrote[/] {escape(args.output)}: {len(engine.data) / 2**20:.1f} MiB engine built "
                                    f"strongly typed by {engine.module} {engine.version} ({precision}, {len(_plan(args.plan))} node(s) FP32)")
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
-    check_writable([args.output], args.force)
+    check_writable([args.output, args.ort_optimized], args.force)
     if args.target.startswith("trt"):
         return _build_trt(args)
     target = parse_target(args.target)
@@ -95,4 +100,21 @@ def run(args: argparse.Namespace) -> int:
         return 1
     write_atomic(Path(args.output), result.model.SerializeToString())
     console.print(f"[bold green]wrote[/] {escape(args.output)}")
+    if args.ort_optimized:
+        _ort_optimized(args.output, args.ort_optimized, target)
+        console.print(f"[bold green]wrote[/] {escape(args.ort_optimized)} (ONNX Runtime's optimized graph for {target.device})")
     return 0
+
+
+def _ort_optimized(model_path: str, out: str, target) -> None:
+    import onnxruntime as ort
+
+    from aligner.errors import TargetError
+
+    provider = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[target.device]
+    if provider not in ort.get_available_providers():
+        raise TargetError(f"--ort-optimized for {target} needs ONNX Runtime's {provider}: pip install 'aligner[gpu]'")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(out)
+    options.log_severity_level = 3
+    ort.InferenceSession(model_path, options, providers=[provider])
