@@ -115,8 +115,50 @@ def time_session(session, feeds: dict, device: str, runs: int, warmup: int) -> l
     return times
 
 
+def time_torch(module, shape: tuple[int, ...], spec: str, runs: int, warmup: int) -> list[float]:
+    """Latencies in ms of eager PyTorch on ``spec`` (torch:cuda:fp32|tf32|fp16|bf16|autocast, torch:cpu:fp32)."""
+    import copy
+
+    import torch
+
+    _, device, precision = spec.split(":")
+    dtypes = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "autocast": torch.float32}
+    if precision not in dtypes:
+        raise InputError(f"Unknown PyTorch target {spec!r}: torch:cpu:fp32 or torch:cuda:fp32|tf32|fp16|bf16|autocast.")
+    model = copy.deepcopy(module).eval().to(device=device, dtype=dtypes[precision])
+    x = (torch.rand(shape) * 255).to(device=device, dtype=dtypes[precision])
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    ctx = torch.autocast("cuda", dtype=torch.float16) if precision == "autocast" else torch.no_grad()
+    times = []
+    try:
+        with torch.no_grad(), ctx:
+            for i in range(warmup + runs):
+                sync()
+                start = time.perf_counter()
+                model(x)
+                sync()
+                if i >= warmup:
+                    times.append((time.perf_counter() - start) * 1e3)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    return times
+
+
+def _row(spec: str, batch: int, times: list[float], runs: int, device: str) -> BenchRow:
+    times = sorted(times)
+    median = statistics.median(times)
+    pct = lambda q: times[min(len(times) - 1, int(round(q * (len(times) - 1))))]  # noqa: E731
+    return BenchRow(spec, batch, {"median": median, "p90": pct(0.9), "p99": pct(0.99), "mean": float(np.mean(times))},
+                    batch * 1e3 / median, runs, _gpu_memory_mb() if device == "cuda" else None)
+
+
 def bench(model: ModelGraph | str | Path, targets: Iterable[str], batches: Iterable[int] = (1,), plan: Sequence[str] = (),
-          runs: int = 100, warmup: int = 10, progress: Callable[[str, int, int], None] | None = None) -> BenchResult:
+          runs: int = 100, warmup: int = 10, progress: Callable[[str, int, int], None] | None = None,
+          torch_module=None) -> BenchResult:
+    """Time ``model`` on each target and batch size; ``torch:*`` targets time ``torch_module`` eagerly
+    on inputs of the ONNX model's input shape."""
     graph = model if isinstance(model, ModelGraph) else ModelGraph.load(model)
     targets, batches = list(targets), sorted(set(batches))
     rows, notes = [], []
@@ -128,18 +170,23 @@ def bench(model: ModelGraph | str | Path, targets: Iterable[str], batches: Itera
     device = "cpu"
     total, done = len(targets) * len(batches), 0
     for spec in targets:
+        if spec.startswith("torch:"):
+            if torch_module is None:
+                raise InputError(f"Target {spec!r} times PyTorch eager: give the module (--torch MODULE:FUNCTION).")
+            for b in batches:
+                shape = tuple(b if k == 0 else d for k, d in enumerate(graph.tensor(graph.input_names[0]).shape or ()))
+                rows.append(_row(spec, b, time_torch(torch_module, shape, spec, runs, warmup), runs, spec.split(":")[1]))
+                done += 1
+                if progress:
+                    progress(spec, done, total)
+            continue
         target, prepared = _model_for(graph, spec, plan)
         device = target.device if target.device == "cuda" else device
         session = _session(prepared, target)
         for b in batches:
             shapes = {i.name: tuple(b if k == 0 else d for k, d in enumerate(i.shape or ())) for i in graph.input_infos()}
             feeds = make_inputs(graph, {k: v for k, v in shapes.items() if all(isinstance(d, int) for d in v)})
-            times = time_session(session, feeds, target.device, runs, warmup)
-            times.sort()
-            median = statistics.median(times)
-            pct = lambda q: times[min(len(times) - 1, int(round(q * (len(times) - 1))))]  # noqa: E731
-            rows.append(BenchRow(spec, b, {"median": median, "p90": pct(0.9), "p99": pct(0.99), "mean": float(np.mean(times))},
-                                 b * 1e3 / median, runs, _gpu_memory_mb() if target.device == "cuda" else None))
+            rows.append(_row(spec, b, time_session(session, feeds, target.device, runs, warmup), runs, target.device))
             done += 1
             if progress:
                 progress(spec, done, total)
@@ -161,4 +208,4 @@ def _device_name(device: str) -> str:
     return f"cpu ({platform.processor() or platform.machine()})"
 
 
-__all__ = ["BenchResult", "BenchRow", "bench", "time_session"]
+__all__ = ["BenchResult", "BenchRow", "bench", "time_session", "time_torch"]

@@ -36,3 +36,19 @@ def test_bench_respects_a_fixed_batch_and_names_bad_targets(vit_path, tmp_path, 
     assert "fixed at 1" in capsys.readouterr().out
     assert main(["bench", str(path), "--target", "emu:fp16"]) == 2
     assert "ONNX Runtime targets" in capsys.readouterr().err
+
+
+def test_bench_times_pytorch_eager_side_by_side(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from conftest import _export, build_cnn
+
+    path = _export(build_cnn(), (torch.randn(1, 3, 32, 32),), tmp_path / "cnn.onnx", dynamo=False)
+    (tmp_path / "factories.py").write_text("from conftest import build_cnn as cnn\n")  # the tests' CNN builder
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "b.json"
+    assert main(["bench", str(path), "--target", "ort:cpu:fp32,torch:cpu:fp32", "--torch", "factories:cnn",
+                 "--runs", "3", "--warmup", "1", "--json", str(out)]) == 0
+    assert [r["target"] for r in json.loads(out.read_text())["rows"]] == ["ort:cpu:fp32", "torch:cpu:fp32"]
+    assert main(["bench", str(path), "--target", "torch:cpu:fp32"]) == 2
+    assert "--torch MODULE:FUNCTION" in capsys.readouterr().err

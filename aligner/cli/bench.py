@@ -18,7 +18,8 @@ from aligner.graph.model import ModelGraph
 from aligner.inputs import write_atomic
 
 EPILOG = """\
-Targets are ONNX Runtime targets (ort:cpu:fp32, ort:cuda:fp32|tf32|fp16|bf16); add +plan to keep a
+Targets are ONNX Runtime targets (ort:cpu:fp32, ort:cuda:fp32|tf32|fp16|bf16) and PyTorch eager
+(torch:cpu:fp32, torch:cuda:fp32|tf32|fp16|bf16|autocast, with --torch MODULE:FUNCTION); add +plan to keep a
 precision plan's nodes in FP32 (--plan plan.json). On CUDA, inputs and outputs are bound on the GPU
 (I/O binding) and outputs are synchronised before the clock is read; the first --warmup runs are
 not timed. Latency: median / p90 / p99 of --runs runs; throughput = batch / median latency.
@@ -41,6 +42,7 @@ def add_parser(sub) -> None:
     p.add_argument("--plan", metavar="PLAN.json", help="precision plan for the +plan targets")
     p.add_argument("--runs", type=int, default=100, help="timed runs per point (default 100)")
     p.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
+    p.add_argument("--torch", metavar="MODULE:FUNCTION", help="the PyTorch module for torch:* targets (eager), fed the ONNX input's shape")
     p.add_argument("--json", metavar="FILE", help="write {device, rows: [{target, batch, latency_ms, throughput}]}")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     add_report_arguments(p)
@@ -62,7 +64,12 @@ def run(args: argparse.Namespace) -> int:
     targets = args.target.split(",")
     with Progress(TextColumn("[bold]timing"), BarColumn(), MofNCompleteColumn(), console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task("bench", total=len(targets) * len(batches))
-        result = bench(graph, targets, batches, plan, args.runs, args.warmup, lambda s, d, t: bar.update(task, completed=d))
+        module = None
+        if args.torch:
+            from aligner.cli.common import load_torch_factory
+
+            module = load_torch_factory(args.torch)
+        result = bench(graph, targets, batches, plan, args.runs, args.warmup, lambda s, d, t: bar.update(task, completed=d), module)
     print_bench(result)
     if args.json:
         write_atomic(Path(args.json), json.dumps(result.to_dict(), indent=1).encode())

@@ -108,3 +108,21 @@ def emit_run(args: argparse.Namespace, kind: str, graph: ModelGraph, result: dic
     if args.report:
         write_report([run_dir], args.report, force=getattr(args, "force", False))
         print(f"report: {args.report} (run directory {run_dir})")
+
+
+def load_torch_factory(spec: str):
+    """``MODULE:FUNCTION`` -> the nn.Module it returns; clear errors for what does not import."""
+    import importlib
+
+    from aligner.errors import unknown_name_message
+
+    module_name, _, func = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InputError(f"--torch {spec}: cannot import {module_name!r} ({exc}). Make it importable (PYTHONPATH) "
+                         "and write MODULE:FUNCTION.") from None
+    if not func or not callable(getattr(module, func, None)):
+        names = [n for n in dir(module) if callable(getattr(module, n)) and not n.startswith("_")]
+        raise InputError(unknown_name_message("factory", func or "(none)", names) + f" (in module {module_name!r})")
+    return getattr(module, func)()

@@ -106,25 +106,15 @@ def print_result(result: CompareResult, top: int = 10, console: Console | None =
 
 
 def _run_torch(args: argparse.Namespace) -> int:
-    import importlib
-
     import numpy as np
 
+    from aligner.cli.common import load_torch_factory
     from aligner.compare.torch_compare import compare_torch
-    from aligner.errors import InputError, unknown_name_message
+    from aligner.errors import InputError
     from aligner.inputs import load_inputs
 
     check_writable([args.json], args.force)
-    module_name, _, func = args.torch.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise InputError(f"--torch {args.torch}: cannot import {module_name!r} ({exc}). Make it importable (PYTHONPATH) "
-                         "and write MODULE:FUNCTION.") from None
-    if not func or not callable(getattr(module, func, None)):
-        names = [n for n in dir(module) if callable(getattr(module, n)) and not n.startswith("_")]
-        raise InputError(unknown_name_message("factory", func or "(none)", names) + f" (in module {module_name!r})")
-    model = getattr(module, func)()
+    model = load_torch_factory(args.torch)
     if args.torch_inputs:
         arrays = list(load_inputs(args.torch_inputs)[0].values())
     else:
