@@ -100,7 +100,7 @@ def latency_throughput_chart(rows: list[dict]) -> str:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8.0, 3.4))
     for target in dict.fromkeys(r["target"] for r in rows):
-        pts = sorted((r["throughput"], r["latency_ms"]["median"], r["batch"]) for r in rows if r["target"] == target)
+        pts = sorted(((r["throughput"], r["latency_ms"]["median"], r["batch"]) for r in rows if r["target"] == target), key=lambda p: p[2])
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=4, label=_plain(target))
         for x, y, b in pts:
             ax.annotate(str(b), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
