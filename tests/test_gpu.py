@@ -1,0 +1,60 @@
+"""GPU tests: run on the GPU machine (onnxruntime-gpu, TensorRT-RTX staged); skipped elsewhere.
+
+    source .gpu/bin/env.sh && ALIGNER_TENSORRT=tensorrt_rtx python -m pytest -q -m gpu tests/test_gpu.py
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import onnxruntime as ort
+import pytest
+
+from aligner import compare
+from aligner.bench import bench
+from aligner.examples import shapes_detector_path
+from aligner.graph.model import ModelGraph
+
+CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+RTX = importlib.util.find_spec("tensorrt_rtx") is not None
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="no ONNX Runtime CUDA provider (GPU machine only)")]
+
+
+def test_real_fp16_overflows_where_the_emulator_says(vit_path, vit_inputs):
+    gpu = compare(vit_path, target="ort:cuda:fp16", feeds=vit_inputs)
+    emu = compare(vit_path, target="emu:fp16", feeds=vit_inputs)
+    assert gpu.first_nonfinite.node == emu.first_nonfinite.node == "/blocks.0/norm1/Pow"
+
+
+def test_tf32_is_explicit(vit_path, vit_inputs):
+    fp32 = compare(vit_path, target="ort:cuda:fp32", tensors=["logits"], feeds=vit_inputs).tensors[0].metrics["rel_l2"]
+    tf32 = compare(vit_path, target="ort:cuda:tf32", tensors=["logits"], feeds=vit_inputs).tensors[0].metrics["rel_l2"]
+    assert fp32 < 1e-5 < tf32
+
+
+def test_bench_on_cuda_reports_latency_and_memory():
+    result = bench(shapes_detector_path(), ["ort:cuda:fp16"], [1, 8], runs=20, warmup=5)
+    assert [r.batch for r in result.rows] == [1, 8] and all(r.gpu_memory_mb for r in result.rows)
+    assert "H" in result.device or "NVIDIA" in result.device
+
+
+@pytest.mark.skipif(not RTX, reason="TensorRT-RTX not staged")
+def test_rtx_builds_but_refuses_to_run_on_cc_9(monkeypatch):
+    monkeypatch.setenv("ALIGNER_TENSORRT", "tensorrt_rtx")
+    from aligner.backends.tensorrt import build_engine, load_tensorrt
+
+    engine = build_engine(ModelGraph.load(shapes_detector_path()), "fp16", ["/stem_norm/Pow"], {"pixels": (1, 3, 128, 128)},
+                          mark=["/stem_norm/Pow_output_0"])
+    assert engine.module == "tensorrt_rtx" and len(engine.data) > 1e6 and "/stem_norm/Pow_output_0" in engine.outputs
+    trt = load_tensorrt()
+    messages = []
+
+    class Collect(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+
+        def log(self, severity, msg):
+            messages.append(msg)
+
+    assert trt.Runtime(Collect()).deserialize_cuda_engine(engine.data) is None
+    assert any("compute capability 9.0" in m for m in messages)  # exactly the refusal we expect; nothing else fails
