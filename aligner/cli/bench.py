@@ -16,6 +16,7 @@ from aligner.cli.common import add_model_arguments, add_report_arguments, check_
 from aligner.errors import InputError
 from aligner.graph.model import ModelGraph
 from aligner.inputs import write_atomic
+from aligner.search.plan import read_plan
 
 EPILOG = """\
 Targets are ONNX Runtime targets (ort:cpu:fp32, ort:cuda:fp32|tf32|fp16|bf16) and PyTorch eager
@@ -55,12 +56,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError:
         raise InputError(f"--batch {args.batch!r}: write comma-separated integers, e.g. 1,2,4,8.") from None
     graph = ModelGraph.load(args.model, check=not args.no_check)
-    plan = []
-    if args.plan:
-        try:
-            plan = [p["node"] for p in json.loads(Path(args.plan).read_text())["fp32_nodes"]]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise InputError(f"--plan {args.plan}: not a plan written by aligner precision ({exc}).") from None
+    plan = read_plan(args.plan)
     targets = args.target.split(",")
     with Progress(TextColumn("[bold]timing"), BarColumn(), MofNCompleteColumn(), console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task("bench", total=len(targets) * len(batches))

@@ -16,6 +16,7 @@ from aligner.errors import InputError
 from aligner.graph.model import ModelGraph
 from aligner.graph.precision import rewrite_precision
 from aligner.inputs import write_atomic
+from aligner.search.plan import read_plan
 
 EPILOG = """\
 The built model carries explicit Casts at every FP32/low-precision boundary: the same rewrite the
@@ -51,27 +52,18 @@ def add_parser(sub) -> None:
     add_input_arguments(p)
 
 
-def _plan(path: str | None) -> list[str]:
-    if not path:
-        return []
-    try:
-        return [p["node"] for p in json.loads(Path(path).read_text())["fp32_nodes"]]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise InputError(f"--plan {path}: not a plan written by aligner precision ({exc}).") from None
-
-
 def _build_trt(args: argparse.Namespace) -> int:
     from aligner.backends.tensorrt import build_engine, sidecar
     from aligner.inputs import parse_input_shapes
 
     precision = args.target.split(":")[-1]
     graph = ModelGraph.load(args.model, check=not args.no_check)
-    shapes, plugins, pins = parse_input_shapes(args.input_shapes), args.plugins or [], _plan(args.plan)
+    shapes, plugins, pins = parse_input_shapes(args.input_shapes), args.plugins or [], read_plan(args.plan)
     engine = build_engine(graph, precision, pins, shapes, plugins=plugins, timing_cache=args.timing_cache)
     write_atomic(Path(args.output), engine.data)
     write_atomic(Path(args.output + ".json"), json.dumps(sidecar(engine, graph, precision, pins, shapes, plugins), indent=1).encode())
     Console(highlight=False).print(f"[bold green]wrote[/] {escape(args.output)}: {len(engine.data) / 2**20:.1f} MiB engine built "
-                                   f"strongly typed by {engine.module} {engine.version} ({precision}, {len(_plan(args.plan))} node(s) FP32)")
+                                   f"strongly typed by {engine.module} {engine.version} ({precision}, {len(read_plan(args.plan))} node(s) FP32)")
     return 0
 
 
@@ -83,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     if target.runtime != "ort" or target.precision not in ("fp16", "bf16"):
         raise InputError(f"--target {args.target}: aligner build writes FP16/BF16 models for ONNX Runtime (ort:cuda:fp16, ort:cpu:bf16, ...).")
     graph = ModelGraph.load(args.model, check=not args.no_check)
-    pins = _plan(args.plan)
+    pins = read_plan(args.plan)
     result = rewrite_precision(graph, pins, target.precision)
     check = compare(graph, target=f"emu:{target.precision}", feeds=resolve_feeds(graph, args), tensors=graph.output_names, fp32_nodes=pins)
     console = Console(highlight=False)

@@ -19,6 +19,7 @@ from aligner.eval.dataset import CocoDataset, Preprocess
 from aligner.eval.run import EvalResult, evaluate_detector, label_map_for
 from aligner.graph.model import ModelGraph
 from aligner.inputs import write_atomic
+from aligner.search.plan import read_plan
 
 EPILOG = """\
 With no model, the built-in example runs: the shapes detector (a small transformer detector
@@ -118,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     dataset = CocoDataset(images, ann, limit=args.limit)
     adapter = _adapter(args, builtin)
     preprocess = examples.shapes_preprocess() if builtin and not args.input_size else _preprocess(args, graph)
-    plan = _plan_nodes(args.plan)
+    plan = read_plan(args.plan)
     console = Console(stderr=True, highlight=False)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as bar:
@@ -144,7 +145,7 @@ def _run_topk(args: argparse.Namespace) -> int:
     check_writable([args.json], args.force)
     graph = ModelGraph.load(args.model, check=not args.no_check)
     files = image_files(args.images, args.limit)
-    results = evaluate_topk(graph, files, _preprocess(args, graph), args.targets.split(","), _plan_nodes(args.plan),
+    results = evaluate_topk(graph, files, _preprocess(args, graph), args.targets.split(","), read_plan(args.plan),
                             args.batch, args.output)
     console = Console(highlight=False)
     table = Table(title=f"agreement with {escape(results[0].target)} on {len(files)} images", title_justify="left")
@@ -196,16 +197,6 @@ def _preprocess(args, graph: ModelGraph) -> Preprocess:
     if len(mean) != 3 or len(std) != 3:
         raise InputError("--mean and --std take three comma-separated values (R,G,B).")
     return Preprocess((h, w), args.resize, args.scale, mean, std)
-
-
-def _plan_nodes(path: str | None) -> list[str]:
-    if not path:
-        return []
-    try:
-        doc = json.loads(Path(path).read_text())
-        return [p["node"] for p in doc["fp32_nodes"]]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise InputError(f"--plan {path}: not a plan written by aligner precision ({exc}).") from None
 
 
 def print_eval(result: EvalResult, console: Console | None = None) -> None:

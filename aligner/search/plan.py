@@ -104,6 +104,16 @@ def _flops(node, infos) -> float:
     return 2.0 * math.prod(out) * k
 
 
+def read_plan(path: str | Path | None) -> list[str]:
+    """The FP32 nodes of a plan file written by ``aligner precision --out`` ([] for no path)."""
+    if not path:
+        return []
+    try:
+        return [p["node"] for p in json.loads(Path(path).read_text())["fp32_nodes"]]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise InputError(f"--plan {path}: not a plan written by aligner precision ({exc}).") from None
+
+
 # ---- the trials log ----------------------------------------------------------------------------
 
 class TrialLog:
@@ -157,4 +167,4 @@ def json_float(v: float) -> float | str:
     return _json_float(float(v)) if isinstance(v, (float, np.floating)) else v
 
 
-__all__ = ["Pin", "PrecisionPlan", "TRT_CAVEAT", "TrialLog", "flop_fraction"]
+__all__ = ["Pin", "PrecisionPlan", "TRT_CAVEAT", "TrialLog", "flop_fraction", "read_plan"]
