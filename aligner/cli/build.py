@@ -46,10 +46,34 @@ def add_parser(sub) -> None:
     p.add_argument("--plan", metavar="PLAN.json", help="precision plan (aligner precision --out); without it: pure low precision")
     p.add_argument("-o", "--output", required=True, metavar="ONNX", help="the model to write")
     p.add_argument("--force", action="store_true", help="overwrite, and write even when the check finds NaN/inf")
+    p.add_argument("--fuse", metavar="PASSES", help="graph passes first, verified against the original on ORT CPU FP32 "
+                   "(layernorm: decomposed LayerNorms -> LayerNormalization, opset 17)")
     p.add_argument("--plugins", nargs="+", metavar="LIB", help="trt: plugin libraries to load before parsing")
     p.add_argument("--timing-cache", metavar="FILE", help="trt: timing cache to read and update")
     p.add_argument("--ort-optimized", metavar="ONNX", help="ort: also write ONNX Runtime's optimized model for the target's provider")
     add_input_arguments(p)
+
+
+def _fused(graph: ModelGraph, args: argparse.Namespace) -> ModelGraph:
+    """Apply --fuse passes and check the result against the original (FP32 tolerance) on ORT CPU."""
+    if not args.fuse:
+        return graph
+    from aligner.passes import PASSES
+
+    fused = graph
+    console = Console(highlight=False)
+    for name in args.fuse.split(","):
+        if name not in PASSES:
+            raise InputError(f"--fuse {name!r}: unknown pass; available: {', '.join(PASSES)}.")
+        result = PASSES[name](fused)
+        fused = ModelGraph(result.model, graph.path)
+        console.print(f"--fuse {name}: {len(result.fused)} pattern(s) replaced" + (f", {len(result.skipped)} left as they are" if result.skipped else ""))
+    check = compare(graph, target="ort:cpu:fp32", target_model=fused, feeds=resolve_feeds(graph, args), tensors=graph.output_names)
+    if check.first_divergent is not None:
+        raise InputError(f"--fuse changed the outputs beyond FP32 tolerance ({check.verdict()}); not written.")
+    worst = max((t.metrics.get("rel_l2", 0.0) for t in check.tensors), default=0.0)
+    console.print(f"fused model checked against the original on ort:cpu:fp32: outputs rel_l2 ≤ {worst:.2g}")
+    return fused
 
 
 def _build_trt(args: argparse.Namespace) -> int:
@@ -57,7 +81,7 @@ def _build_trt(args: argparse.Namespace) -> int:
     from aligner.inputs import parse_input_shapes
 
     precision = args.target.split(":")[-1]
-    graph = ModelGraph.load(args.model, check=not args.no_check)
+    graph = _fused(ModelGraph.load(args.model, check=not args.no_check), args)
     shapes, plugins, pins = parse_input_shapes(args.input_shapes), args.plugins or [], read_plan(args.plan)
     engine = build_engine(graph, precision, pins, shapes, plugins=plugins, timing_cache=args.timing_cache)
     write_atomic(Path(args.output), engine.data)
@@ -72,9 +96,13 @@ def run(args: argparse.Namespace) -> int:
     if args.target.startswith("trt"):
         return _build_trt(args)
     target = parse_target(args.target)
-    if target.runtime != "ort" or target.precision not in ("fp16", "bf16"):
-        raise InputError(f"--target {args.target}: aligner build writes FP16/BF16 models for ONNX Runtime (ort:cuda:fp16, ort:cpu:bf16, ...).")
-    graph = ModelGraph.load(args.model, check=not args.no_check)
+    if target.runtime != "ort":
+        raise InputError(f"--target {args.target}: aligner build writes models for ONNX Runtime (ort:*) or engines (trt:*).")
+    graph = _fused(ModelGraph.load(args.model, check=not args.no_check), args)
+    if target.precision in ("fp32", "tf32"):
+        write_atomic(Path(args.output), graph.model.SerializeToString())
+        Console(highlight=False).print(f"[bold green]wrote[/] {escape(args.output)} (FP32)")
+        return 0
     pins = read_plan(args.plan)
     result = rewrite_precision(graph, pins, target.precision)
     check = compare(graph, target=f"emu:{target.precision}", feeds=resolve_feeds(graph, args), tensors=graph.output_names, fp32_nodes=pins)
