@@ -48,4 +48,10 @@ def run(args: argparse.Namespace) -> int:
         console.print(table)
     else:
         console.print("No static FP16 risks found (value-range risks need a run: aligner compare --target emu:fp16).")
+    from aligner.passes import fuse_layernorm
+
+    fusable = fuse_layernorm(graph).fused
+    if fusable:
+        console.print(f"{len(fusable)} decomposed LayerNorm(s) can become LayerNormalization (statistics in FP32): "
+                      "aligner build --fuse layernorm")
     return 0

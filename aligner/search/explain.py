@@ -133,7 +133,8 @@ def explain(result: BisectResult, tol: Tolerance) -> str:
     if origin is not None and (cause is None or origin.node != cause.node):
         parts.append(f"NaN/inf first appear at {origin.node!r} ({origin.op_type}): {origin.reason}.")
     if cause is not None and cause.kind in ("nonfinite", "local") and "fp16" in result.target:
-        parts.append("To keep it (and only what is needed) in FP32, run `aligner precision`.")
+        parts.append("To keep it (and only what is needed) in FP32, run `aligner precision`"
+                     + (", or fuse the decomposed LayerNorm it belongs to (`aligner build --fuse layernorm`)." if cause.op_type in ("Pow", "ReduceMean") else "."))
     parts.append(f"{result.target_runs} target run(s), strategy {result.strategy_used}.")
     return " ".join(parts)
 
