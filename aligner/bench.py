@@ -15,12 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from aligner.backends import parse_target
-from aligner.errors import InputError, TargetError, TargetRunError
+from aligner.errors import InputError, TargetRunError
 from aligner.graph.model import ModelGraph
 from aligner.inputs import make_inputs
-
-PLAN = "+plan"
+from aligner.search.plan import plan_target
 
 
 @dataclass(frozen=True)
@@ -48,28 +46,24 @@ class BenchResult:
 
 
 def _model_for(graph: ModelGraph, spec: str, plan: Sequence[str]):
-    base, with_plan = (spec[: -len(PLAN)], True) if spec.endswith(PLAN) else (spec, False)
-    target = parse_target(base)
+    target, pins = plan_target(spec, plan)
     if target.runtime != "ort":
         raise InputError(f"aligner bench times ONNX Runtime targets (ort:cpu:*, ort:cuda:*); {spec!r} is not one.")
-    if with_plan and not plan:
-        raise InputError(f"Target {spec!r} asks for the plan, but no plan was given (--plan plan.json).")
     if target.precision in ("fp32", "tf32"):
         return target, graph.model
     from aligner.graph.precision import rewrite_precision
 
-    return target, rewrite_precision(graph, list(plan) if with_plan else [], target.precision).model
+    return target, rewrite_precision(graph, pins, target.precision).model
 
 
-def _session(model, target):
+def ort_session(model, target):
     import onnxruntime as ort
 
-    provider = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[target.device]
-    if provider not in ort.get_available_providers():
-        raise TargetError(f"Target {target} needs ONNX Runtime's {provider}, which this install lacks. Install it with: pip install 'aligner[gpu]'")
+    from aligner.backends.onnxruntime import providers_for
+
+    providers = providers_for(target, cpu_fallback=False)  # timed: no silent fallback to the CPU
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    providers = [provider] if target.device == "cpu" else [(provider, {"use_tf32": "1" if target.precision == "tf32" else "0"})]
     try:
         return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
     except Exception as exc:  # noqa: BLE001 - ORT raises its own types
@@ -182,7 +176,7 @@ def bench(model: ModelGraph | str | Path, targets: Iterable[str], batches: Itera
             continue
         target, prepared = _model_for(graph, spec, plan)
         device = target.device if target.device == "cuda" else device
-        session = _session(prepared, target)
+        session = ort_session(prepared, target)
         for b in batches:
             shapes = {i.name: tuple(b if k == 0 else d for k, d in enumerate(i.shape or ())) for i in graph.input_infos()}
             feeds = make_inputs(graph, {k: v for k, v in shapes.items() if all(isinstance(d, int) for d in v)})
@@ -208,4 +202,4 @@ def _device_name(device: str) -> str:
     return f"cpu ({platform.processor() or platform.machine()})"
 
 
-__all__ = ["BenchResult", "BenchRow", "bench", "time_session", "time_torch"]
+__all__ = ["BenchResult", "BenchRow", "bench", "ort_session", "time_session", "time_torch"]

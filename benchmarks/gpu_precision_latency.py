@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,21 +28,12 @@ from precision_vs_baselines import accepts, models  # noqa: E402
 
 
 def latency_ms(model, feeds: dict, runs: int = 300, warmup: int = 30) -> float:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), options, providers=[("CUDAExecutionProvider", {"use_tf32": "0"})])
-    binding = sess.io_binding()
-    for name, value in feeds.items():
-        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
-    for out in sess.get_outputs():
-        binding.bind_output(out.name, "cuda")
-    times = []
-    for i in range(warmup + runs):
-        start = time.perf_counter()
-        sess.run_with_iobinding(binding)  # returns after the GPU work is done
-        if i >= warmup:
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    """Median latency with I/O bound on the GPU (aligner's bench timing)."""
+    from aligner.backends.target import parse_target
+    from aligner.bench import ort_session, time_session
+
+    session = ort_session(model, parse_target("ort:cuda:fp32"))  # precision comes from the model's own types
+    return statistics.median(time_session(session, feeds, "cuda", runs, warmup))
 
 
 def detr_r50(size: int = 800) -> tuple:

@@ -29,21 +29,27 @@ ort.set_default_logger_severity(3)  # ORT warns on every capture model; errors s
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
+def providers_for(target: Target, cpu_fallback: bool = True) -> list:
+    """ONNX Runtime providers for ``target``, TF32 made explicit on CUDA (ORT would otherwise pick
+    its own default); a clear error when this install lacks the provider."""
+    provider = _PROVIDERS[target.device]
+    if provider not in ort.get_available_providers():
+        raise TargetError(
+            f"Target {target} needs ONNX Runtime's {provider}, which this install lacks "
+            f"(available: {ort.get_available_providers()}). Install it with: pip install 'aligner[gpu]'"
+        )
+    if provider == "CPUExecutionProvider":
+        return [provider]
+    cuda = (provider, {"use_tf32": "1" if target.precision == "tf32" else "0"})
+    return [cuda, "CPUExecutionProvider"] if cpu_fallback else [cuda]
+
+
 class OrtRunner:
     """Run ``model`` on ONNX Runtime; ``optimize`` False disables graph optimizations (reference)."""
 
     def __init__(self, model: onnx.ModelProto, target: Target, optimize: bool, label: str = ""):
         self.target, self.optimize, self.label = target, optimize, label or str(target)
-        provider = _PROVIDERS[target.device]
-        if provider not in ort.get_available_providers():
-            raise TargetError(
-                f"Target {target} needs ONNX Runtime's {provider}, which this install lacks "
-                f"(available: {ort.get_available_providers()}). Install it with: pip install 'aligner[gpu]'"
-            )
-        if provider == "CPUExecutionProvider":
-            self._providers: list = [provider]
-        else:  # TF32 made explicit: ORT's CUDA provider would otherwise pick its own default
-            self._providers = [(provider, {"use_tf32": "1" if target.precision == "tf32" else "0"}), "CPUExecutionProvider"]
+        self._providers = providers_for(target)
         self._dir = Path(tempfile.mkdtemp(prefix="aligner-ort-"))
         weakref.finalize(self, shutil.rmtree, self._dir, True)
         self._model = _externalize(model, self._dir)

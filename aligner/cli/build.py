@@ -129,12 +129,9 @@ def run(args: argparse.Namespace) -> int:
 def _ort_optimized(model_path: str, out: str, target) -> None:
     import onnxruntime as ort
 
-    from aligner.errors import TargetError
+    from aligner.backends.onnxruntime import providers_for
 
-    provider = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[target.device]
-    if provider not in ort.get_available_providers():
-        raise TargetError(f"--ort-optimized for {target} needs ONNX Runtime's {provider}: pip install 'aligner[gpu]'")
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(out)
     options.log_severity_level = 3
-    ort.InferenceSession(model_path, options, providers=[provider])
+    ort.InferenceSession(model_path, options, providers=providers_for(target))

@@ -48,9 +48,9 @@ def run(args: argparse.Namespace) -> int:
         console.print(table)
     else:
         console.print("No static FP16 risks found (value-range risks need a run: aligner compare --target emu:fp16).")
-    from aligner.passes import fuse_layernorm
+    from aligner.passes.layernorm import find_layernorms
 
-    fusable = fuse_layernorm(graph).fused
+    fusable, _ = find_layernorms(graph)  # matching only: no copy of the model
     if fusable:
         console.print(f"{len(fusable)} decomposed LayerNorm(s) can become LayerNormalization (statistics in FP32): "
                       "aligner build --fuse layernorm")

@@ -110,7 +110,7 @@ def compare(
             ref_value = ref_values.pop(name)
             if store is not None:
                 store.put(name, ref_value)
-            diffs.append(_row(graph, name, ref_value, tgt_values.pop(name), tol))
+            diffs.append(diff_row(graph, name, ref_value, tgt_values.pop(name), tol))
         del ref_values, tgt_values
         if progress:
             progress("capture", i + 1, len(groups))
@@ -143,7 +143,7 @@ def _select(graph: ModelGraph, other: ModelGraph, runner: Runner, tensors: Itera
     return names, unmatched
 
 
-def _row(graph: ModelGraph, name: str, ref: np.ndarray, test: np.ndarray, tol: Tolerance) -> TensorDiff:
+def diff_row(graph: ModelGraph, name: str, ref: np.ndarray, test: np.ndarray, tol: Tolerance) -> TensorDiff:
     metrics, nf_ref, nf_test, diverges, reason = diff_tensor(name, ref, test, tol)
     node = graph.producer.get(name)
     return TensorDiff(

@@ -37,14 +37,14 @@ class TensorDiff:
             "index": self.index,
             "shape": list(self.shape),
             "dtype": self.dtype,
-            "metrics": {k: _json_float(v) for k, v in self.metrics.items()},
+            "metrics": {k: json_float(v) for k, v in self.metrics.items()},
             "nonfinite": {"reference": vars(self.nonfinite_ref), "target": vars(self.nonfinite_target)},
             "diverges": self.diverges,
             "reason": self.reason,
         }
 
 
-def _json_float(v: float) -> float | str:
+def json_float(v: float) -> float | str:
     return v if math.isfinite(v) else ("inf" if v > 0 else "-inf" if v < 0 else "nan")
 
 

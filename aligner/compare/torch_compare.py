@@ -12,7 +12,7 @@ import numpy as np
 
 from aligner.backends import make_runner, parse_target, reference_runner
 from aligner.compare.layerwise import diff_tensor
-from aligner.compare.results import _json_float
+from aligner.compare.results import json_float
 from aligner.compare.tolerance import Tolerance, default_tolerance
 from aligner.compare.torch_map import match, node_scopes
 from aligner.errors import InputError
@@ -34,7 +34,7 @@ class ModuleDiff:
 
     def to_dict(self) -> dict:
         d = dict(vars(self))
-        d["metrics"] = {k: _json_float(v) for k, v in self.metrics.items()}
+        d["metrics"] = {k: json_float(v) for k, v in self.metrics.items()}
         return d
 
 

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
-from aligner.backends import Runner, make_runner, parse_target, reference_runner
+from aligner.backends import Runner, make_runner, reference_runner
 from aligner.errors import InputError
-from aligner.eval.adapters import Adapter, Detections
+from aligner.eval.adapters import Adapter, Detections, output_mvre
 from aligner.eval.coco import STAT_NAMES, CocoStats, evaluate_coco, stats_delta
 from aligner.eval.dataset import CocoDataset, Preprocess
 from aligner.graph.model import ModelGraph
+from aligner.search.plan import plan_target
 
-PLAN_SUFFIX = "+plan"
 
 
 @dataclass(frozen=True)
@@ -89,14 +89,12 @@ def model_batch(graph: ModelGraph, wanted: int) -> int:
     return shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else wanted
 
 
-def _runner(graph: ModelGraph, spec: str, plan: Sequence[str]) -> tuple[Runner, int]:
-    base, with_plan = (spec[: -len(PLAN_SUFFIX)], True) if spec.endswith(PLAN_SUFFIX) else (spec, False)
-    target = parse_target(base)
-    if with_plan and not plan:
-        raise InputError(f"Target {spec!r} asks for the plan, but no --plan was given.")
-    if target.runtime == "ort" and target.precision == "fp32" and target.device == "cpu" and not with_plan:
+def runner_for(graph: ModelGraph, spec: str, plan: Sequence[str]) -> tuple[Runner, int]:
+    """The runner of a target spec (``+plan`` keeps the plan's nodes in FP32) and its pin count;
+    ort:cpu:fp32 is the reference runner."""
+    target, pins = plan_target(spec, plan)
+    if target.runtime == "ort" and target.precision == "fp32" and target.device == "cpu" and not pins:
         return reference_runner(graph, target), 0
-    pins = list(plan) if with_plan else []
     return make_runner(graph, target, pins), len(pins)
 
 
@@ -122,7 +120,7 @@ def evaluate_detector(
     input_name = graph.input_names[0]
     batch = model_batch(graph, batch)
     label_map = label_map if label_map is not None else label_map_for(dataset.gt)
-    runners = [_runner(graph, t, plan) for t in targets]
+    runners = [runner_for(graph, t, plan) for t in targets]
     dets = {t: [] for t in targets}
     nonfinite = dict.fromkeys(targets, 0)
     seconds = dict.fromkeys(targets, 0.0)
@@ -137,11 +135,10 @@ def evaluate_detector(
             seconds[spec] += time.perf_counter() - start
             ref_out = out if ref_out is None else ref_out
             _accumulate_mvre(ref_out, out, err_sum[spec], err_n[spec])
-            per_image = adapter(out, [preprocess.size] * len(entries))
-            for k, (entry, d, back) in enumerate(zip(entries, per_image, backs)):
+            for k in range(len(entries)):
                 if any(not np.all(np.isfinite(np.asarray(v)[k])) for v in out.values() if np.asarray(v).dtype.kind == "f"):
                     nonfinite[spec] += 1
-                dets[spec] += _map_back(d, back).to_coco(entry["id"], label_map)
+            dets[spec] += _coco_detections(out, entries, backs, adapter, preprocess, label_map)
         done += len(entries)
         if progress:
             progress("images", done, len(dataset))
@@ -164,9 +161,7 @@ def coco_acceptance(dataset: CocoDataset, adapter: Adapter, preprocess: Preproce
     def ap_of(runner: Runner) -> float:
         dets = []
         for x, entries, backs in dataset.batches(preprocess, batch):
-            out = runner.run({runner.input_names[0]: x})
-            for entry, d, back in zip(entries, adapter(out, [preprocess.size] * len(entries)), backs):
-                dets += _map_back(d, back).to_coco(entry["id"], label_map)
+            dets += _coco_detections(runner.run({runner.input_names[0]: x}), entries, backs, adapter, preprocess, label_map)
         return evaluate_coco(dataset.gt, dets, image_ids=dataset.image_ids)["AP"]
 
     ref_ap = ap_of(reference)
@@ -178,17 +173,25 @@ def coco_acceptance(dataset: CocoDataset, adapter: Adapter, preprocess: Preproce
     return Acceptance(finite=True, task=task, task_name=f"COCO AP drop <= {max_drop:g} (reference AP {ref_ap:.4f})")
 
 
-def _accumulate_mvre(ref: dict, out: dict, sums: dict, counts: dict) -> None:
-    """Mean over all elements of all images of |t - r| / max(|r|, eps), finite elements only."""
-    from aligner.eval.adapters import MVRE_EPS
+def _coco_detections(out: dict, entries: list[dict], backs: list, adapter: Adapter, preprocess: Preprocess,
+                     label_map: Mapping[int, int]) -> list[dict]:
+    """One batch of raw outputs as COCO detections in original image coordinates."""
+    dets = []
+    for entry, d, back in zip(entries, adapter(out, [preprocess.size] * len(entries)), backs):
+        dets += _map_back(d, back).to_coco(entry["id"], label_map)
+    return dets
 
+
+def _accumulate_mvre(ref: dict, out: dict, sums: dict, counts: dict) -> None:
+    """Running MVRE per output over all images: :func:`output_mvre` weighted by finite elements."""
     for name, r in ref.items():
-        r, t = np.asarray(r, np.float64), np.asarray(out[name], np.float64)
+        r, t = np.asarray(r), np.asarray(out[name])
         if r.dtype.kind != "f" or r.shape != t.shape:
             continue
-        ok = np.isfinite(r) & np.isfinite(t)
-        sums[name] = sums.get(name, 0.0) + float(np.sum(np.abs(t[ok] - r[ok]) / np.maximum(np.abs(r[ok]), MVRE_EPS)))
-        counts[name] = counts.get(name, 0) + int(ok.sum())
+        n = int((np.isfinite(r) & np.isfinite(t)).sum())
+        if n:
+            sums[name] = sums.get(name, 0.0) + output_mvre(r, t) * n
+            counts[name] = counts.get(name, 0) + n
 
 
-__all__ = ["EvalResult", "PLAN_SUFFIX", "TargetEval", "coco_acceptance", "evaluate_detector", "label_map_for", "model_batch"]
+__all__ = ["EvalResult", "TargetEval", "coco_acceptance", "evaluate_detector", "label_map_for", "model_batch", "runner_for"]

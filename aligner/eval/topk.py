@@ -13,7 +13,7 @@ import numpy as np
 from aligner._optional import require
 from aligner.errors import InputError
 from aligner.eval.dataset import Preprocess
-from aligner.eval.run import _runner, model_batch
+from aligner.eval.run import model_batch, runner_for
 from aligner.graph.model import ModelGraph
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -59,7 +59,7 @@ def evaluate_topk(model: ModelGraph | str | Path, images: Sequence[Path], prepro
     name = output or graph.output_names[0]
     if name not in graph.output_names:
         raise InputError(f"No output {name!r}; the model's outputs are {graph.output_names}.")
-    runners = [_runner(graph, t, plan)[0] for t in targets]
+    runners = [runner_for(graph, t, plan)[0] for t in targets]
     batch = model_batch(graph, batch)
     agree1, agree5, nonfinite = ([0] * len(targets) for _ in range(3))
     err, count, seconds = [0.0] * len(targets), [0] * len(targets), [0.0] * len(targets)

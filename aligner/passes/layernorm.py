@@ -54,10 +54,18 @@ def _only(graph: ModelGraph, tensor: str, op: str) -> onnx.NodeProto | None:
     return users[0] if len(users) == 1 and users[0].op_type == op else None
 
 
-def fuse_layernorm(graph: ModelGraph) -> FuseResult:
-    replaced: dict[str, onnx.NodeProto] = {}  # first node of a pattern -> its LayerNormalization
-    removed: set[str] = set()
-    fused, skipped = [], []
+@dataclass(frozen=True)
+class Match:
+    anchor: str  # the Pow node
+    first: str  # the first node of the pattern, where the LayerNormalization goes
+    nodes: frozenset[str]  # every node the LayerNormalization replaces
+    layernorm: onnx.NodeProto
+    initializers: tuple[onnx.TensorProto, ...] = ()
+
+
+def find_layernorms(graph: ModelGraph) -> tuple[list[Match], list[str]]:
+    """The decomposed LayerNorms that can be replaced, and why the others cannot (no rewriting)."""
+    matches, skipped = [], []
     for pow_node in [n for n in graph.nodes if n.op_type == "Pow"]:
         exponent = _const(graph, pow_node.input[1])
         sub = graph.producer.get(pow_node.input[0])
@@ -107,27 +115,31 @@ def fuse_layernorm(graph: ModelGraph) -> FuseResult:
             extra.append(numpy_helper.from_array(np.ones(width, np.float32), gamma))
         ln = helper.make_node("LayerNormalization", [x, gamma] + ([beta] if beta else []), [out],
                               name=f"{pow_node.name.rsplit('/', 1)[0]}/LayerNormalization", axis=-1, epsilon=float(np.ravel(eps)[0]))
-        replaced[mean1.name] = (ln, extra)
-        removed |= {n.name for n in chain}
-        fused.append(pow_node.name)
+        matches.append(Match(pow_node.name, mean1.name, frozenset(n.name for n in chain), ln, tuple(extra)))
+    return matches, skipped
+
+
+def fuse_layernorm(graph: ModelGraph) -> FuseResult:
+    matches, skipped = find_layernorms(graph)
+    replaced = {m.first: m for m in matches}
+    removed = set().union(*(m.nodes for m in matches)) if matches else set()
     model = onnx.ModelProto()
     model.CopyFrom(graph.model)
     nodes = []
     for node in graph.model.graph.node:
         if node.name in replaced:
-            ln, extra = replaced[node.name]
-            nodes.append(ln)
-            model.graph.initializer.extend(extra)
+            nodes.append(replaced[node.name].layernorm)
+            model.graph.initializer.extend(replaced[node.name].initializers)
         elif node.name not in removed:
             nodes.append(node)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     del model.graph.value_info[:]
-    if fused:
+    if matches:
         for opset in model.opset_import:
             if opset.domain in ("", "ai.onnx") and opset.version < 17:
                 opset.version = 17
-    return FuseResult(model, tuple(fused), tuple(skipped))
+    return FuseResult(model, tuple(m.anchor for m in matches), tuple(skipped))
 
 
-__all__ = ["FuseResult", "fuse_layernorm"]
+__all__ = ["FuseResult", "Match", "find_layernorms", "fuse_layernorm"]

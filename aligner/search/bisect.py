@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -21,7 +21,7 @@ import numpy as np
 
 from aligner.backends import Runner, make_runner, parse_target, reference_runner
 from aligner.backends.target import Target
-from aligner.compare.layerwise import _row, estimate_sizes, plan_groups
+from aligner.compare.layerwise import diff_row, estimate_sizes, plan_groups
 from aligner.compare.results import TensorDiff
 from aligner.compare.tolerance import Tolerance, default_tolerance
 from aligner.errors import InputError, TargetRunError
@@ -65,7 +65,7 @@ class _Run:
         except TargetRunError as exc:
             self.probes.append(Probe(phase, len(names), cut, node, status="failed", error=str(exc)))
             raise
-        rows = [_row(self.graph, n, ref_values.pop(n), tgt_values.pop(n), self.tol) for n in names]
+        rows = [diff_row(self.graph, n, ref_values.pop(n), tgt_values.pop(n), self.tol) for n in names]
         self.diffs.update((r.tensor, r) for r in rows)
         self.probes.append(Probe(phase, len(names), cut, node, any(r.diverges for r in rows), any(r.new_nonfinite for r in rows)))
         if self.progress:
@@ -135,8 +135,8 @@ def bisect(
     if save_repro is not None and cause is not None:
         from aligner.search.repro import write_repro
 
-        result = _replace(result, repro=write_repro(run, cause, locals_, Path(save_repro), fp32_nodes))
-    return _replace(result, explanation=explain(result, tol))
+        result = replace(result, repro=write_repro(run, cause, locals_, Path(save_repro), fp32_nodes))
+    return replace(result, explanation=explain(result, tol))
 
 
 def _resolve(strategy: str, target: Target, graph: ModelGraph, sizes: dict[str, int], budget: int) -> str:
@@ -226,12 +226,6 @@ def _score(e: LocalError, tol: Tolerance) -> tuple:
     value = e.metrics.get(tol.metric, 0.0) if e.metrics else math.inf
     value = value if not np.isnan(value) else math.inf
     return (e.new_nonfinite, e.diverges, value)
-
-
-def _replace(result: BisectResult, **changes) -> BisectResult:
-    from dataclasses import replace
-
-    return replace(result, **changes)
 
 
 __all__ = ["STRATEGIES", "Strategy", "bisect"]

@@ -9,9 +9,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
-from aligner.compare.results import _json_float
+from aligner.compare.results import json_float
 from aligner.errors import InputError
 from aligner.graph.model import ModelGraph, concrete_shapes
 from aligner.search.pins import Trial
@@ -68,7 +67,7 @@ class PrecisionPlan:
             "model": self.model, "precision": self.precision, "target": self.target, "accept": list(self.accept),
             "fp32_nodes": [p.to_dict() for p in self.pins], "passed": self.passed, "trials": self.trials,
             "culprit_runs": self.culprit_runs,
-            "final": {"metrics": {k: _json_float(v) for k, v in self.final_metrics.items()}},
+            "final": {"metrics": {k: json_float(v) for k, v in self.final_metrics.items()}},
             "fp16_flop_fraction": self.fp16_flop_fraction, "op_types": self.op_type_summary(),
             "auto_pinned": self.auto_pinned, "seeds": list(self.seeds), "tensorrt_legacy": self.tensorrt_legacy(),
             "notes": list(self.notes),
@@ -102,6 +101,20 @@ def _flops(node, infos) -> float:
         trans_a = next((x.i for x in node.attribute if x.name == "transA"), 0)
         k = a[0] if (a and trans_a) else k
     return 2.0 * math.prod(out) * k
+
+
+PLAN_SUFFIX = "+plan"
+
+
+def plan_target(spec: str, plan: Iterable[str]):
+    """``"ort:cuda:fp16+plan"`` -> (the target, the plan's FP32 nodes); without the suffix, no pins."""
+    from aligner.backends.target import parse_target
+
+    base, with_plan = (spec[: -len(PLAN_SUFFIX)], True) if spec.endswith(PLAN_SUFFIX) else (spec, False)
+    plan = list(plan)
+    if with_plan and not plan:
+        raise InputError(f"Target {spec!r} asks for the plan, but no plan was given (--plan plan.json).")
+    return parse_target(base), plan if with_plan else []
 
 
 def read_plan(path: str | Path | None) -> list[str]:
@@ -158,13 +171,9 @@ class TrialLog:
             return
         row = {"pins": sorted(trial.pins), "passed": trial.passed, "phase": trial.phase, "culprit": trial.culprit,
                "error": trial.error, "seconds": round(trial.seconds, 3), "reason": trial.reason,
-               "metrics": {k: _json_float(v) for k, v in trial.metrics.items()}}
+               "metrics": {k: json_float(v) for k, v in trial.metrics.items()}}
         with open(self.path, "a") as f:  # one line per trial, flushed: an interrupted search loses nothing
             f.write(json.dumps(row) + "\n")
 
 
-def json_float(v: float) -> float | str:
-    return _json_float(float(v)) if isinstance(v, (float, np.floating)) else v
-
-
-__all__ = ["Pin", "PrecisionPlan", "TRT_CAVEAT", "TrialLog", "flop_fraction", "read_plan"]
+__all__ = ["Pin", "PrecisionPlan", "TRT_CAVEAT", "TrialLog", "PLAN_SUFFIX", "flop_fraction", "plan_target", "read_plan"]

@@ -8,7 +8,7 @@ from typing import Literal
 
 import numpy as np
 
-from aligner.compare.results import TensorDiff, _json_float
+from aligner.compare.results import TensorDiff, json_float
 
 Kind = Literal["local", "inherited", "nonfinite", "discrete"]
 
@@ -45,7 +45,7 @@ class ValueRange:
         return cls(name, float(finite.min()), float(finite.max()), float(np.abs(finite).max()), float(nz.min()) if nz.size else 0.0)
 
     def to_dict(self) -> dict:
-        return {k: _json_float(v) if isinstance(v, float) else v for k, v in vars(self).items()}
+        return {k: json_float(v) if isinstance(v, float) else v for k, v in vars(self).items()}
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class LocalError:
     def to_dict(self) -> dict:
         return {
             "node": self.node, "op_type": self.op_type, "index": self.index, "tensor": self.tensor,
-            "metrics": {k: _json_float(v) for k, v in self.metrics.items()},
+            "metrics": {k: json_float(v) for k, v in self.metrics.items()},
             "diverges": self.diverges, "new_nonfinite": self.new_nonfinite,
             "inputs": [r.to_dict() for r in self.inputs],
         }
@@ -99,7 +99,7 @@ class RootCause:
 
     def to_dict(self) -> dict:
         d = dict(vars(self))
-        d["local_error"] = {k: _json_float(v) for k, v in self.local_error.items()}
+        d["local_error"] = {k: json_float(v) for k, v in self.local_error.items()}
         return d
 
 
@@ -166,7 +166,7 @@ class BisectResult:
             "strategy": self.strategy, "strategy_used": self.strategy_used, "nodes": self.nodes,
             "first_divergent": None if first is None else {
                 "tensor": first.tensor, "node": first.node, "op_type": first.op_type, "index": first.index,
-                "metrics": {k: _json_float(v) for k, v in first.metrics.items()}, "reason": first.reason,
+                "metrics": {k: json_float(v) for k, v in first.metrics.items()}, "reason": first.reason,
             },
             "root_cause": None if self.root_cause is None else self.root_cause.to_dict(),
             "nonfinite_origin": None if self.nonfinite_origin is None else self.nonfinite_origin.to_dict(),
