@@ -21,6 +21,8 @@ from onnx import helper
 
 from aligner.backends.target import Target
 from aligner.errors import InputError, TargetError, TargetRunError, unknown_name_message
+from aligner.plugin import has_plugins
+from aligner.plugin.ort import adapt_for_ort, register_ort_ops
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,10 @@ class OrtRunner:
         self._providers = providers_for(target)
         self._dir = Path(tempfile.mkdtemp(prefix="aligner-ort-"))
         weakref.finalize(self, shutil.rmtree, self._dir, True)
+        self._custom_ops = None
+        if has_plugins(model):  # aligner plugin nodes run as their reference custom ops
+            self._custom_ops = register_ort_ops()
+            model = adapt_for_ort(model)
         self._model = _externalize(model, self._dir)
         self.input_names = [i.name for i in self._model.graph.input if i.name not in {t.name for t in self._model.graph.initializer}]
         self.output_names = [o.name for o in self._model.graph.output]
@@ -80,6 +86,8 @@ class OrtRunner:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.enable_cpu_mem_arena = False  # return capture buffers to the OS between groups
+        if self._custom_ops:
+            options.register_custom_ops_library(self._custom_ops)
         if not self.optimize:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:

@@ -21,6 +21,7 @@ import onnx
 
 from aligner.errors import MissingDependencyError, TargetError, TargetRunError
 from aligner.graph.model import ModelGraph
+from aligner.plugin import has_plugins
 
 MODULES = ("tensorrt", "tensorrt_rtx")
 
@@ -118,6 +119,10 @@ def build_engine(graph: ModelGraph, precision: str = "fp32", fp32_nodes: Iterabl
         if not os.path.exists(library):
             raise TargetError(f"Plugin library not found: {library}")
         trt.get_plugin_registry().load_library(str(library))
+    if has_plugins(graph.model):  # aligner plugin nodes: the spec-driven IPluginV3 creators
+        from aligner.plugin.trt import register_trt_plugins
+
+        register_trt_plugins(trt)
     model = graph.model
     if precision in ("fp16", "bf16"):
         from aligner.graph.precision import rewrite_precision

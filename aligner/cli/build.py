@@ -46,8 +46,9 @@ def add_parser(sub) -> None:
     p.add_argument("--plan", metavar="PLAN.json", help="precision plan (aligner precision --out); without it: pure low precision")
     p.add_argument("-o", "--output", required=True, metavar="ONNX", help="the model to write")
     p.add_argument("--force", action="store_true", help="overwrite, and write even when the check finds NaN/inf")
-    p.add_argument("--fuse", metavar="PASSES", help="graph passes first, verified against the original on ORT CPU FP32 "
-                   "(layernorm: decomposed LayerNorms -> LayerNormalization, opset 17)")
+    p.add_argument("--fuse", metavar="PASSES", help="comma-separated graph passes first, verified against the original on ORT CPU "
+                   "FP32: layernorm (-> LayerNormalization, opset 17), masked-softmax, roi-align (-> aligner plugin ops; "
+                   "aligner plugins list)")
     p.add_argument("--plugins", nargs="+", metavar="LIB", help="trt: plugin libraries to load before parsing")
     p.add_argument("--timing-cache", metavar="FILE", help="trt: timing cache to read and update")
     p.add_argument("--ort-optimized", metavar="ONNX", help="ort: also write ONNX Runtime's optimized model for the target's provider")
@@ -62,9 +63,11 @@ def _fused(graph: ModelGraph, args: argparse.Namespace) -> ModelGraph:
 
     fused = graph
     console = Console(highlight=False)
-    for name in args.fuse.split(","):
+    names = [n.strip() for n in args.fuse.split(",") if n.strip()]
+    for name in names:
         if name not in PASSES:
             raise InputError(f"--fuse {name!r}: unknown pass; available: {', '.join(PASSES)}.")
+    for name in names:
         result = PASSES[name](fused)
         fused = ModelGraph(result.model, graph.path)
         console.print(f"--fuse {name}: {len(result.fused)} pattern(s) replaced" + (f", {len(result.skipped)} left as they are" if result.skipped else ""))

@@ -10,6 +10,9 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from aligner.errors import ModelLoadError
+from aligner.plugin import plugins
+
+plugins()  # register the plugin ops' ONNX schemas: the checker and shape inference know them
 
 log = logging.getLogger(__name__)
 

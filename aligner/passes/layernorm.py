@@ -29,7 +29,7 @@ class FuseResult:
     skipped: tuple[str, ...]  # patterns left alone, with why
 
 
-def _const(graph: ModelGraph, name: str) -> np.ndarray | None:
+def const_value(graph: ModelGraph, name: str) -> np.ndarray | None:
     if name in graph.initializers:
         return numpy_helper.to_array(graph.initializers[name])
     src = graph.producer.get(name)
@@ -42,7 +42,7 @@ def _const(graph: ModelGraph, name: str) -> np.ndarray | None:
 def _axes_last(graph: ModelGraph, node: onnx.NodeProto) -> bool:
     axes = next((list(a.ints) for a in node.attribute if a.name == "axes"), None)
     if axes is None and len(node.input) > 1:
-        value = _const(graph, node.input[1])
+        value = const_value(graph, node.input[1])
         axes = None if value is None else [int(v) for v in np.ravel(value)]
     rank = graph.tensors.get(node.input[0])
     last = -1 if rank is None or rank.shape is None else len(rank.shape) - 1
@@ -67,7 +67,7 @@ def find_layernorms(graph: ModelGraph) -> tuple[list[Match], list[str]]:
     """The decomposed LayerNorms that can be replaced, and why the others cannot (no rewriting)."""
     matches, skipped = [], []
     for pow_node in [n for n in graph.nodes if n.op_type == "Pow"]:
-        exponent = _const(graph, pow_node.input[1])
+        exponent = const_value(graph, pow_node.input[1])
         sub = graph.producer.get(pow_node.input[0])
         if exponent is None or float(np.ravel(exponent)[0]) != 2.0 or sub is None or sub.op_type != "Sub":
             continue
@@ -82,7 +82,7 @@ def find_layernorms(graph: ModelGraph) -> tuple[list[Match], list[str]]:
         if not (mean2 and _axes_last(graph, mean2) and add_eps and sqrt and div and div.input[0] == sub.output[0]):
             skipped.append(f"{pow_node.name}: not the full ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div chain")
             continue
-        eps = _const(graph, add_eps.input[1] if add_eps.input[0] == mean2.output[0] else add_eps.input[0])
+        eps = const_value(graph, add_eps.input[1] if add_eps.input[0] == mean2.output[0] else add_eps.input[0])
         users_of_d = {n.name for n in graph.consumers.get(sub.output[0], [])}
         if eps is None or np.size(eps) != 1 or users_of_d != {pow_node.name, div.name} or len(graph.consumers.get(mean1.output[0], [])) != 1:
             skipped.append(f"{pow_node.name}: its intermediates are read elsewhere or epsilon is not a constant")
@@ -92,12 +92,12 @@ def find_layernorms(graph: ModelGraph) -> tuple[list[Match], list[str]]:
         mul = _only(graph, div.output[0], "Mul")
         if mul is not None:
             g = next((i for i in mul.input if i != div.output[0]), None)
-            if g is not None and _const(graph, g) is not None:
+            if g is not None and const_value(graph, g) is not None:
                 gamma, out = g, mul.output[0]
                 chain.append(mul)
                 add_b = _only(graph, mul.output[0], "Add")
                 b = add_b and next((i for i in add_b.input if i != mul.output[0]), None)
-                if b is not None and _const(graph, b) is not None:
+                if b is not None and const_value(graph, b) is not None:
                     beta, out = b, add_b.output[0]
                     chain.append(add_b)
         names = {n.name for n in chain}
@@ -121,25 +121,38 @@ def find_layernorms(graph: ModelGraph) -> tuple[list[Match], list[str]]:
 
 def fuse_layernorm(graph: ModelGraph) -> FuseResult:
     matches, skipped = find_layernorms(graph)
-    replaced = {m.first: m for m in matches}
-    removed = set().union(*(m.nodes for m in matches)) if matches else set()
+    model = rebuild(graph, {m.first: ([m.layernorm], m.initializers) for m in matches}, set().union(*(m.nodes for m in matches)) if matches else set())
+    if matches:
+        raise_opset(model, 17)
+    return FuseResult(model, tuple(m.anchor for m in matches), tuple(skipped))
+
+
+def rebuild(graph: ModelGraph, replaced: dict[str, tuple[list[onnx.NodeProto], tuple[onnx.TensorProto, ...]]], removed: set[str]) -> onnx.ModelProto:
+    """A copy of the model where each node named in ``replaced`` becomes its new nodes (plus
+    initializers) and the nodes in ``removed`` are dropped; value_info is cleared."""
     model = onnx.ModelProto()
     model.CopyFrom(graph.model)
     nodes = []
     for node in graph.model.graph.node:
         if node.name in replaced:
-            nodes.append(replaced[node.name].layernorm)
-            model.graph.initializer.extend(replaced[node.name].initializers)
+            new_nodes, inits = replaced[node.name]
+            nodes.extend(new_nodes)
+            model.graph.initializer.extend(inits)
         elif node.name not in removed:
             nodes.append(node)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     del model.graph.value_info[:]
-    if matches:
-        for opset in model.opset_import:
-            if opset.domain in ("", "ai.onnx") and opset.version < 17:
-                opset.version = 17
-    return FuseResult(model, tuple(m.anchor for m in matches), tuple(skipped))
+    return model
 
 
-__all__ = ["FuseResult", "Match", "find_layernorms", "fuse_layernorm"]
+def raise_opset(model: onnx.ModelProto, version: int, domain: str = "") -> None:
+    """Raise (or add) the opset import of ``domain`` to at least ``version``."""
+    for opset in model.opset_import:
+        if opset.domain in ((domain, "ai.onnx") if domain == "" else (domain,)):
+            opset.version = max(opset.version, version)
+            return
+    model.opset_import.append(helper.make_opsetid(domain, version))
+
+
+__all__ = ["FuseResult", "Match", "const_value", "find_layernorms", "fuse_layernorm", "raise_opset", "rebuild"]
