@@ -180,3 +180,29 @@ def random_feeds(graph, seed=0):
 
 def np_close(a, b, tol=1e-5):
     return np.allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), atol=tol, rtol=tol)
+
+
+def export_detr_with_mask(path: Path, config=None, height: int = 96, width: int = 128, pad: int = 32) -> tuple[Path, dict]:
+    """DETR (random weights; small unless ``config``) with a padding mask as second input, exported by
+    the legacy exporter at opset 16 (decomposed LayerNorms, additive-mask softmaxes); (path, feeds)."""
+    import torch
+
+    detr = build_detr(config).detr
+
+    class WithMask(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.detr = detr
+
+        def forward(self, pixel_values, pixel_mask):
+            out = self.detr(pixel_values=pixel_values, pixel_mask=pixel_mask)
+            return out.logits, out.pred_boxes
+
+    mask = torch.ones(1, height, width, dtype=torch.int64)
+    mask[..., width - pad:] = 0  # padding on the right, as a batch of mixed aspect ratios has
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(WithMask(), (torch.randn(1, 3, height, width), mask), str(path), opset_version=16, dynamo=False,
+                          input_names=["pixel_values", "pixel_mask"], output_names=["logits", "boxes"])
+    feeds = {"pixel_values": np.random.default_rng(0).normal(size=(1, 3, height, width)).astype(np.float32), "pixel_mask": mask.numpy()}
+    return path, feeds

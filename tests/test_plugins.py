@@ -147,32 +147,11 @@ def test_roi_align_pass_matches_the_standard_op_and_leaves_max_mode_alone():
 def detr_r50(tmp_path_factory):
     """DETR-R50 (transformers' DetrConfig defaults: ResNet-50, 6+6 layers, d_model 256; random
     weights) exported by the legacy exporter at opset 16 with a padding mask, 128x160 input."""
-    import torch
-    from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
+    from conftest import export_detr_with_mask
+    from transformers import DetrConfig, ResNetConfig
 
     config = DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False, backbone_config=ResNetConfig(out_features=["stage4"]))
-    torch.manual_seed(0)
-    detr = DetrForObjectDetection(config).eval()
-
-    class Wrapped(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.detr = detr
-
-        def forward(self, pixel_values, pixel_mask):
-            out = self.detr(pixel_values=pixel_values, pixel_mask=pixel_mask)
-            return out.logits, out.pred_boxes
-
-    mask = torch.ones(1, 128, 160, dtype=torch.int64)
-    mask[:, :, 128:] = 0  # padding on the right, as a batch of mixed aspect ratios has
-    path = tmp_path_factory.mktemp("detr_r50") / "detr_r50.onnx"
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(Wrapped(), (torch.randn(1, 3, 128, 160), mask), str(path), opset_version=16, dynamo=False,
-                          input_names=["pixel_values", "pixel_mask"], output_names=["logits", "boxes"])
-    feeds = {"pixel_values": np.random.default_rng(0).normal(size=(1, 3, 128, 160)).astype(np.float32), "pixel_mask": mask.numpy()}
+    path, feeds = export_detr_with_mask(tmp_path_factory.mktemp("detr_r50") / "detr_r50.onnx", config, 128, 160)
     return ModelGraph.load(path), feeds
 
 

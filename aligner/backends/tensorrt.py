@@ -122,6 +122,11 @@ def build_engine(graph: ModelGraph, precision: str = "fp32", fp32_nodes: Iterabl
     if has_plugins(graph.model):  # aligner plugin nodes: the spec-driven IPluginV3 creators
         from aligner.plugin.trt import register_trt_plugins
 
+        if not hasattr(trt.INetworkDefinition, "add_plugin_v3"):
+            raise TargetError(f"{trt.__name__} {trt.__version__} cannot put plugin layers in a network (its INetworkDefinition has no "
+                              "add_plugin_v3, and its ONNX parser aborts the process on a plugin node), so a model with aligner "
+                              "plugin ops cannot be built with it; use TensorRT 10.x/11.x (ALIGNER_TENSORRT=tensorrt), or build the "
+                              "model fused with standard ops only (--fuse layernorm).")
         register_trt_plugins(trt)
     model = graph.model
     if precision in ("fp16", "bf16"):

@@ -20,6 +20,7 @@ parser finds the creator by name; the schema declares both as optional attribute
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import pkgutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -92,8 +93,7 @@ _REGISTRY: dict[str, PluginSpec] = {}
 def plugins() -> dict[str, PluginSpec]:
     """Every plugin of ``aligner_plugins`` by op name (loaded, and its ONNX schema registered, once)."""
     if not _REGISTRY:
-        import aligner_plugins
-
+        aligner_plugins = _plugin_package()
         for info in pkgutil.iter_modules(aligner_plugins.__path__):
             module = importlib.import_module(f"aligner_plugins.{info.name}")
             spec = getattr(module, "SPEC", None)
@@ -102,6 +102,25 @@ def plugins() -> dict[str, PluginSpec]:
                 _REGISTRY[spec.name] = spec
                 _register_schema(spec)
     return _REGISTRY
+
+
+def _plugin_package():
+    """``aligner_plugins``: installed, or the ``plugins/`` folder beside the package when aligner
+    runs from a source checkout that was not installed (PYTHONPATH=.)."""
+    import sys
+    from pathlib import Path
+
+    try:
+        import aligner_plugins
+    except ImportError:
+        folder = Path(__file__).resolve().parents[2] / "plugins"
+        spec = importlib.util.spec_from_file_location("aligner_plugins", folder / "__init__.py", submodule_search_locations=[str(folder)])
+        if spec is None or not folder.is_dir():
+            raise
+        aligner_plugins = importlib.util.module_from_spec(spec)
+        sys.modules["aligner_plugins"] = aligner_plugins
+        spec.loader.exec_module(aligner_plugins)
+    return aligner_plugins
 
 
 def get(name: str) -> PluginSpec:

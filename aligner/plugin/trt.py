@@ -16,6 +16,7 @@ node's op type, ``plugin_version`` and ``plugin_namespace`` attributes (the pass
 from __future__ import annotations
 
 import importlib
+import os
 
 import numpy as np
 
@@ -50,6 +51,30 @@ def _read_fields(spec: PluginSpec, fields) -> dict:
     return values
 
 
+def _guard(method):
+    """TensorRT calls plugin methods from C++, where a Python exception ends the process without
+    a word: print the traceback first (naming the plugin and the method), then re-raise."""
+    import functools
+    import sys
+    import traceback
+
+    trace = bool(os.environ.get("ALIGNER_PLUGIN_TRACE"))
+
+    @functools.wraps(method)
+    def wrapper(self, *args):
+        if trace:
+            print(f"aligner plugin: {method.__name__}{args!r:.200}", file=sys.stderr, flush=True)
+        try:
+            return method(self, *args)
+        except BaseException:
+            print(f"aligner plugin {getattr(self, 'plugin_name', getattr(self, 'name', '?'))}.{method.__name__} failed:", file=sys.stderr)
+            traceback.print_exc()
+            sys.stderr.flush()
+            raise
+
+    return wrapper
+
+
 def plugin_classes(trt, spec: PluginSpec):
     """(plugin class, creator class) for ``spec`` against the ``trt`` module given."""
     float_types = {trt.DataType.FLOAT, trt.DataType.HALF} | ({trt.DataType.BF16} if hasattr(trt.DataType, "BF16") else set())
@@ -66,19 +91,24 @@ def plugin_classes(trt, spec: PluginSpec):
             self.num_outputs = len(spec.outputs)
             self.values = dict(values or spec.attributes)
 
+        @_guard
         def get_capability_interface(self, type):
             return self
 
+        @_guard
         def clone(self):
             return SpecPlugin(self.values)
 
+        @_guard
         def get_fields_to_serialize(self):
             return trt.PluginFieldCollection([trt.PluginField(k, _field_array(v), _field_type(trt, v)) for k, v in self.values.items()])
 
+        @_guard
         def get_output_data_types(self, input_types):
             t = next((input_types[i] for i, p in enumerate(spec.inputs) if p.type == "T"), trt.DataType.FLOAT)
             return [t if p.type == "T" else fixed[p.type] for p in spec.outputs]
 
+        @_guard
         def get_output_shapes(self, inputs, shape_inputs, expr_builder):
             shapes = [tuple(d.get_constant_value() if d.is_constant() else f"d{i}_{j}" for j, d in enumerate(x)) for i, x in enumerate(inputs)]
             exprs = {f"d{i}_{j}": d for i, x in enumerate(inputs) for j, d in enumerate(x)}
@@ -90,6 +120,7 @@ def plugin_classes(trt, spec: PluginSpec):
                 out.append(dims)
             return out
 
+        @_guard
         def supports_format_combination(self, pos, in_out, num_inputs):
             desc = in_out[pos].desc
             if desc.format != trt.TensorFormat.LINEAR:
@@ -100,21 +131,27 @@ def plugin_classes(trt, spec: PluginSpec):
             first_t = next(i for i, p in enumerate(spec.inputs) if p.type == "T")
             return desc.type in float_types and (pos == first_t or desc.type == in_out[first_t].desc.type)
 
+        @_guard
         def configure_plugin(self, inp, out):
             pass
 
+        @_guard
         def on_shape_change(self, inp, out):
             pass
 
+        @_guard
         def get_valid_tactics(self):
             return []
 
+        @_guard
         def set_tactic(self, tactic):
             pass
 
+        @_guard
         def attach_to_context(self, context):
             return self.clone()
 
+        @_guard
         def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
             import torch
 
@@ -132,6 +169,7 @@ def plugin_classes(trt, spec: PluginSpec):
                 [trt.PluginField(k, np.array([], dtype=np.int8 if isinstance(v, str) else np.int32 if isinstance(v, int) else np.float32),
                                  _field_type(trt, v)) for k, v in spec.attributes.items()])
 
+        @_guard
         def create_plugin(self, name, fields, phase):
             return SpecPlugin(_read_fields(spec, fields))
 
@@ -152,12 +190,15 @@ def _device_tensor(trt, torch, pointer: int, desc):
 def register_trt_plugins(trt) -> list[str]:
     """Register a creator for every plugin with ``trt``'s plugin registry (once); their ids."""
     if id(trt) not in _REGISTERED:
-        registry = trt.get_plugin_registry()
+        registries = [trt.get_plugin_registry()]
+        if hasattr(trt, "get_builder_plugin_registry"):  # where the ONNX parser of TensorRT 10+/RTX looks when building
+            registries.append(trt.get_builder_plugin_registry(trt.EngineCapability.STANDARD))
         creators = []
         for spec in plugins().values():
             _, creator_class = plugin_classes(trt, spec)
             creator = creator_class()
-            registry.register_creator(creator, TRT_NAMESPACE)
+            for registry in registries:
+                registry.register_creator(creator, TRT_NAMESPACE)
             creators.append(creator)
         _REGISTERED[id(trt)] = creators
     return [f"{TRT_NAMESPACE}::{c.name}" for c in _REGISTERED[id(trt)]]
