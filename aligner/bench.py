@@ -48,7 +48,7 @@ class BenchResult:
 def _model_for(graph: ModelGraph, spec: str, plan: Sequence[str]):
     target, pins = plan_target(spec, plan)
     if target.runtime != "ort":
-        raise InputError(f"aligner bench times ONNX Runtime targets (ort:cpu:*, ort:cuda:*); {spec!r} is not one.")
+        raise InputError(f"aligner bench times ONNX Runtime (ort:*), TensorRT (trt:*) and PyTorch (torch:*) targets; {spec!r} is not one.")
     if target.precision in ("fp32", "tf32"):
         return target, graph.model
     from aligner.graph.precision import rewrite_precision
@@ -170,6 +170,20 @@ def bench(model: ModelGraph | str | Path, targets: Iterable[str], batches: Itera
             for b in batches:
                 shape = tuple(b if k == 0 else d for k, d in enumerate(graph.tensor(graph.input_names[0]).shape or ()))
                 rows.append(_row(spec, b, time_torch(torch_module, shape, spec, runs, warmup), runs, spec.split(":")[1]))
+                done += 1
+                if progress:
+                    progress(spec, done, total)
+            continue
+        if spec.split("+")[0].startswith("trt"):
+            from aligner.backends.trt_runner import TrtRunner
+
+            target, pins = plan_target(spec, plan)
+            runner = TrtRunner(graph, target, pins)  # one engine per batch size (static shapes)
+            for b in batches:
+                shapes = {i.name: tuple(b if k == 0 else d for k, d in enumerate(i.shape or ())) for i in graph.input_infos()}
+                feeds = make_inputs(graph, {k: v for k, v in shapes.items() if all(isinstance(d, int) for d in v)})
+                rows.append(_row(spec, b, runner.time(feeds, runs, warmup), runs, "cuda"))
+                device = "cuda"
                 done += 1
                 if progress:
                     progress(spec, done, total)

@@ -30,3 +30,16 @@ def test_build_refuses_a_diverging_model_and_writes_the_planned_one(vit_path, vi
     code = main(["build", str(vit_path), "--target", "trt:fp16", "-o", str(tmp_path / "m.engine")])
     if importlib.util.find_spec("tensorrt") is None and importlib.util.find_spec("tensorrt_rtx") is None:
         assert code == 2 and "pip install 'aligner[tensorrt]'" in capsys.readouterr().err  # no TensorRT on this machine
+
+
+def test_trt_targets_parse_everywhere_and_say_what_to_install_where_tensorrt_is_missing(vit_path, capsys):
+    from aligner.backends import parse_target
+
+    assert str(parse_target("trt:fp16")) == "trt:fp16" and parse_target("trt").precision == "fp16"
+    assert parse_target("trt:cuda:bf16").device == "cuda"
+    if importlib.util.find_spec("tensorrt") is not None or importlib.util.find_spec("tensorrt_rtx") is not None:
+        return  # the GPU machine: tests/test_gpu.py covers the trt:* runner there
+    for argv in (["compare", str(vit_path), "--target", "trt:fp16"], ["bisect", str(vit_path), "--target", "trt:fp16"],
+                 ["bench", str(vit_path), "--target", "trt:fp16"]):
+        assert main(argv) == 2, argv
+        assert "pip install 'aligner[tensorrt]'" in capsys.readouterr().err, argv

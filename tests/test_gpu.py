@@ -58,3 +58,26 @@ def test_rtx_builds_but_refuses_to_run_on_cc_9(monkeypatch):
 
     assert trt.Runtime(Collect()).deserialize_cuda_engine(engine.data) is None
     assert any("compute capability 9.0" in m for m in messages)  # exactly the refusal we expect; nothing else fails
+
+
+@pytest.mark.skipif(not RTX, reason="TensorRT-RTX not staged")
+def test_trt_targets_in_compare_bisect_and_bench_fail_as_target_failures_on_cc_9(monkeypatch, tmp_path, capsys):
+    """The trt:* runner builds (capture tensors marked) and then meets the refusal to load on CC 9.0:
+    compare and bisect report a failed target (exit 3), never a divergence; the legacy per-layer
+    precision path says TensorRT-RTX has no such flags."""
+    monkeypatch.setenv("ALIGNER_TENSORRT", "tensorrt_rtx")
+    from aligner.backends.tensorrt import build_engine
+    from aligner.cli.main import main
+    from aligner.errors import TargetError, TargetRunError
+    from aligner.search.bisect import bisect
+
+    model = str(shapes_detector_path())
+    assert main(["compare", model, "--target", "trt:fp16", "--input-shapes", "pixels:1x3x128x128"]) == 3
+    err = capsys.readouterr().err
+    assert "compute capability 9.0" in err and "refused to load the engine" in err
+    result = bisect(model, target="trt:fp16")
+    assert result.failed and "compute capability 9.0" in result.failed and result.strategy_used == "frontier"
+    with pytest.raises(TargetRunError, match="compute capability 9.0"):
+        bench(model, ["trt:fp16"], [1], runs=5, warmup=1)
+    with pytest.raises(TargetError, match="no per-layer precision flags"):
+        build_engine(ModelGraph.load(model), "fp16", ["/stem_norm/Pow"], {"pixels": (1, 3, 128, 128)}, layer_precision=True)

@@ -32,7 +32,13 @@ def _emu(graph: ModelGraph, target: Target, fp32_nodes: Iterable[str], keep_io_t
     return OrtRunner(emulated.model, target, optimize=False)
 
 
-RUNNERS: dict[str, Callable[[ModelGraph, Target, Iterable[str], bool], Runner]] = {"ort": _ort, "emu": _emu}
+def _trt(graph: ModelGraph, target: Target, fp32_nodes: Iterable[str], keep_io_types: bool) -> Runner:
+    from aligner.backends.trt_runner import TrtRunner
+
+    return TrtRunner(graph, target, list(fp32_nodes))
+
+
+RUNNERS: dict[str, Callable[[ModelGraph, Target, Iterable[str], bool], Runner]] = {"ort": _ort, "emu": _emu, "trt": _trt}
 
 
 def make_runner(graph: ModelGraph, target: Target | str, fp32_nodes: Iterable[str] = (), keep_io_types: bool = True) -> Runner:

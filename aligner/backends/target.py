@@ -10,9 +10,10 @@ from aligner.errors import TargetError
 SUPPORTED: dict[str, dict[str, tuple[str, ...]]] = {
     "ort": {"cpu": ("fp32", "fp16", "bf16"), "cuda": ("fp32", "tf32", "fp16", "bf16")},
     "emu": {"cpu": ("fp16", "bf16")},
+    "trt": {"cuda": ("fp32", "fp16", "bf16")},  # strongly typed from aligner's rewrite (TensorRT 10/11, TensorRT-RTX)
 }
-DEFAULT_DEVICE = {"ort": "cpu", "emu": "cpu"}
-DEFAULT_PRECISION = {"ort": "fp32", "emu": "fp16"}
+DEFAULT_DEVICE = {"ort": "cpu", "emu": "cpu", "trt": "cuda"}
+DEFAULT_PRECISION = {"ort": "fp32", "emu": "fp16", "trt": "fp16"}
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,7 @@ class Target:
     precision: str
 
     def __str__(self) -> str:
-        return f"{self.runtime}:{self.device}:{self.precision}" if self.runtime != "emu" else f"emu:{self.precision}"
+        return f"{self.runtime}:{self.device}:{self.precision}" if self.runtime not in ("emu", "trt") else f"{self.runtime}:{self.precision}"
 
     @property
     def is_low_precision(self) -> bool:
@@ -49,5 +50,5 @@ def parse_target(spec: str) -> Target:
 
 
 def _unknown(spec: str) -> str:
-    later = "trt:* (TensorRT) and torch:* targets arrive with their backends"
+    later = "torch:* targets are for aligner compare --torch and aligner bench --torch"
     return f"Unknown target {spec!r}. Valid targets: {', '.join(valid_targets())} ({later})."

@@ -55,9 +55,10 @@ class Engine:
     version: str
     outputs: tuple[str, ...]
     unmarked: tuple[str, ...]  # asked for, but no network tensor has that name (fused or removed by the parser)
+    unmatched_pins: tuple[str, ...] = ()  # --layer-precision: pins no layer carries the name of
 
 
-def parse(model: onnx.ModelProto, trt=None):
+def parse(model: onnx.ModelProto, trt=None, strongly_typed: bool = True):
     """(trt, builder, network, parser, logger) for ``model``; parser errors become one TargetError
     naming each failing node (op type, name, index, why)."""
     trt = trt or load_tensorrt()
@@ -65,7 +66,7 @@ def parse(model: onnx.ModelProto, trt=None):
     builder = trt.Builder(logger)
     flags = 0
     strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    if strongly is not None:
+    if strongly is not None and strongly_typed:
         flags |= 1 << int(strongly)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
@@ -110,10 +111,12 @@ def mark_outputs(network, names: Iterable[str]) -> tuple[list[str], list[str]]:
 
 def build_engine(graph: ModelGraph, precision: str = "fp32", fp32_nodes: Iterable[str] = (),
                  input_shapes: Mapping[str, tuple[int, ...]] | None = None, mark: Iterable[str] = (),
-                 plugins: Iterable[str] = (), timing_cache: str | os.PathLike | None = None) -> Engine:
+                 plugins: Iterable[str] = (), timing_cache: str | os.PathLike | None = None,
+                 layer_precision: bool = False) -> Engine:
     """A serialized engine of ``graph`` in ``precision`` (fp32, fp16, bf16; ``fp32_nodes`` stay FP32),
-    built strongly typed from aligner's rewrite, with ``mark`` tensors as extra outputs, plugin
-    libraries loaded first, and a timing cache read from and saved to ``timing_cache``."""
+    built strongly typed from aligner's rewrite (or, with ``layer_precision``, TensorRT ≤ 10's
+    per-layer precision constraints on the FP32 graph), with ``mark`` tensors as extra outputs,
+    plugin libraries loaded first, and a timing cache read from and saved to ``timing_cache``."""
     trt = load_tensorrt()
     for library in plugins:
         if not os.path.exists(library):
@@ -129,15 +132,18 @@ def build_engine(graph: ModelGraph, precision: str = "fp32", fp32_nodes: Iterabl
                               "model fused with standard ops only (--fuse layernorm).")
         register_trt_plugins(trt)
     model = graph.model
-    if precision in ("fp16", "bf16"):
+    if precision not in ("fp32", "fp16", "bf16"):
+        raise TargetError(f"trt:{precision}: aligner builds trt:fp32, trt:fp16 and trt:bf16 (precision through explicit Casts).")
+    if precision != "fp32" and not layer_precision:
         from aligner.graph.precision import rewrite_precision
 
         model = rewrite_precision(graph, list(fp32_nodes), precision).model
-    elif precision != "fp32":
-        raise TargetError(f"trt:{precision}: aligner builds trt:fp32, trt:fp16 and trt:bf16 (precision through explicit Casts).")
-    trt, builder, network, _parser, _logger = parse(model, trt)
+    trt, builder, network, _parser, _logger = parse(model, trt, strongly_typed=not layer_precision)
     _, missing = mark_outputs(network, mark)
     config = builder.create_builder_config()
+    unmatched: list[str] = []
+    if layer_precision and precision != "fp32":
+        unmatched = layer_precision_constraints(trt, network, config, precision, fp32_nodes)
     cache = None
     if timing_cache is not None:
         blob = open(timing_cache, "rb").read() if os.path.exists(timing_cache) else b""
@@ -162,11 +168,39 @@ def build_engine(graph: ModelGraph, precision: str = "fp32", fp32_nodes: Iterabl
 
         write_atomic(Path(timing_cache), bytes(cache.serialize()))
     outputs = tuple(network.get_output(i).name for i in range(network.num_outputs))
-    return Engine(bytes(data), trt.__name__, trt.__version__, outputs, tuple(missing))
+    return Engine(bytes(data), trt.__name__, trt.__version__, outputs, tuple(missing), tuple(unmatched))
+
+
+def layer_precision_constraints(trt, network, config, precision: str, fp32_nodes: Iterable[str]) -> list[str]:
+    """TensorRT ≤ 10's legacy path: FP16/BF16 builder flag, precision constraints obeyed, and every
+    layer of a pinned ONNX node (the parser names layers after their node; helper layers it adds
+    carry the node name plus a suffix) forced to FP32 with FP32 outputs. Returns the pins that
+    matched no layer (TensorRT fused or renamed them). TensorRT 11 and TensorRT-RTX dropped these
+    flags: there the strongly typed build is the only way."""
+    flag = {"fp16": "FP16", "bf16": "BF16"}[precision]
+    if not hasattr(trt.BuilderFlag, flag) or not hasattr(trt.BuilderFlag, "OBEY_PRECISION_CONSTRAINTS"):
+        raise TargetError(f"{trt.__name__} {trt.__version__} has no per-layer precision flags (BuilderFlag.{flag} / "
+                          "OBEY_PRECISION_CONSTRAINTS are gone in TensorRT 11 and TensorRT-RTX): build strongly typed "
+                          "(the default, without --layer-precision).")
+    config.set_flag(getattr(trt.BuilderFlag, flag))
+    config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+    pins = set(fp32_nodes)
+    matched = set()
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        owner = next((p for p in pins if layer.name == p or layer.name.startswith(p + "_") or layer.name.startswith(p + "/")), None)
+        if owner is None:
+            continue
+        matched.add(owner)
+        layer.precision = trt.float32
+        for j in range(layer.num_outputs):
+            if layer.get_output_type(j) in (trt.float16, getattr(trt, "bfloat16", trt.float16), trt.float32):
+                layer.set_output_type(j, trt.float32)
+    return sorted(pins - matched)
 
 
 def sidecar(engine: Engine, graph: ModelGraph, precision: str, fp32_nodes: Iterable[str],
-            input_shapes: Mapping[str, tuple[int, ...]] | None, plugins: Iterable[str] = ()) -> dict:
+            input_shapes: Mapping[str, tuple[int, ...]] | None, plugins: Iterable[str] = (), strongly_typed: bool = True) -> dict:
     """How an engine was built: written beside it as JSON."""
     import hashlib
 
@@ -174,10 +208,10 @@ def sidecar(engine: Engine, graph: ModelGraph, precision: str, fp32_nodes: Itera
 
     pins = sorted(fp32_nodes)
     return {"aligner": __version__, "tensorrt": {"module": engine.module, "version": engine.version},
-            "model": str(graph.path or "<in-memory>"), "precision": precision, "strongly_typed": True,
+            "model": str(graph.path or "<in-memory>"), "precision": precision, "strongly_typed": strongly_typed,
             "plan": {"fp32_nodes": pins, "sha256": hashlib.sha256("\n".join(pins).encode()).hexdigest()[:16]},
             "input_shapes": {k: list(v) for k, v in (input_shapes or {}).items()}, "outputs": list(engine.outputs),
             "plugins": list(plugins), "bytes": len(engine.data)}
 
 
-__all__ = ["Engine", "ParseFailure", "build_engine", "load_tensorrt", "mark_outputs", "parse", "sidecar"]
+__all__ = ["Engine", "ParseFailure", "build_engine", "layer_precision_constraints", "load_tensorrt", "mark_outputs", "parse", "sidecar"]

@@ -28,8 +28,15 @@ reported. Use real data: random inputs may not reach the ranges that overflow.
 For trt:* the same rewrite is parsed by TensorRT (or TensorRT-RTX: ALIGNER_TENSORRT=tensorrt_rtx)
 into a strongly typed network and serialized; parser failures name each node (op, name, why).
 
+Graph passes first (--fuse; aligner plugins list): the fused model is checked against the original
+on ORT CPU FP32 and nothing is written if an output moved. --layer-precision takes TensorRT <= 10's
+legacy path (FP16 flag + per-layer FP32 constraints on the plan's nodes) for engines that must be
+built that way; TensorRT 11 and TensorRT-RTX have only the strongly typed path.
+
 examples:
   aligner build model.onnx --target ort:cuda:fp16 --plan plan.json -o model.ort.onnx
+  aligner build model.onnx --fuse layernorm,masked-softmax --target ort:cpu:fp32 -o model.fused.onnx
+  aligner build model.fused.onnx --target trt:fp16 --plan plan.json -o model.engine
   aligner build model.onnx --target trt:fp16 --plan plan.json -o model.engine --input-shapes pixels:1x3x128x128
   aligner build model.onnx --target ort:cuda:bf16 -o model.bf16.onnx          # no plan: pure BF16
 
@@ -51,6 +58,8 @@ def add_parser(sub) -> None:
                    "aligner plugins list)")
     p.add_argument("--plugins", nargs="+", metavar="LIB", help="trt: plugin libraries to load before parsing")
     p.add_argument("--timing-cache", metavar="FILE", help="trt: timing cache to read and update")
+    p.add_argument("--layer-precision", action="store_true", help="trt (TensorRT <= 10 only): per-layer precision constraints on the "
+                   "FP32 graph instead of the strongly typed rewrite (the flags are gone in TensorRT 11 and TensorRT-RTX)")
     p.add_argument("--ort-optimized", metavar="ONNX", help="ort: also write ONNX Runtime's optimized model for the target's provider")
     add_input_arguments(p)
 
@@ -86,11 +95,15 @@ def _build_trt(args: argparse.Namespace) -> int:
     precision = args.target.split(":")[-1]
     graph = _fused(ModelGraph.load(args.model, check=not args.no_check), args)
     shapes, plugins, pins = parse_input_shapes(args.input_shapes), args.plugins or [], read_plan(args.plan)
-    engine = build_engine(graph, precision, pins, shapes, plugins=plugins, timing_cache=args.timing_cache)
+    engine = build_engine(graph, precision, pins, shapes, plugins=plugins, timing_cache=args.timing_cache, layer_precision=args.layer_precision)
+    console = Console(highlight=False)
+    for pin in engine.unmatched_pins:
+        console.print(f"[yellow]warning[/]: plan node {escape(pin)} matches no TensorRT layer (fused or renamed): its precision is not constrained")
     write_atomic(Path(args.output), engine.data)
-    write_atomic(Path(args.output + ".json"), json.dumps(sidecar(engine, graph, precision, pins, shapes, plugins), indent=1).encode())
-    Console(highlight=False).print(f"[bold green]wrote[/] {escape(args.output)}: {len(engine.data) / 2**20:.1f} MiB engine built "
-                                   f"strongly typed by {engine.module} {engine.version} ({precision}, {len(read_plan(args.plan))} node(s) FP32)")
+    write_atomic(Path(args.output + ".json"), json.dumps(sidecar(engine, graph, precision, pins, shapes, plugins, not args.layer_precision), indent=1).encode())
+    how = "with per-layer precision constraints" if args.layer_precision else "strongly typed"
+    console.print(f"[bold green]wrote[/] {escape(args.output)}: {len(engine.data) / 2**20:.1f} MiB engine built "
+                  f"{how} by {engine.module} {engine.version} ({precision}, {len(pins)} node(s) FP32)")
     return 0
 
 

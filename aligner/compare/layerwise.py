@@ -94,6 +94,11 @@ def compare(
 
     ref_runner = reference_runner(graph, ref_target)
     tgt_runner: Runner = make_runner(other, tgt_target, fp32_nodes)
+    notes = []
+    if tgt_target.runtime == "trt" and tensors is None:  # marking every tensor would undo TensorRT's fusions
+        tensors = graph.output_names
+        notes.append("TensorRT target: the outputs are compared (name tensors with --tensors, or localize with aligner bisect, "
+                     "which marks a few tensors per probe)")
     names, unmatched = _select(graph, other, tgt_runner, tensors)
     sizes = estimate_sizes(graph, feeds)
     groups = plan_groups(names, sizes, capture_budget_mb * 2**20 // 2)  # half per side
@@ -126,6 +131,7 @@ def compare(
         tolerance=tol,
         tensors=tuple(diffs),
         unmatched=tuple(unmatched),
+        notes=tuple(notes),
     )
 
 

@@ -1,0 +1,146 @@
+"""``trt:*`` runner: build an engine per capture set (captured tensors marked as outputs), run it.
+
+Captures are what the frontier bisect asks for — a handful of tensors per probe — so each probe is
+one engine build with those tensors marked; asking for every tensor would mark them all and
+defeat TensorRT's fusions (``compare --target trt:*`` compares the outputs unless ``--tensors``
+names some). A captured tensor that TensorRT fused away has no counterpart and is reported as
+such. Buffers are torch CUDA tensors; execution is ``execute_async_v3`` on a torch stream.
+
+What ran where: the build and the refusal to deserialize on compute capability 9.0 (TensorRT-RTX,
+H200) are verified; the execution path after deserialization could not be run on these machines
+(README).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from aligner.backends.target import Target
+from aligner.errors import InputError, TargetRunError, unknown_name_message
+from aligner.graph.model import ModelGraph
+
+
+class TrtRunner:
+    def __init__(self, graph: ModelGraph, target: Target, fp32_nodes: Sequence[str] = (), input_shapes: dict | None = None):
+        from aligner.backends.tensorrt import load_tensorrt
+
+        self.target, self.graph, self.fp32_nodes = target, graph, list(fp32_nodes)
+        self.label = str(target)
+        self.trt = load_tensorrt()
+        self.input_names = list(graph.input_names)
+        self.output_names = list(graph.output_names)
+        produced = {o for n in graph.nodes for o in n.output if o}
+        self.capturable = frozenset(produced | set(self.input_names))
+        self.input_shapes = dict(input_shapes or {})
+        self._key: tuple[str, ...] | None = None
+        self._engine = self._context = None
+        self.builds = 0
+
+    def _prepare(self, capture: tuple[str, ...], feeds: dict[str, np.ndarray]) -> None:
+        key = (capture, tuple(sorted((k, tuple(np.shape(v))) for k, v in feeds.items())))
+        if self._key == key and self._context is not None:
+            return
+        from aligner.backends.tensorrt import build_engine
+
+        shapes = {k: tuple(v.shape) for k, v in feeds.items()} | self.input_shapes
+        engine = build_engine(self.graph, self.target.precision, self.fp32_nodes, shapes, mark=capture)
+        self.builds += 1
+        self.unmarked = set(engine.unmarked)
+        logger = _Collect(self.trt)
+        runtime = self.trt.Runtime(logger)
+        self._engine = runtime.deserialize_cuda_engine(engine.data)
+        if self._engine is None:
+            said = "; ".join(logger.messages[-2:]) or "no message"
+            raise TargetRunError(f"{self.label}: {self.trt.__name__} {self.trt.__version__} refused to load the engine it built: {said}")
+        self._context = self._engine.create_execution_context()
+        if self._context is None:
+            raise TargetRunError(f"{self.label}: could not create an execution context: {'; '.join(logger.messages[-2:])}")
+        self._key = key
+
+    def run(self, feeds: dict[str, np.ndarray], capture: Sequence[str] = ()) -> dict[str, np.ndarray]:
+        import torch
+
+        capture = tuple(dict.fromkeys(capture))
+        for name in capture:
+            if name not in self.capturable:
+                raise InputError(unknown_name_message("tensor", name, self.capturable))
+        wanted = [c for c in capture if c not in self.input_names] if capture else self.output_names
+        self._prepare(tuple(c for c in wanted if c not in self.output_names), feeds)
+        missing = [c for c in wanted if c in self.unmarked]
+        if missing:
+            raise TargetRunError(f"{self.label}: TensorRT fused away {missing[:5]} (no network tensor of that name): capture neighbours instead")
+        buffers = self._bind(feeds)
+        stream = torch.cuda.Stream()
+        self._execute(stream)
+        stream.synchronize()
+        out = {c: buffers[c].float().cpu().numpy() if buffers[c].dtype in (torch.float16, torch.bfloat16) else buffers[c].cpu().numpy()
+               for c in wanted}
+        out.update({c: feeds[c] for c in capture if c in self.input_names})
+        return out
+
+
+    def _bind(self, feeds: dict[str, np.ndarray]) -> dict:
+        """torch CUDA buffers for every I/O tensor of the current engine, inputs filled, addresses set."""
+        import torch
+
+        trt, engine, context = self.trt, self._engine, self._context
+        torch_type = lambda name: torch.from_numpy(np.empty(0, dtype=trt.nptype(engine.get_tensor_dtype(name)))).dtype  # noqa: E731
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        buffers = {}
+        for name in names:
+            if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+                array = np.ascontiguousarray(feeds[name])
+                context.set_input_shape(name, array.shape)
+                buffers[name] = torch.from_numpy(array).to("cuda", torch_type(name))
+        for name in names:
+            if name not in buffers:
+                shape = tuple(context.get_tensor_shape(name))
+                if any(d < 0 for d in shape):
+                    raise TargetRunError(f"{self.label}: output {name!r} has a data-dependent shape {shape}; aligner's TensorRT runner needs static output shapes")
+                buffers[name] = torch.empty(shape, dtype=torch_type(name), device="cuda")
+            context.set_tensor_address(name, buffers[name].data_ptr())
+        return buffers
+
+    def _execute(self, stream) -> None:
+        if not self._context.execute_async_v3(stream.cuda_stream):
+            raise TargetRunError(f"{self.label}: execute_async_v3 failed")
+
+    def time(self, feeds: dict[str, np.ndarray], runs: int, warmup: int) -> list[float]:
+        """Milliseconds per run (CUDA events around each execute_async_v3; I/O stays on the GPU)."""
+        import torch
+
+        self._prepare((), feeds)
+        self._bind(feeds)
+        stream = torch.cuda.Stream()
+        for _ in range(warmup):
+            self._execute(stream)
+        stream.synchronize()
+        times = []
+        for _ in range(runs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            self._execute(stream)
+            end.record(stream)
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return times
+
+
+class _Collect:
+    """A TensorRT logger that keeps the messages (the refusal reasons end up in errors)."""
+
+    def __new__(cls, trt):
+        class Logger(trt.ILogger):
+            def __init__(self):
+                trt.ILogger.__init__(self)
+                self.messages = []
+
+            def log(self, severity, msg):
+                self.messages.append(str(msg))
+
+        return Logger()
+
+
+__all__ = ["TrtRunner"]
