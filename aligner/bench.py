@@ -61,9 +61,16 @@ def ort_session(model, target):
 
     from aligner.backends.onnxruntime import providers_for
 
+    from aligner.plugin import has_plugins
+
     providers = providers_for(target, cpu_fallback=False)  # timed: no silent fallback to the CPU
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if has_plugins(model):  # aligner plugin ops run as CPU custom ops beside the target's provider
+        from aligner.plugin.ort import adapt_for_ort, register_ort_ops
+
+        options.register_custom_ops_library(register_ort_ops())
+        model, providers = adapt_for_ort(model), providers_for(target)
     try:
         return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
     except Exception as exc:  # noqa: BLE001 - ORT raises its own types
@@ -100,12 +107,16 @@ def time_session(session, feeds: dict, device: str, runs: int, warmup: int) -> l
         def once():
             session.run(names, feeds)
 
+    from aligner.plugin.ort import take_errors
+
     times = []
     for i in range(warmup + runs):
         start = time.perf_counter()
         once()
         if i >= warmup:
             times.append((time.perf_counter() - start) * 1e3)
+        if i == 0 and (errors := take_errors()):
+            raise TargetRunError(f"a plugin op failed on the generated inputs: {'; '.join(errors[:3])}")
     return times
 
 
@@ -180,7 +191,7 @@ def bench(model: ModelGraph | str | Path, targets: Iterable[str], batches: Itera
             target, pins = plan_target(spec, plan)
             runner = TrtRunner(graph, target, pins)  # one engine per batch size (static shapes)
             for b in batches:
-                shapes = {i.name: tuple(b if k == 0 else d for k, d in enumerate(i.shape or ())) for i in graph.input_infos()}
+                shapes = {i.name: tuple(b if k == 0 and not isinstance(d, int) else d for k, d in enumerate(i.shape or ())) for i in graph.input_infos()}
                 feeds = make_inputs(graph, {k: v for k, v in shapes.items() if all(isinstance(d, int) for d in v)})
                 rows.append(_row(spec, b, runner.time(feeds, runs, warmup), runs, "cuda"))
                 device = "cuda"
@@ -192,7 +203,7 @@ def bench(model: ModelGraph | str | Path, targets: Iterable[str], batches: Itera
         device = target.device if target.device == "cuda" else device
         session = ort_session(prepared, target)
         for b in batches:
-            shapes = {i.name: tuple(b if k == 0 else d for k, d in enumerate(i.shape or ())) for i in graph.input_infos()}
+            shapes = {i.name: tuple(b if k == 0 and not isinstance(d, int) else d for k, d in enumerate(i.shape or ())) for i in graph.input_infos()}
             feeds = make_inputs(graph, {k: v for k, v in shapes.items() if all(isinstance(d, int) for d in v)})
             rows.append(_row(spec, b, time_session(session, feeds, target.device, runs, warmup), runs, target.device))
             done += 1

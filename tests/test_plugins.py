@@ -94,6 +94,14 @@ def test_roi_align_reference_matches_onnxruntime_roialign(opset, ctm, sampling):
     assert np.abs(got - expected).max() < 1e-5 * np.abs(expected).max()  # FP32 rounding (a wrong offset is ~1e-1)
 
 
+def _saved(model) -> Path:
+    import tempfile
+
+    path = Path(tempfile.mkdtemp()) / "model.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
 def _feat_only(model):
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -262,3 +270,19 @@ def test_build_fuse_writes_a_verified_plugin_model_that_compare_reads(tmp_path, 
     assert main(["compare", str(tmp_path / "m.onnx"), "--target-model", str(out), "--target", "ort:cpu:fp16",
                  "--inputs", str(tmp_path / "in.npz")]) == 0  # the fused model's plugin op runs on ORT in FP16
     assert "No divergence" in capsys.readouterr().out
+
+
+def test_bench_times_a_model_with_plugin_ops():
+    from aligner.bench import bench
+
+    result = bench(ModelGraph(_attention()), ["ort:cpu:fp32", "ort:cpu:fp16"], [1], runs=3, warmup=1)
+    assert [r.target for r in result.rows] == ["ort:cpu:fp32", "ort:cpu:fp16"] and all(r.latency_ms["median"] > 0 for r in result.rows)
+
+
+def test_a_failing_plugin_op_is_a_target_error_not_a_crash():
+    from aligner.errors import TargetRunError
+
+    bad = dict(ROI_FEEDS, batch_indices=np.array([0, 1, 1, 0, 7], np.int64))  # image 7 of a batch of 2
+    with pytest.raises(TargetRunError, match=r"RoIAlign: ValueError: batch_indices must be in \[0, 2\)"):
+        make_runner(ModelGraph(_roi_model(plugin=True)), "ort:cpu:fp32").run(bad)
+    assert main(["compare", str(_saved(_roi_model(plugin=True))), "--target", "emu:fp16"]) == 3  # random int64 indices: named, exit 3

@@ -22,7 +22,7 @@ from onnx import helper
 from aligner.backends.target import Target
 from aligner.errors import InputError, TargetError, TargetRunError, unknown_name_message
 from aligner.plugin import has_plugins
-from aligner.plugin.ort import adapt_for_ort, register_ort_ops
+from aligner.plugin.ort import adapt_for_ort, register_ort_ops, take_errors
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,8 @@ class OrtRunner:
             values = session.run(fetch, feeds)
         except Exception as exc:
             raise TargetRunError(f"{self.label}: ONNX Runtime failed while running: {_short(exc)}") from None
+        if self._custom_ops and (errors := take_errors()):
+            raise TargetRunError(f"{self.label}: a plugin op failed: {'; '.join(errors[:3])}")
         out = dict(zip(wanted, values))
         out.update({c: feeds[c] for c in capture if c in self.input_names})
         return out

@@ -137,6 +137,11 @@ def run(args: argparse.Namespace) -> int:
     write_atomic(Path(args.output), result.model.SerializeToString())
     console.print(f"[bold green]wrote[/] {escape(args.output)}")
     if args.ort_optimized:
+        from aligner.plugin import has_plugins
+
+        if has_plugins(result.model):
+            raise InputError("--ort-optimized: the model has aligner plugin ops, which ONNX Runtime runs through onnxruntime-extensions "
+                             "custom ops; its optimized file would hold that session-only form. Ship the mixed model itself.")
         _ort_optimized(args.output, args.ort_optimized, target)
         console.print(f"[bold green]wrote[/] {escape(args.ort_optimized)} (ONNX Runtime's optimized graph for {target.device})")
     return 0

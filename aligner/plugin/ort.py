@@ -46,8 +46,29 @@ def register_ort_ops() -> str:
     return ext.get_library_path()
 
 
+_ERRORS: list[str] = []
+
+
+def take_errors() -> list[str]:
+    """Errors raised inside plugin references since the last call (the runner turns them into a
+    TargetRunError: an exception must not cross into ONNX Runtime, where it ends the process)."""
+    errors = list(_ERRORS)
+    _ERRORS.clear()
+    return errors
+
+
 def _body(spec: PluginSpec):
     def run(*arrays, **attrs):
+        try:
+            return _run(*arrays, **attrs)
+        except Exception as exc:  # noqa: BLE001 - reported by the runner after the session returns
+            _ERRORS.append(f"{spec.name}: {type(exc).__name__}: {exc}")
+            values = {**spec.attributes, **attrs}
+            shapes = spec.shape([tuple(a.shape) for a in arrays], values)
+            outs = [np.full([d if isinstance(d, int) else 0 for d in (shape or ())], np.nan, np.float32) for shape in shapes]
+            return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def _run(*arrays, **attrs):
         outs = spec.run_reference(*arrays, **attrs)
         fixed = [np.ascontiguousarray(o, dtype=np.float32 if p.type in ("T", "tensor(float)") else None) for o, p in zip(outs, spec.outputs)]
         return fixed[0] if len(fixed) == 1 else tuple(fixed)
@@ -99,4 +120,4 @@ def adapt_for_ort(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-__all__ = ["ORT_DOMAIN", "adapt_for_ort", "register_ort_ops"]
+__all__ = ["ORT_DOMAIN", "adapt_for_ort", "register_ort_ops", "take_errors"]

@@ -29,7 +29,12 @@ def roi_align(X: np.ndarray, rois: np.ndarray, batch_indices: np.ndarray, output
     oh, ow = int(output_height), int(output_width)
     out = np.zeros((boxes.shape[0], c, oh, ow), np.float32)
     offset = 0.5 if aligned else 0.0
-    for r, (box, b) in enumerate(zip(boxes, np.asarray(batch_indices).reshape(-1))):
+    indices = np.asarray(batch_indices).reshape(-1)
+    if indices.shape[0] != boxes.shape[0]:
+        raise ValueError(f"{boxes.shape[0]} boxes but {indices.shape[0]} batch indices")
+    if indices.size and (indices.min() < 0 or indices.max() >= n):
+        raise ValueError(f"batch_indices must be in [0, {n}) for a batch of {n} feature maps; got {indices.min()}..{indices.max()}")
+    for r, (box, b) in enumerate(zip(boxes, indices)):
         x1, y1, x2, y2 = (float(v) * spatial_scale - offset for v in box)
         rw, rh = x2 - x1, y2 - y1
         if not aligned:
