@@ -134,17 +134,10 @@ for label, graph, shapes in cases:
             print(f"| {label} | {precision} | FAILED: {str(exc)[:400]} | | {time.perf_counter() - start:.1f} |")
 
 
-class Collect(trt.ILogger):
-    def __init__(self):
-        trt.ILogger.__init__(self)
-        self.messages = []
-
-    def log(self, severity, msg):
-        self.messages.append(f"{severity}: {msg}")
-
+from aligner.backends.trt_runner import CollectingLogger  # noqa: E402
 
 if last is not None:
-    logger = Collect()
+    logger = CollectingLogger(trt)
     engine = trt.Runtime(logger).deserialize_cuda_engine(last.data)
     print("\ndeserialize the last engine:", "ok" if engine is not None else "refused")
     for m in logger.messages[-3:]:

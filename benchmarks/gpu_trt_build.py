@@ -49,16 +49,9 @@ from aligner.backends.tensorrt import load_tensorrt  # noqa: E402
 trt = load_tensorrt()
 
 
-class Collect(trt.ILogger):
-    def __init__(self):
-        trt.ILogger.__init__(self)
-        self.messages = []
+from aligner.backends.trt_runner import CollectingLogger  # noqa: E402
 
-    def log(self, severity, msg):
-        self.messages.append(f"{severity}: {msg}")
-
-
-logger = Collect()
+logger = CollectingLogger(trt)
 engine_bytes = build_engine(graph, "fp16", plan, shapes).data
 runtime = trt.Runtime(logger)
 engine = runtime.deserialize_cuda_engine(engine_bytes)

@@ -46,18 +46,12 @@ def test_rtx_builds_but_refuses_to_run_on_cc_9(monkeypatch):
     engine = build_engine(ModelGraph.load(shapes_detector_path()), "fp16", ["/stem_norm/Pow"], {"pixels": (1, 3, 128, 128)},
                           mark=["/stem_norm/Pow_output_0"])
     assert engine.module == "tensorrt_rtx" and len(engine.data) > 1e6 and "/stem_norm/Pow_output_0" in engine.outputs
+    from aligner.backends.trt_runner import CollectingLogger
+
     trt = load_tensorrt()
-    messages = []
-
-    class Collect(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-
-        def log(self, severity, msg):
-            messages.append(msg)
-
-    assert trt.Runtime(Collect()).deserialize_cuda_engine(engine.data) is None
-    assert any("compute capability 9.0" in m for m in messages)  # exactly the refusal we expect; nothing else fails
+    logger = CollectingLogger(trt)
+    assert trt.Runtime(logger).deserialize_cuda_engine(engine.data) is None
+    assert any("compute capability 9.0" in m for m in logger.messages)  # exactly the refusal we expect; nothing else fails
 
 
 @pytest.mark.skipif(not RTX, reason="TensorRT-RTX not staged")

@@ -286,3 +286,10 @@ def test_a_failing_plugin_op_is_a_target_error_not_a_crash():
     with pytest.raises(TargetRunError, match=r"RoIAlign: ValueError: batch_indices must be in \[0, 2\)"):
         make_runner(ModelGraph(_roi_model(plugin=True)), "ort:cpu:fp32").run(bad)
     assert main(["compare", str(_saved(_roi_model(plugin=True))), "--target", "emu:fp16"]) == 3  # random int64 indices: named, exit 3
+
+
+def test_inspect_points_at_the_plugin_passes(detr_r50, tmp_path, capsys):
+    graph, _ = detr_r50
+    assert main(["inspect", str(graph.path)]) == 0
+    out = capsys.readouterr().out
+    assert "31 decomposed LayerNorm(s)" in out and "12 additive-mask softmax(es)" in out and "--fuse masked-softmax" in out

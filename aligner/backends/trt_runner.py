@@ -48,7 +48,7 @@ class TrtRunner:
         engine = build_engine(self.graph, self.target.precision, self.fp32_nodes, shapes, mark=capture)
         self.builds += 1
         self.unmarked = set(engine.unmarked)
-        logger = _Collect(self.trt)
+        logger = CollectingLogger(self.trt)
         runtime = self.trt.Runtime(logger)
         self._engine = runtime.deserialize_cuda_engine(engine.data)
         if self._engine is None:
@@ -128,8 +128,9 @@ class TrtRunner:
         return times
 
 
-class _Collect:
-    """A TensorRT logger that keeps the messages (the refusal reasons end up in errors)."""
+class CollectingLogger:
+    """A TensorRT logger (of the given ``trt`` module) that keeps the messages in ``.messages``
+    (the refusal reasons end up in errors)."""
 
     def __new__(cls, trt):
         class Logger(trt.ILogger):
@@ -143,4 +144,4 @@ class _Collect:
         return Logger()
 
 
-__all__ = ["TrtRunner"]
+__all__ = ["CollectingLogger", "TrtRunner"]

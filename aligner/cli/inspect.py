@@ -49,9 +49,17 @@ def run(args: argparse.Namespace) -> int:
     else:
         console.print("No static FP16 risks found (value-range risks need a run: aligner compare --target emu:fp16).")
     from aligner.passes.layernorm import find_layernorms
+    from aligner.passes.masked_softmax import find_masked_softmaxes
 
     fusable, _ = find_layernorms(graph)  # matching only: no copy of the model
     if fusable:
         console.print(f"{len(fusable)} decomposed LayerNorm(s) can become LayerNormalization (statistics in FP32): "
                       "aligner build --fuse layernorm")
+    masked = find_masked_softmaxes(graph)[2]
+    if masked:
+        console.print(f"{len(masked)} additive-mask softmax(es) can become aligner::MaskedSoftmax (no FP16 -inf mask, no Where): "
+                      "aligner build --fuse masked-softmax")
+    roi = graph.op_histogram().get("RoiAlign", 0)
+    if roi:
+        console.print(f"{roi} RoiAlign node(s): aligner build --fuse roi-align gives the aligner::RoIAlign plugin (boxes kept FP32)")
     return 0

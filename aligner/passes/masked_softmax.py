@@ -31,7 +31,8 @@ def _last_axis(graph: ModelGraph, node: onnx.NodeProto) -> bool:
     return graph.opset >= 13 and (axis == -1 or (rank is not None and axis == rank - 1))
 
 
-def fuse_masked_softmax(graph: ModelGraph) -> FuseResult:
+def find_masked_softmaxes(graph: ModelGraph) -> tuple[dict, set[str], list[str], list[str]]:
+    """(replacements by node, nodes removed, fused Softmax names, why others were left) — no copy."""
     spec = get("MaskedSoftmax")
     replaced, removed, fused, skipped = {}, set(), [], []
     for softmax in [n for n in graph.nodes if n.op_type == "Softmax"]:
@@ -75,10 +76,15 @@ def fuse_masked_softmax(graph: ModelGraph) -> FuseResult:
         if all(c.name in (add.name,) for c in graph.consumers.get(where.output[0], [])) and where.output[0] not in graph.output_names:
             removed.add(where.name)
         fused.append(softmax.name)
+    return replaced, removed, fused, skipped
+
+
+def fuse_masked_softmax(graph: ModelGraph) -> FuseResult:
+    replaced, removed, fused, skipped = find_masked_softmaxes(graph)
     model = rebuild(graph, replaced, removed)
     if fused:
-        raise_opset(model, spec.version, DOMAIN)
+        raise_opset(model, get("MaskedSoftmax").version, DOMAIN)
     return FuseResult(model, tuple(fused), tuple(skipped))
 
 
-__all__ = ["fuse_masked_softmax"]
+__all__ = ["find_masked_softmaxes", "fuse_masked_softmax"]
