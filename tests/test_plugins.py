@@ -36,7 +36,7 @@ def test_every_package_is_installed_including_the_plugin_folders():
 
 # ---- specs: ONNX schema, shape inference, types -----------------------------------------------
 
-def _roi_model(x_type=TensorProto.FLOAT, opset=16, mode="avg", ctm="half_pixel", sampling=0, plugin=False):
+def _roi_model(x_type=TensorProto.FLOAT, opset=16, mode="avg", ctm="half_pixel", sampling=0, plugin=False, mmcv=False):
     """Conv feature map -> RoiAlign (standard, or the plugin) -> ReduceMean: a detector's box head."""
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.normal(size=(8, 3, 3, 3)).astype(np.float32), "w")
@@ -44,6 +44,12 @@ def _roi_model(x_type=TensorProto.FLOAT, opset=16, mode="avg", ctm="half_pixel",
     attrs = dict(output_height=7, output_width=7, sampling_ratio=sampling, spatial_scale=0.5)
     if plugin:
         nodes.append(get("RoIAlign").make_node(["feat", "rois", "batch_indices"], ["pooled"], name="head/RoIAlign", mode=mode, aligned=1, **attrs))
+    elif mmcv:  # mmdet's export: boxes [R, 5] with the image index first, domain mmcv
+        nodes.insert(0, helper.make_node("Cast", ["batch_indices"], ["image_f"], name="rois/Cast", to=TensorProto.FLOAT))
+        nodes.insert(1, helper.make_node("Unsqueeze", ["image_f", "one"], ["image_col"], name="rois/Unsqueeze"))
+        nodes.insert(2, helper.make_node("Concat", ["image_col", "rois"], ["rois5"], name="rois/Concat", axis=1))
+        nodes.append(helper.make_node("MMCVRoiAlign", ["feat", "rois5"], ["pooled"], name="head/MMCVRoiAlign", domain="mmcv",
+                                      mode=mode, aligned=1, **attrs))
     else:
         extra = {"coordinate_transformation_mode": ctm} if opset >= 16 else {}
         nodes.append(helper.make_node("RoiAlign", ["feat", "rois", "batch_indices"], ["pooled"], name="head/RoiAlign", mode=mode, **attrs, **extra))
@@ -51,8 +57,9 @@ def _roi_model(x_type=TensorProto.FLOAT, opset=16, mode="avg", ctm="half_pixel",
     graph = helper.make_graph(nodes, "boxhead", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [2, 3, 40, 48]),
                                                    helper.make_tensor_value_info("rois", TensorProto.FLOAT, [5, 4]),
                                                    helper.make_tensor_value_info("batch_indices", TensorProto.INT64, [5])],
-                              [helper.make_tensor_value_info("score", TensorProto.FLOAT, [5, 8])], [w])
-    imports = [helper.make_opsetid("", opset)] + ([helper.make_opsetid(DOMAIN, 1)] if plugin else [])
+                              [helper.make_tensor_value_info("score", TensorProto.FLOAT, [5, 8])],
+                              [w, numpy_helper.from_array(np.array([1], np.int64), "one")])
+    imports = [helper.make_opsetid("", opset)] + ([helper.make_opsetid(DOMAIN, 1)] if plugin else []) + ([helper.make_opsetid("mmcv", 1)] if mmcv else [])
     return helper.make_model(graph, opset_imports=imports, ir_version=8)
 
 
@@ -138,6 +145,22 @@ def test_plugin_nodes_run_on_onnxruntime_through_the_reference():
     assert np.array_equal(out["pooled"], expected)
     fp16 = compare(graph, target="ort:cpu:fp16", feeds=ROI_FEEDS, tensors=["pooled", "score"])  # FP16 model: casts around the op
     assert fp16.first_divergent is None and all(0 < t.metrics["rel_l2"] < 1e-2 for t in fp16.tensors)
+
+
+@pytest.mark.parametrize("mode", ["avg", "max"])
+def test_roi_align_pass_turns_mmcv_roialign_into_the_plugin(mode, tmp_path, capsys):
+    graph = ModelGraph(_roi_model(mmcv=True, mode=mode))
+    result = fuse_roi_align(graph)
+    fused = ModelGraph(result.model)
+    assert result.fused == ("head/MMCVRoiAlign",) and "MMCVRoiAlign" not in fused.op_histogram()
+    out = make_runner(fused, "ort:cpu:fp32").run(ROI_FEEDS, ["feat", "pooled"])  # ORT could not run the mmcv original at all
+    expected = get("RoIAlign").run_reference(out["feat"], ROIS, ROI_FEEDS["batch_indices"], output_height=7, output_width=7,
+                                              spatial_scale=0.5, mode=mode, aligned=1)[0]
+    assert np.array_equal(out["pooled"], expected)
+    np.savez(tmp_path / "in.npz", **ROI_FEEDS)
+    assert main(["build", str(_saved(graph.model)), "--fuse", "roi-align", "--target", "ort:cpu:fp32", "--inputs", str(tmp_path / "in.npz"),
+                 "-o", str(tmp_path / "fused.onnx")]) == 0
+    assert "mmcv::MMCVRoiAlign" in capsys.readouterr().out and (tmp_path / "fused.onnx").exists()  # said why it was not compared
 
 
 def test_roi_align_pass_matches_the_standard_op_and_leaves_max_mode_alone():

@@ -9,7 +9,7 @@ PASSES = {"layernorm": fuse_layernorm, "masked-softmax": fuse_masked_softmax, "r
 PASS_DOCS = {
     "layernorm": "ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div[/Mul/Add] -> LayerNormalization (standard op, opset 17)",
     "masked-softmax": "Softmax(Add(scores, Where(mask, 0, -big))) -> aligner::MaskedSoftmax (plugin)",
-    "roi-align": "RoiAlign (mode avg) -> aligner::RoIAlign (plugin)",
+    "roi-align": "RoiAlign (mode avg), mmcv::MMCVRoiAlign -> aligner::RoIAlign (plugin)",
 }
 
 __all__ = ["PASSES", "PASS_DOCS", "FuseResult", "fuse_layernorm", "fuse_masked_softmax", "fuse_roi_align"]

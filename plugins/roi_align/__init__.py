@@ -30,5 +30,5 @@ SPEC = PluginSpec(
     reference=roi_align,
     kernel="aligner_plugins.roi_align.kernel:launch",
     fusion="roi-align",
-    replaces="RoiAlign (ai.onnx, mode avg)",
+    replaces="RoiAlign (ai.onnx, mode avg), mmcv::MMCVRoiAlign",
 )
