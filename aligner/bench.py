@@ -28,7 +28,7 @@ class BenchRow:
     latency_ms: dict[str, float]  # median, p90, p99, mean
     throughput: float  # items per second at the median latency
     runs: int
-    gpu_memory_mb: float | None = None
+    gpu_memory_mb: float | None = None  # peak GPU memory of this target (see bench())
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -151,19 +151,36 @@ def time_torch(module, shape: tuple[int, ...], spec: str, runs: int, warmup: int
     return times
 
 
-def _row(spec: str, batch: int, times: list[float], runs: int, device: str) -> BenchRow:
+def _row(spec: str, batch: int, times: list[float], runs: int, memory_mb: float | None) -> BenchRow:
     times = sorted(times)
     median = statistics.median(times)
     pct = lambda q: times[min(len(times) - 1, int(round(q * (len(times) - 1))))]  # noqa: E731
     return BenchRow(spec, batch, {"median": median, "p90": pct(0.9), "p99": pct(0.99), "mean": float(np.mean(times))},
-                    batch * 1e3 / median, runs, _gpu_memory_mb() if device == "cuda" else None)
+                    batch * 1e3 / median, runs, memory_mb)
+
+
+def _torch_peak_mb(device: str) -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+
+
+def _since(base: float | None) -> float | None:
+    now = _gpu_memory_mb()
+    return None if base is None or now is None else max(now - base, 0.0)
 
 
 def bench(model: ModelGraph | str | Path, targets: Iterable[str], batches: Iterable[int] = (1,), plan: Sequence[str] = (),
           runs: int = 100, warmup: int = 10, progress: Callable[[str, int, int], None] | None = None,
           torch_module=None) -> BenchResult:
     """Time ``model`` on each target and batch size; ``torch:*`` targets time ``torch_module`` eagerly
-    on inputs of the ONNX model's input shape."""
+    on inputs of the ONNX model's input shape.
+
+    Peak GPU memory per row: PyTorch's ``max_memory_allocated`` for ``torch:cuda:*`` (reset per
+    row); for ``ort:cuda:*`` and ``trt:*``, the device memory in use after the runs minus before the
+    session or engine was created (NVML) — ONNX Runtime's arena keeps its high-water mark, so this
+    is the target's peak footprint; the first CUDA session of a process also carries the CUDA
+    context (~0.5 GiB)."""
     graph = model if isinstance(model, ModelGraph) else ModelGraph.load(model)
     targets, batches = list(targets), sorted(set(batches))
     rows, notes = [], []
@@ -180,7 +197,12 @@ def bench(model: ModelGraph | str | Path, targets: Iterable[str], batches: Itera
                 raise InputError(f"Target {spec!r} times PyTorch eager: give the module (--torch MODULE:FUNCTION).")
             for b in batches:
                 shape = tuple(b if k == 0 else d for k, d in enumerate(graph.tensor(graph.input_names[0]).shape or ()))
-                rows.append(_row(spec, b, time_torch(torch_module, shape, spec, runs, warmup), runs, spec.split(":")[1]))
+                if spec.split(":")[1] == "cuda":
+                    import torch
+
+                    torch.cuda.reset_peak_memory_stats()
+                times = time_torch(torch_module, shape, spec, runs, warmup)
+                rows.append(_row(spec, b, times, runs, _torch_peak_mb(spec.split(":")[1])))
                 done += 1
                 if progress:
                     progress(spec, done, total)
@@ -189,11 +211,12 @@ def bench(model: ModelGraph | str | Path, targets: Iterable[str], batches: Itera
             from aligner.backends.trt_runner import TrtRunner
 
             target, pins = plan_target(spec, plan)
+            base = _gpu_memory_mb()
             runner = TrtRunner(graph, target, pins)  # one engine per batch size (static shapes)
             for b in batches:
                 shapes = {i.name: tuple(b if k == 0 and not isinstance(d, int) else d for k, d in enumerate(i.shape or ())) for i in graph.input_infos()}
                 feeds = make_inputs(graph, {k: v for k, v in shapes.items() if all(isinstance(d, int) for d in v)})
-                rows.append(_row(spec, b, runner.time(feeds, runs, warmup), runs, "cuda"))
+                rows.append(_row(spec, b, runner.time(feeds, runs, warmup), runs, _since(base)))
                 device = "cuda"
                 done += 1
                 if progress:
@@ -201,11 +224,13 @@ def bench(model: ModelGraph | str | Path, targets: Iterable[str], batches: Itera
             continue
         target, prepared = _model_for(graph, spec, plan)
         device = target.device if target.device == "cuda" else device
+        base = _gpu_memory_mb() if target.device == "cuda" else None
         session = ort_session(prepared, target)
         for b in batches:
             shapes = {i.name: tuple(b if k == 0 and not isinstance(d, int) else d for k, d in enumerate(i.shape or ())) for i in graph.input_infos()}
             feeds = make_inputs(graph, {k: v for k, v in shapes.items() if all(isinstance(d, int) for d in v)})
-            rows.append(_row(spec, b, time_session(session, feeds, target.device, runs, warmup), runs, target.device))
+            times = time_session(session, feeds, target.device, runs, warmup)
+            rows.append(_row(spec, b, times, runs, _since(base) if target.device == "cuda" else None))
             done += 1
             if progress:
                 progress(spec, done, total)

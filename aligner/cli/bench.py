@@ -77,7 +77,7 @@ def print_bench(result: BenchResult, console: Console | None = None) -> None:
     console = console or Console(highlight=False)
     table = Table(title=f"latency and throughput on {escape(result.device)}", title_justify="left")
     table.add_column("target", min_width=16, overflow="fold")
-    for col in ("batch", "median ms", "p90 ms", "p99 ms", "items/s", "GPU MiB"):
+    for col in ("batch", "median ms", "p90 ms", "p99 ms", "items/s", "peak GPU MiB"):
         table.add_column(col, justify="right", no_wrap=True)
     for r in result.rows:
         table.add_row(escape(r.target), str(r.batch), f"{r.latency_ms['median']:.3f}", f"{r.latency_ms['p90']:.3f}",
