@@ -16,12 +16,14 @@ node's op type, ``plugin_version`` and ``plugin_namespace`` attributes (the pass
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 
 import numpy as np
 
 from aligner.plugin import TRT_NAMESPACE, PluginSpec, plugins
 
+log = logging.getLogger(__name__)
 _REGISTERED: dict[int, list] = {}  # id(trt module) -> creators kept alive
 
 
@@ -53,23 +55,21 @@ def _read_fields(spec: PluginSpec, fields) -> dict:
 
 def _guard(method):
     """TensorRT calls plugin methods from C++, where a Python exception ends the process without
-    a word: print the traceback first (naming the plugin and the method), then re-raise."""
+    a word: log the traceback first (naming the plugin and the method), then re-raise.
+    ``ALIGNER_PLUGIN_TRACE=1`` also logs every call (which method TensorRT reached last)."""
     import functools
-    import sys
-    import traceback
 
     trace = bool(os.environ.get("ALIGNER_PLUGIN_TRACE"))
 
     @functools.wraps(method)
     def wrapper(self, *args):
+        owner = getattr(self, "plugin_name", getattr(self, "name", "?"))
         if trace:
-            print(f"aligner plugin: {method.__name__}{args!r:.200}", file=sys.stderr, flush=True)
+            log.warning("aligner plugin %s.%s%.200r", owner, method.__name__, args)
         try:
             return method(self, *args)
         except BaseException:
-            print(f"aligner plugin {getattr(self, 'plugin_name', getattr(self, 'name', '?'))}.{method.__name__} failed:", file=sys.stderr)
-            traceback.print_exc()
-            sys.stderr.flush()
+            log.exception("aligner plugin %s.%s failed", owner, method.__name__)
             raise
 
     return wrapper
