@@ -61,16 +61,13 @@ def ort_session(model, target):
 
     from aligner.backends.onnxruntime import providers_for
 
-    from aligner.plugin import has_plugins
+    from aligner.plugin.ort import for_session
 
-    providers = providers_for(target, cpu_fallback=False)  # timed: no silent fallback to the CPU
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    if has_plugins(model):  # aligner plugin ops run as CPU custom ops beside the target's provider
-        from aligner.plugin.ort import adapt_for_ort, register_ort_ops
-
-        options.register_custom_ops_library(register_ort_ops())
-        model, providers = adapt_for_ort(model), providers_for(target)
+    model, has_plugin_ops = for_session(model, options)
+    # timed: no silent fallback to the CPU, except for plugin ops, which are CPU custom ops
+    providers = providers_for(target, cpu_fallback=has_plugin_ops)
     try:
         return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
     except Exception as exc:  # noqa: BLE001 - ORT raises its own types
@@ -170,6 +167,42 @@ def _since(base: float | None) -> float | None:
     return None if base is None or now is None else max(now - base, 0.0)
 
 
+def _batch_feeds(graph: ModelGraph, batch: int) -> dict:
+    """Generated inputs with the symbolic leading dims set to ``batch`` (fixed dims kept)."""
+    shapes = {i.name: tuple(batch if k == 0 and not isinstance(d, int) else d for k, d in enumerate(i.shape or ())) for i in graph.input_infos()}
+    return make_inputs(graph, {k: v for k, v in shapes.items() if all(isinstance(d, int) for d in v)})
+
+
+def _timer(graph: ModelGraph, spec: str, plan: Sequence[str], runs: int, warmup: int, torch_module, device: str):
+    """(batch -> latencies in ms, () -> peak GPU MiB of the last batch, device) for one target."""
+    if spec.startswith("torch:"):
+        if torch_module is None:
+            raise InputError(f"Target {spec!r} times PyTorch eager: give the module (--torch MODULE:FUNCTION).")
+        on = spec.split(":")[1]
+
+        def time_batch(b):
+            import torch
+
+            if on == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            shape = tuple(b if k == 0 else d for k, d in enumerate(graph.tensor(graph.input_names[0]).shape or ()))
+            return time_torch(torch_module, shape, spec, runs, warmup)
+
+        return time_batch, lambda: _torch_peak_mb(on), device
+    if spec.startswith("trt"):
+        from aligner.backends.trt_runner import TrtRunner
+
+        target, pins = plan_target(spec, plan)
+        base = _gpu_memory_mb()
+        runner = TrtRunner(graph, target, pins)  # one engine per batch size (static shapes)
+        return lambda b: runner.time(_batch_feeds(graph, b), runs, warmup), lambda: _since(base), "cuda"
+    target, prepared = _model_for(graph, spec, plan)
+    base = _gpu_memory_mb() if target.device == "cuda" else None
+    session = ort_session(prepared, target)
+    return (lambda b: time_session(session, _batch_feeds(graph, b), target.device, runs, warmup),
+            lambda: _since(base) if target.device == "cuda" else None, "cuda" if target.device == "cuda" else device)
+
+
 def bench(model: ModelGraph | str | Path, targets: Iterable[str], batches: Iterable[int] = (1,), plan: Sequence[str] = (),
           runs: int = 100, warmup: int = 10, progress: Callable[[str, int, int], None] | None = None,
           torch_module=None) -> BenchResult:
@@ -192,49 +225,12 @@ def bench(model: ModelGraph | str | Path, targets: Iterable[str], batches: Itera
     device = "cpu"
     total, done = len(targets) * len(batches), 0
     for spec in targets:
-        if spec.startswith("torch:"):
-            if torch_module is None:
-                raise InputError(f"Target {spec!r} times PyTorch eager: give the module (--torch MODULE:FUNCTION).")
-            for b in batches:
-                shape = tuple(b if k == 0 else d for k, d in enumerate(graph.tensor(graph.input_names[0]).shape or ()))
-                if spec.split(":")[1] == "cuda":
-                    import torch
-
-                    torch.cuda.reset_peak_memory_stats()
-                times = time_torch(torch_module, shape, spec, runs, warmup)
-                rows.append(_row(spec, b, times, runs, _torch_peak_mb(spec.split(":")[1])))
-                done += 1
-                if progress:
-                    progress(spec, done, total)
-            continue
-        if spec.split("+")[0].startswith("trt"):
-            from aligner.backends.trt_runner import TrtRunner
-
-            target, pins = plan_target(spec, plan)
-            base = _gpu_memory_mb()
-            runner = TrtRunner(graph, target, pins)  # one engine per batch size (static shapes)
-            for b in batches:
-                shapes = {i.name: tuple(b if k == 0 and not isinstance(d, int) else d for k, d in enumerate(i.shape or ())) for i in graph.input_infos()}
-                feeds = make_inputs(graph, {k: v for k, v in shapes.items() if all(isinstance(d, int) for d in v)})
-                rows.append(_row(spec, b, runner.time(feeds, runs, warmup), runs, _since(base)))
-                device = "cuda"
-                done += 1
-                if progress:
-                    progress(spec, done, total)
-            continue
-        target, prepared = _model_for(graph, spec, plan)
-        device = target.device if target.device == "cuda" else device
-        base = _gpu_memory_mb() if target.device == "cuda" else None
-        session = ort_session(prepared, target)
+        timer, peak_mb, device = _timer(graph, spec, plan, runs, warmup, torch_module, device)
         for b in batches:
-            shapes = {i.name: tuple(b if k == 0 and not isinstance(d, int) else d for k, d in enumerate(i.shape or ())) for i in graph.input_infos()}
-            feeds = make_inputs(graph, {k: v for k, v in shapes.items() if all(isinstance(d, int) for d in v)})
-            times = time_session(session, feeds, target.device, runs, warmup)
-            rows.append(_row(spec, b, times, runs, _since(base) if target.device == "cuda" else None))
+            rows.append(_row(spec, b, timer(b), runs, peak_mb()))
             done += 1
             if progress:
                 progress(spec, done, total)
-        del session
     return BenchResult(_device_name(device), str(graph.path or "<in-memory>"), tuple(rows), tuple(notes))
 
 

@@ -23,7 +23,7 @@ from aligner.graph.model import ModelGraph
 
 
 class TrtRunner:
-    def __init__(self, graph: ModelGraph, target: Target, fp32_nodes: Sequence[str] = (), input_shapes: dict | None = None):
+    def __init__(self, graph: ModelGraph, target: Target, fp32_nodes: Sequence[str] = ()):
         from aligner.backends.tensorrt import load_tensorrt
 
         self.target, self.graph, self.fp32_nodes = target, graph, list(fp32_nodes)
@@ -33,10 +33,8 @@ class TrtRunner:
         self.output_names = list(graph.output_names)
         produced = {o for n in graph.nodes for o in n.output if o}
         self.capturable = frozenset(produced | set(self.input_names))
-        self.input_shapes = dict(input_shapes or {})
         self._key: tuple[str, ...] | None = None
         self._engine = self._context = None
-        self.builds = 0
 
     def _prepare(self, capture: tuple[str, ...], feeds: dict[str, np.ndarray]) -> None:
         key = (capture, tuple(sorted((k, tuple(np.shape(v))) for k, v in feeds.items())))
@@ -44,9 +42,8 @@ class TrtRunner:
             return
         from aligner.backends.tensorrt import build_engine
 
-        shapes = {k: tuple(v.shape) for k, v in feeds.items()} | self.input_shapes
+        shapes = {k: tuple(v.shape) for k, v in feeds.items()}
         engine = build_engine(self.graph, self.target.precision, self.fp32_nodes, shapes, mark=capture)
-        self.builds += 1
         self.unmarked = set(engine.unmarked)
         logger = CollectingLogger(self.trt)
         runtime = self.trt.Runtime(logger)

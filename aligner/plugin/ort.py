@@ -120,4 +120,13 @@ def adapt_for_ort(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-__all__ = ["ORT_DOMAIN", "adapt_for_ort", "register_ort_ops", "take_errors"]
+def for_session(model: onnx.ModelProto, options) -> tuple[onnx.ModelProto, bool]:
+    """(the model to give ONNX Runtime, whether it has plugin ops): with plugin ops, the custom-op
+    library is registered in ``options`` and the plugin nodes adapted; otherwise unchanged."""
+    if not has_plugins(model):
+        return model, False
+    options.register_custom_ops_library(register_ort_ops())
+    return adapt_for_ort(model), True
+
+
+__all__ = ["ORT_DOMAIN", "adapt_for_ort", "for_session", "register_ort_ops", "take_errors"]
