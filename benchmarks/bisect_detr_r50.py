@@ -14,7 +14,8 @@ process tree are measured (sampled every 20 ms). Rows:
 * ``polygraphy debug reduce faulty.onnx --mode bisect`` with the documented check
   (``polygraphy run polygraphy_debug.onnx --onnxrt --load-inputs layerwise_inputs.json
   --load-outputs golden.json``): the number of checks it ran (each a model run) and the size of
-  the reduced model it ends with.
+  the reduced model it ends with. Polygraphy runs in the work folder under ``benchmarks/work/``,
+  where it writes ``polygraphy_debug.onnx`` and its ``polygraphy_debug_replay*.json`` files.
 """
 
 from __future__ import annotations
@@ -23,19 +24,17 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import onnx
 import psutil
+from _work import use_test_helpers, work_dir
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-
-def measure(cmd: list[str], ok=(0, 1)) -> tuple[float, float]:
+def measure(cmd: list[str], ok=(0, 1), cwd: Path | None = None) -> tuple[float, float]:
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd)
     ps, peak = psutil.Process(proc.pid), 0
     while proc.poll() is None:
         try:
@@ -59,12 +58,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
     args = ap.parse_args()
+    use_test_helpers()
     from faults import change_gather_index
 
     from aligner.inputs import load_inputs, save_inputs
 
-    model = Path(args.model)
-    work = Path(tempfile.mkdtemp(prefix="aligner-bisect-bench-", dir=model.parent))
+    model = Path(args.model).resolve()
+    work = work_dir("bisect-detr-")
     faulty, victim = change_gather_index(model, work)
     npz = model.with_suffix(".inputs.npz")
     inputs_json = work / "inputs.json"
@@ -91,17 +91,15 @@ def main() -> None:
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     counter = work / "checks.txt"
     reduced = work / "reduced.onnx"
-    check = [sys.executable, __file__, "--count-check", str(counter), "polygraphy", "run", "polygraphy_debug.onnx",
+    check = [sys.executable, str(Path(__file__).resolve()), "--count-check", str(counter), "polygraphy", "run", "polygraphy_debug.onnx",
              "--onnxrt", "--load-inputs", str(layerwise_inputs), "--load-outputs", str(golden)]
-    cwd_before = Path.cwd()
-    wall, peak = measure(["polygraphy", "debug", "reduce", str(faulty.resolve()), "-o", str(reduced), "--mode", "bisect",
-                          "--load-inputs", str(layerwise_inputs), "--check", *check], ok=(0,))
+    wall, peak = measure(["polygraphy", "debug", "reduce", str(faulty), "-o", str(reduced), "--mode", "bisect",
+                          "--load-inputs", str(layerwise_inputs), "--check", *check], ok=(0,), cwd=work)
     checks = len(counter.read_text().splitlines()) if counter.exists() else 0
     reduced_nodes = [n for n in onnx.load(str(reduced), load_external_data=False).graph.node] if reduced.exists() else []
     has_victim = any(n.name == victim for n in reduced_nodes)
     rows.append(("polygraphy debug reduce --mode bisect", checks, wall, peak,
                  f"reduced model: {len(reduced_nodes)} nodes, {'contains' if has_victim else 'lacks'} the edited Gather"))
-    assert Path.cwd() == cwd_before
 
     print("| command | target runs / checks | wall s | peak RSS GiB | verdict |")
     print("|---|---|---|---|---|")

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import psutil
+from _work import work_dir
 
 
 def measure(cmd: list[str]) -> tuple[float, float, int]:
@@ -46,11 +47,12 @@ def main() -> None:
     args = ap.parse_args()
     model = Path(args.model)
     npz = model.with_suffix(".inputs.npz")
-    pg_inputs = model.with_suffix(".inputs.json")
+    work = work_dir("compare-memory-")
+    pg_inputs = work / "inputs.json"
     from aligner.inputs import load_inputs, save_inputs
 
     save_inputs(load_inputs(npz), pg_inputs, force=True)
-    out = model.parent / "aligner_diff.json"
+    out = work / "aligner_diff.json"
     commands = {
         "aligner compare (ref + target, every tensor)": ["aligner", "compare", str(model), "--target", "ort:cpu:fp32", "--inputs", str(npz), "--json", str(out), "--force"],
         "polygraphy run --onnxrt --onnx-outputs mark all": ["polygraphy", "run", str(model), "--onnxrt", "--onnx-outputs", "mark", "all", "--load-inputs", str(pg_inputs)],

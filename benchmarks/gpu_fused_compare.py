@@ -9,21 +9,19 @@ against the original on ONNX Runtime CUDA, FP32 and FP16: the issue's
 """
 
 import sys
-import tempfile
 from pathlib import Path
 
 import onnx
+from _work import work_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from conftest import export_detr_with_mask  # noqa: E402
 
 from aligner.cli.main import main  # noqa: E402
+from aligner.examples.testmodels import export_detr_with_mask  # noqa: E402
 from aligner.graph.model import ModelGraph  # noqa: E402
 from aligner.passes import fuse_layernorm, fuse_masked_softmax  # noqa: E402
 
-work = Path(tempfile.mkdtemp())
+work = work_dir("fused-compare-")
 path, feeds = export_detr_with_mask(work / "detr.onnx")
 fused = fuse_masked_softmax(ModelGraph(fuse_layernorm(ModelGraph.load(path)).model)).model
 onnx.save(fused, str(work / "detr.fused.onnx"))

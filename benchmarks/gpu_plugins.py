@@ -18,9 +18,10 @@ import traceback
 from pathlib import Path
 
 import numpy as np
+from _work import use_test_helpers, work_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+use_test_helpers()
 
 import torch  # noqa: E402
 
@@ -109,11 +110,10 @@ from test_plugins import _roi_model  # noqa: E402
 
 cases = [("box head with aligner::RoIAlign", ModelGraph(_roi_model(plugin=True)), {})]
 try:
-    from conftest import export_detr_with_mask  # noqa: E402
-
+    from aligner.examples.testmodels import export_detr_with_mask  # noqa: E402
     from aligner.passes import fuse_layernorm, fuse_masked_softmax  # noqa: E402
 
-    detr_path, _ = export_detr_with_mask(Path("/tmp/detr_small.onnx"))
+    detr_path, _ = export_detr_with_mask(work_dir("plugins-") / "detr_small.onnx")
     g = ModelGraph(fuse_layernorm(ModelGraph.load(detr_path)).model)
     cases.append((f"DETR (small) --fuse layernorm: {g.op_histogram()['LayerNormalization']} LayerNormalization (standard op)", g, {}))
     g = ModelGraph(fuse_masked_softmax(g).model)

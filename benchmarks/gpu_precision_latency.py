@@ -17,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from _work import use_test_helpers, work_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from aligner.graph.precision import rewrite_precision  # noqa: E402
 from aligner.search.precision import search_precision  # noqa: E402
@@ -38,17 +37,18 @@ def latency_ms(model, feeds: dict, runs: int = 300, warmup: int = 30) -> float:
 
 def detr_r50(size: int = 800) -> tuple:
     """DETR-R50 (random weights) at ``size`` with overflow sites in three FFNs, built here."""
-    import tempfile
-
     import torch
     from transformers import DetrConfig, ResNetConfig
 
+    from aligner.examples.testmodels import build_detr
+    from aligner.examples.testmodels import export_onnx as _export
     from aligner.graph.model import ModelGraph
     from aligner.inputs import make_inputs
-    from conftest import _export, build_detr
+
+    use_test_helpers()
     from faults import inject_overflow_site
 
-    path = Path(tempfile.mkdtemp()) / "detr_r50.onnx"
+    path = work_dir("precision-latency-") / "detr_r50.onnx"
     config = DetrConfig(use_timm_backbone=False, backbone_config=ResNetConfig(), use_pretrained_backbone=False)
     _export(build_detr(config), (torch.randn(1, 3, size, size),), path, dynamo=False, input_names=["pixel_values"], output_names=["logits", "boxes"])
     graph = ModelGraph.load(path)

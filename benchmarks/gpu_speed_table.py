@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
+from _work import work_dir
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from aligner.bench import bench  # noqa: E402
 from aligner.cli.bench import print_bench  # noqa: E402
@@ -37,24 +37,25 @@ BATCHES = [1, 2, 4, 8, 16, 32]
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp()))
+    ap.add_argument("--out", type=Path, help="folder for bench_*.json, run_* and speed.html (default: a new one under benchmarks/work/)")
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--only", choices=("shapes", "detr"), help="one of the two models")
     args = ap.parse_args()
+    args.out = args.out or work_dir("speed-table-")
     runs = []
     detector = ModelGraph.load(shapes_detector_path())
-    plan = [p["node"] for p in json.loads(Path("datasets/shapes_detector.plan.json").read_text())["fp32_nodes"]]
+    plan = [p["node"] for p in json.loads((ROOT / "datasets" / "shapes_detector.plan.json").read_text())["fp32_nodes"]]
     cases = [("shapes detector", detector, build_shapes(), plan)] if args.only != "detr" else []
 
     from transformers import DetrConfig, ResNetConfig
 
-    from conftest import build_detr
+    from aligner.examples.testmodels import build_detr
 
     config = DetrConfig(use_timm_backbone=False, backbone_config=ResNetConfig(), use_pretrained_backbone=False)
     if args.only == "shapes":
         config = None
     detr = build_detr(config) if config is not None else None
-    path = Path(tempfile.mkdtemp()) / "detr_r50.onnx"
+    path = args.out / "detr_r50.onnx"
     if detr is not None:
         torch.onnx.export(detr, (torch.rand(1, 3, 512, 512),), str(path), opset_version=16, dynamo=False, input_names=["pixel_values"],
                           output_names=["logits", "boxes"], dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}, "boxes": {0: "batch"}})

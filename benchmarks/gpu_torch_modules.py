@@ -18,10 +18,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from aligner.compare.torch_compare import compare_torch  # noqa: E402
-from conftest import build_detr  # noqa: E402
+from aligner.examples.testmodels import build_detr  # noqa: E402
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from aligner.examples import shapes_detector_path  # noqa: E402
 from aligner.graph.model import ModelGraph  # noqa: E402
 
 graph = ModelGraph.load(shapes_detector_path())
-plan = [p["node"] for p in json.loads(Path("datasets/shapes_detector.plan.json").read_text())["fp32_nodes"]]
+plan = [p["node"] for p in json.loads((Path(__file__).resolve().parents[1] / "datasets" / "shapes_detector.plan.json").read_text())["fp32_nodes"]]
 shapes = {"pixels": (1, 3, 128, 128)}
 print("| build | engine MiB | seconds | outputs | unmarked |")
 print("|---|---|---|---|---|")

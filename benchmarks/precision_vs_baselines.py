@@ -21,20 +21,17 @@ one acceptance check on the FP16 emulator (outputs finite, rel_l2 <= 2e-2):
 from __future__ import annotations
 
 import random
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
+from _work import use_test_helpers, work_dir
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from aligner.backends import make_runner, reference_runner  # noqa: E402
-from aligner.compare.metrics import rel_l2  # noqa: E402
-from aligner.graph.model import ModelGraph  # noqa: E402
-from aligner.inputs import make_inputs  # noqa: E402
-from aligner.search.pins import Trial, search_pins  # noqa: E402
-from aligner.search.precision import search_precision, value_ranges  # noqa: E402
+from aligner.backends import make_runner, reference_runner
+from aligner.compare.metrics import rel_l2
+from aligner.graph.model import ModelGraph
+from aligner.inputs import make_inputs
+from aligner.search.pins import Trial, search_pins
+from aligner.search.precision import search_precision, value_ranges
 
 
 def simulate_onnxconverter(n: int, bad: set[int]) -> int:
@@ -153,17 +150,17 @@ def onnxconverter(graph: ModelGraph, feeds: dict) -> tuple[int | str, list[str] 
 
 
 def models() -> dict:
-    import tempfile
-
     import onnx
     import torch
 
-    from conftest import _export, build_cnn, export_detr
+    from aligner.examples import example_inputs, tiny_vit
+    from aligner.examples.testmodels import build_cnn, export_detr
+    from aligner.examples.testmodels import export_onnx as _export
+
+    use_test_helpers()
     from faults import inject_overflow_site
 
-    from aligner.examples import example_inputs, tiny_vit
-
-    work = Path(tempfile.mkdtemp(prefix="aligner-precision-bench-"))
+    work = work_dir("precision-baselines-")
     out = {"tiny_vit (built-in, 5 LayerNorms)": (ModelGraph(tiny_vit()), example_inputs())}
     cnn = ModelGraph.load(_export(build_cnn(), (torch.randn(1, 3, 32, 32),), work / "cnn.onnx", dynamo=False))
     feeds = make_inputs(cnn)

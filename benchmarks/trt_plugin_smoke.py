@@ -6,8 +6,10 @@
 import sys
 from pathlib import Path
 
+from _work import use_test_helpers
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+use_test_helpers()
 
 from test_plugins import _attention, _roi_model  # noqa: E402
 

@@ -10,9 +10,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from aligner.errors import ModelLoadError
-from aligner.plugin import plugins
-
-plugins()  # register the plugin ops' ONNX schemas: the checker and shape inference know them
+from aligner.plugin import register_schemas
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +41,7 @@ def load_model(path: str | os.PathLike, check: bool = True) -> onnx.ModelProto:
             f"{len(model.graph.node)} nodes): it is not an ONNX model, or it was truncated."
         )
     _load_external_data(model, path)
+    register_schemas(model)  # a model with plugin nodes: the checker and shape inference must know them
     if check:
         check_model(model, path)
     return model
@@ -70,6 +69,7 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
 
 def check_model(model: onnx.ModelProto, path: Path | None = None) -> None:
     """Run the ONNX checker; models over 2 GiB are checked from their path."""
+    register_schemas(model)
     try:
         if model_size(model) > PROTOBUF_LIMIT and path is not None:
             onnx.checker.check_model(str(path))

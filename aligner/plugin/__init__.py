@@ -104,19 +104,32 @@ def plugins() -> dict[str, PluginSpec]:
     return _REGISTRY
 
 
+def register_schemas(model: onnx.ModelProto) -> None:
+    """Register the plugin ops' ONNX schemas (once) if ``model`` uses the plugin domain, so that the
+    ONNX checker and shape inference know its plugin nodes. Nothing is registered at import time."""
+    if has_plugins(model) or any(o.domain == DOMAIN for o in model.opset_import):
+        plugins()
+
+
 def _plugin_package():
-    """``aligner_plugins``: installed, or the ``plugins/`` folder beside the package when aligner
-    runs from a source checkout that was not installed (PYTHONPATH=.)."""
+    """``aligner_plugins``: installed with aligner (pyproject.toml maps it to the top-level ``plugins/``).
+
+    One exception, for a source checkout used without installing it (``PYTHONPATH=.``, as on the GPU
+    machine, which has no package index): there the package is the ``plugins/`` folder of that
+    checkout, taken only when aligner itself was imported from a checkout (its pyproject.toml beside).
+    """
     import sys
     from pathlib import Path
 
     try:
         import aligner_plugins
     except ImportError:
-        folder = Path(__file__).resolve().parents[2] / "plugins"
+        checkout = Path(__file__).resolve().parents[2]
+        folder = checkout / "plugins"
+        if not ((checkout / "pyproject.toml").is_file() and (folder / "__init__.py").is_file()):
+            raise InputError("The plugin package aligner_plugins is not installed; reinstall aligner (pip install aligner, "
+                             "or pip install -e . in a checkout).") from None
         spec = importlib.util.spec_from_file_location("aligner_plugins", folder / "__init__.py", submodule_search_locations=[str(folder)])
-        if spec is None or not folder.is_dir():
-            raise
         aligner_plugins = importlib.util.module_from_spec(spec)
         sys.modules["aligner_plugins"] = aligner_plugins
         spec.loader.exec_module(aligner_plugins)
@@ -187,4 +200,4 @@ def _infer(spec: PluginSpec, ctx) -> None:
         ctx.set_output_type(j, onnx.helper.make_tensor_type_proto(elem, None if shape is None else list(shape)))
 
 
-__all__ = ["DOMAIN", "TRT_NAMESPACE", "PluginSpec", "Port", "get", "has_plugins", "plugins", "spec_of"]
+__all__ = ["DOMAIN", "TRT_NAMESPACE", "PluginSpec", "Port", "get", "has_plugins", "plugins", "register_schemas", "spec_of"]

@@ -1,0 +1,28 @@
+"""Where the benchmarks write: ``benchmarks/work/`` (git-ignored), never the repository root.
+
+The scripts run as ``python benchmarks/NAME.py``, which puts this folder on ``sys.path``; the
+models they build come from :mod:`aligner.examples.testmodels` (the tests' models, in the package).
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+WORK = Path(__file__).resolve().parent / "work"
+
+
+def work_dir(prefix: str) -> Path:
+    """A new folder under ``benchmarks/work/`` (absolute path), kept after the run for inspection."""
+    WORK.mkdir(exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=WORK))
+
+
+def use_test_helpers() -> None:
+    """Put ``tests/`` on ``sys.path`` for the helpers a few benchmarks still share with the tests:
+    the fault injectors (``tests/faults.py``) and the plugin test graphs (``tests/test_plugins.py``).
+    The models come from the package; these two stay with the tests that own them."""
+    tests = str(WORK.parents[1] / "tests")
+    if tests not in sys.path:
+        sys.path.append(tests)
