@@ -20,11 +20,12 @@ SOURCES = [ROOT / "aligner", ROOT / "plugins"]  # plugins/ installs as aligner_p
 
 # Optional or heavy: never imported by `import aligner` or by the CLI before a command runs.
 NOT_AT_IMPORT = ("torch", "tensorrt", "tensorrt_rtx", "triton", "pycocotools", "faster_coco_eval", "matplotlib", "jinja2",
-                 "PIL", "transformers", "onnxruntime_extensions", "pynvml", "polygraphy", "aligner_plugins")
+                 "PIL", "transformers", "onnxruntime_extensions", "pynvml", "polygraphy", "aligner_plugins",
+                 "model_explorer", "model_explorer_onnx")
 
 # Import name -> distribution name, where they differ.
 DISTRIBUTION = {"PIL": "pillow", "google": "protobuf", "pynvml": "nvidia-ml-py", "onnxruntime_extensions": "onnxruntime-extensions",
-                "faster_coco_eval": "faster-coco-eval"}
+                "faster_coco_eval": "faster-coco-eval", "model_explorer": "ai-edge-model-explorer"}
 # Imported, not declared, on purpose.
 UNDECLARED = {"tensorrt_rtx": "TensorRT-RTX, the alternative to the tensorrt extra (ALIGNER_TENSORRT), is not on the index as one package"}
 # Imported by a name held in a variable (load_tensorrt tries each of MODULES): module -> the file.

@@ -17,9 +17,10 @@ from aligner.cli import inspect as inspect_cmd
 from aligner.cli import plugins as plugins_cmd
 from aligner.cli import precision as precision_cmd
 from aligner.cli import report as report_cmd
+from aligner.cli import view as view_cmd
 from aligner.errors import AlignerError
 
-COMMANDS = {"inspect": inspect_cmd, "compare": compare_cmd, "bisect": bisect_cmd, "precision": precision_cmd, "eval": eval_cmd, "bench": bench_cmd, "build": build_cmd, "plugins": plugins_cmd, "report": report_cmd, "demo": demo_cmd}
+COMMANDS = {"inspect": inspect_cmd, "compare": compare_cmd, "bisect": bisect_cmd, "precision": precision_cmd, "eval": eval_cmd, "bench": bench_cmd, "build": build_cmd, "plugins": plugins_cmd, "report": report_cmd, "view": view_cmd, "demo": demo_cmd}
 
 DESCRIPTION = """\
 aligner finds where and why a deployed ONNX model's numbers drift from the reference.
@@ -33,6 +34,7 @@ aligner finds where and why a deployed ONNX model's numbers drift from the refer
   aligner bench model.onnx --target ort:cuda:fp16 --batch 1,8   latency / throughput
   aligner build model.onnx --plan plan.json -o model.fp16.onnx  the deployable mixed model
   aligner report RUN_DIR... -o report.html       one self-contained HTML accuracy report
+  aligner view RUN_DIR...                        the model in Model Explorer, nodes coloured by error, NaN, pins
   aligner plugins list                           custom ops (MaskedSoftmax, RoIAlign) and --fuse passes
 """
 

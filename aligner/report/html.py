@@ -1,7 +1,8 @@
 """One self-contained HTML page from one or more run directories.
 
 Every string from a model (node, tensor and op names, reasons quoting them) goes through Jinja2's
-autoescaping; the only unescaped content is the SVG matplotlib draws, whose text is glyph paths.
+autoescaping, Model Explorer links included (their node names are percent-encoded JSON inside an
+escaped attribute); the only unescaped content is the SVG matplotlib draws, whose text is glyph paths.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from aligner._optional import require
 from aligner.errors import InputError
 from aligner.inputs import write_atomic
 from aligner.report.charts import latency_throughput_chart, layer_error_chart, trials_chart
+from aligner.report.graph_overlay import VIEWER_PORT, GraphOverlays
 from aligner.report.runs import Run, read_run
 
 
@@ -55,7 +57,14 @@ def _view(run: Run, runs: list[Run]) -> dict:
     return view
 
 
-def render_report(runs: list[Run], title: str = "") -> str:
+def _graph_link(overlays: GraphOverlays | None):
+    """The template's ``graph_link(node, overlay)``: a Model Explorer URL on that node, or ""."""
+    def link(node: str, prefer: str = "") -> str:
+        return overlays.link(node, prefer) if overlays is not None and node in overlays.ids else ""
+    return link
+
+
+def render_report(runs: list[Run], title: str = "", graph: GraphOverlays | None = None) -> str:
     require("jinja2", "rendering the HTML report")
     import jinja2
 
@@ -74,16 +83,21 @@ def render_report(runs: list[Run], title: str = "") -> str:
         title=title or ", ".join(Path(m.get("path", "?")).name for m in models),
         generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), version=__version__,
         models=models, runs=[_view(r, runs) for r in runs], fmt=_fmt, nf=_nf, yn=_yn,
+        graph=graph.to_dict() if graph is not None else None, graph_files=[str(p) for p in graph.files] if graph else [],
+        graph_link=_graph_link(graph), viewer_port=VIEWER_PORT,
     )
 
 
-def write_report(run_dirs: list[str | Path], out: str | Path, force: bool = False, title: str = "") -> Path:
-    """Render the run directories into one HTML file (atomically; never over a file without ``force``)."""
+def write_report(run_dirs: list[str | Path], out: str | Path, force: bool = False, title: str = "",
+                 graph: GraphOverlays | None = None) -> Path:
+    """Render the run directories into one HTML file (atomically; never over a file without ``force``).
+    With ``graph`` (written by :func:`aligner.report.graph_overlay.write_graph_overlays`), culprit and
+    pinned nodes link to their place in Model Explorer and the page lists the overlays."""
     out = Path(out)
     if out.exists() and not force:
         raise InputError(f"{out} exists; pass --force to overwrite it.")
     runs = [read_run(d) for d in run_dirs]
-    write_atomic(out, render_report(runs, title).encode())
+    write_atomic(out, render_report(runs, title, graph).encode())
     return out
 
 

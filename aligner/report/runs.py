@@ -1,6 +1,7 @@
 """Run directories: what an analysis command leaves behind for the report (JSON, never tensors).
 
-    RUN/meta.json      {"kind": "compare" | "bisect" | "precision" | "eval" | "bench", "created", "aligner", "model"}
+    RUN/meta.json      {"kind": "compare" | "bisect" | "precision" | "eval" | "bench", "created", "aligner", "model",
+                        "model_path" (absolute; absent for an in-memory model)}
     RUN/model.json     model summary (opset, I/O, node count, op histogram)
     RUN/result.json    the command's result (CompareResult / BisectResult / PrecisionPlan .to_dict())
     RUN/trials.jsonl   precision only: the trials log
@@ -54,6 +55,8 @@ def write_run(directory: str | Path, kind: str, graph: ModelGraph, result: dict,
 
     meta = {"kind": kind, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "aligner": __version__,
             "model": str(graph.path or "<in-memory>")}
+    if graph.path is not None:  # where `report --graph` and `view` find the model from any folder
+        meta["model_path"] = str(Path(graph.path).resolve())
     write_atomic(directory / "meta.json", json.dumps(meta, indent=1).encode())
     write_atomic(directory / "model.json", json.dumps(model_summary(graph), indent=1).encode())
     write_atomic(directory / "result.json", json.dumps(result, indent=1).encode())
