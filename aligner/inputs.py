@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import base64
+import binascii
 import io
 import json
 import logging
 import os
+import struct
 import tempfile
+import weakref
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -107,8 +112,32 @@ def validate_feeds(graph: ModelGraph, feeds: Feeds) -> Feeds:
             if array.dtype.kind != want.kind and not (array.dtype.kind in "iu" and want.kind in "iu"):
                 raise InputError(f"Input {info.name!r}: expected dtype {want}, given {array.dtype}.")
             array = array.astype(want)
+        _warn_nonfinite(info.name, array)
         out[info.name] = array
     return out
+
+
+_WARNED: dict[int, weakref.ref] = {}  # arrays already warned about (validation runs again in nested calls)
+
+
+def _warn_nonfinite(name: str, array: np.ndarray) -> None:
+    """Log (once per array) that an input holds NaN/inf: every comparison made from it says little."""
+    if array.dtype.kind != "f" or array.size == 0:
+        return
+    known = _WARNED.get(id(array))
+    if known is not None and known() is array:
+        return
+    bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+    if not bad:
+        return
+    _WARNED[id(array)] = weakref.ref(array, lambda _, key=id(array): _WARNED.pop(key, None))
+    share = "all" if bad == array.size else f"{bad} of"
+    log.warning("Input %r: %s %d values are NaN or inf; outputs computed from them (and any verdict) say little "
+                "about the model. Check the file or the preprocessing that made it.", name, share, array.size)
+
+
+# What reading untrusted bytes as arrays can raise (numpy, zipfile, zlib and base64 do not share a base class).
+_UNREADABLE = (ValueError, OSError, EOFError, KeyError, NotImplementedError, zipfile.BadZipFile, zlib.error, struct.error)
 
 
 def load_inputs(path: str | os.PathLike) -> list[Feeds]:
@@ -116,39 +145,75 @@ def load_inputs(path: str | os.PathLike) -> list[Feeds]:
     path = Path(path)
     if not path.exists():
         raise InputError(f"Inputs file not found: {path}")
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; give an .npz or Polygraphy .json file (or --inputs-dir for a folder of .npz).")
     if path.suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                return [{k: data[k] for k in data.files}]
-        except (ValueError, OSError) as exc:
-            raise InputError(f"{path} is not a readable .npz of arrays: {exc}") from None
+        return [_load_npz(path)]
     if path.suffix == ".json":
         return _load_polygraphy_json(path)
     raise InputError(f"Unsupported inputs file {path.name!r}: use .npz or Polygraphy's .json (polygraphy run --save-inputs).")
 
 
+def _load_npz(path: Path) -> Feeds:
+    what = "is not a readable .npz of arrays (truncated, or not made by numpy.savez?)"
+    try:
+        data = np.load(path, allow_pickle=False)
+    except _UNREADABLE as exc:
+        raise InputError(f"{path} {what}: {exc}") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise InputError(f"{path} holds one bare .npy array, not an .npz of named arrays; "
+                         f"save with numpy.savez(path, **{{input_name: array}}).")
+    try:
+        with data:
+            feeds = {k: data[k] for k in data.files}
+    except _UNREADABLE as exc:
+        raise InputError(f"{path} {what}: {exc}") from None
+    if not feeds:
+        raise InputError(f"{path} holds no arrays; save the model's inputs with numpy.savez(path, **{{input_name: array}}).")
+    return feeds
+
+
 def _load_polygraphy_json(path: Path) -> list[Feeds]:
     try:
         doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise InputError(f"Cannot read {path}: {exc.strerror or exc}.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise InputError(f"{path} is not valid JSON: {exc}") from None
     samples = doc if isinstance(doc, list) else [doc]
+    if not samples:
+        raise InputError(f"{path} holds no samples (an empty list); expected a list of {{name: array}} objects "
+                         "(Polygraphy's saved inputs, polygraphy run --save-inputs).")
     out = []
-    for sample in samples:
-        if not isinstance(sample, dict):
-            raise InputError(f"{path}: expected a list of {{name: array}} objects (Polygraphy's saved inputs).")
-        feeds = {}
-        for name, value in sample.items():
-            if not isinstance(value, dict) or "array" not in value:
-                raise InputError(f"{path}: entry {name!r} is not a Polygraphy-encoded array.")
-            feeds[name] = np.load(io.BytesIO(base64.b64decode(value["array"])), allow_pickle=False)
-        out.append(feeds)
+    for i, sample in enumerate(samples):
+        if not isinstance(sample, dict) or not sample:
+            raise InputError(f"{path}: sample {i} is {type(sample).__name__ if sample else 'empty'}; expected a list of "
+                             "{name: array} objects (Polygraphy's saved inputs, polygraphy run --save-inputs).")
+        out.append({name: _decode_array(path, i, name, value) for name, value in sample.items()})
     return out
+
+
+def _decode_array(path: Path, sample: int, name: str, value: object) -> np.ndarray:
+    where = f"{path}: sample {sample}, entry {name!r}"
+    if not isinstance(value, dict) or not isinstance(value.get("array"), str):
+        raise InputError(f"{where} is not a Polygraphy-encoded array ({{'array': base64 of a .npy, 'polygraphy_class': 'ndarray'}}).")
+    try:
+        raw = base64.b64decode(value["array"], validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InputError(f"{where}: 'array' is not valid base64 ({exc}).") from None
+    if not raw.startswith(b"\x93NUMPY"):
+        raise InputError(f"{where}: the payload is not a .npy array (no .npy header); Polygraphy writes numpy.save bytes.")
+    try:
+        return np.load(io.BytesIO(raw), allow_pickle=False)
+    except _UNREADABLE as exc:
+        raise InputError(f"{where}: the payload is not a plain .npy array ({exc}).") from None
 
 
 def save_inputs(samples: list[Feeds], path: str | os.PathLike, force: bool = False) -> Path:
     """Write samples atomically: ``.npz`` (first sample) or Polygraphy's JSON (all samples)."""
     path = Path(path)
+    if not samples:
+        raise InputError(f"No input samples to save to {path}.")
     if path.exists() and not force:
         raise InputError(f"{path} exists; pass --force to overwrite it.")
     if path.suffix == ".json":
@@ -156,7 +221,10 @@ def save_inputs(samples: list[Feeds], path: str | os.PathLike, force: bool = Fal
         write_atomic(path, json.dumps(doc, indent=1).encode())
     else:
         buf = io.BytesIO()
-        np.savez(buf, **samples[0])
+        with zipfile.ZipFile(buf, "w") as archive:  # numpy.savez's layout, without its reserved keyword names
+            for name, value in samples[0].items():
+                with archive.open(f"{name}.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
         write_atomic(path, buf.getvalue())
     return path
 
@@ -168,13 +236,44 @@ def _b64(array: np.ndarray) -> str:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temp file beside ``path`` then rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write to a temp file beside ``path`` then rename, so readers never see half a file. The file
+    gets the permissions a plain ``open`` would give it (0666 less the umask)."""
+    path = Path(path)
+    check_output_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise InputError(f"Cannot write {path}: {exc.strerror or exc}.") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_output_path(path: Path) -> None:
+    """An InputError when ``path`` cannot be a file: it is a folder, or a folder above it is a file."""
+    if path.is_dir():
+        raise InputError(f"Cannot write {path}: it is a folder; give a file path.")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"Cannot write {path}: {parent} is a file, not a folder.")
+            return
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask sets it to read it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -143,13 +143,13 @@ def test_precision_cli_plan_model_and_resume(capsys, vit_path, vit_inputs, tmp_p
     # resuming from the log re-runs nothing and finds the same plan
     log = tmp_path / "plan.trials.jsonl"
     code, out, _ = _run(capsys, "precision", vit_path, "--inputs", tmp_path / "in.npz", "--out", plan, "--resume", log, "--force")
-    assert code == 0 and "0 trial(s)" in out
+    assert code == 0 and f"{json.loads(plan.read_text())['trials']} trial(s)" in out and "0 new" in out
     assert [p["node"] for p in json.loads(plan.read_text())["fp32_nodes"]] == pins
 
 
 def test_precision_cli_no_plan_and_bad_accept(capsys, vit_path, vit_inputs, tmp_path):
     np.savez(tmp_path / "in.npz", **vit_inputs)
-    code, out, _ = _run(capsys, "precision", vit_path, "--inputs", tmp_path / "in.npz", "--accept", "rel_l2<=1e-12", "--max-trials", "3")
-    assert code == 1 and "NO PASSING PLAN" in out
+    code, out, _ = _run(capsys, "precision", vit_path, "--inputs", tmp_path / "in.npz", "--accept", "max_abs<0", "--max-trials", "3")
+    assert code == 1 and "NO PASSING PLAN" in out and "No plan exists" in out
     code, _, err = _run(capsys, "precision", vit_path, "--accept", "rel_l2 below 3")
     assert code == 2 and "METRIC<=VALUE" in err

@@ -5,12 +5,46 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from aligner.backends import parse_target
+from aligner.backends.target import REFERENCE, Target
 from aligner.compare.metrics import METRICS
-from aligner.compare.tolerance import Tolerance, default_tolerance
+from aligner.compare.tolerance import Tolerance, tolerance_for
 from aligner.errors import InputError
 from aligner.graph.model import ModelGraph
 from aligner.inputs import load_inputs, make_inputs, parse_input_shapes, save_inputs, validate_feeds
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number >= 0")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number > 0")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number >= 0")
+    return value
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,13 +52,35 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-check", action="store_true", help="skip the ONNX checker when loading")
 
 
+TARGETS_HELP = """\
+targets: runtime[:device][:precision][+plan.json][@key=value,...]
+  ort:cpu:fp32 (the reference: ONNX Runtime CPU, graph optimizations off), ort:cpu:fp16,
+  ort:cuda:fp32|tf32|fp16|bf16, emu:fp16|bf16 (the FP16/BF16 emulator on ONNX Runtime CPU: the
+  overflow/underflow of a GPU build, deterministic, on any machine), trt:fp32|fp16|bf16 (TensorRT,
+  strongly typed), torch:cpu:fp32, torch:cuda:fp32|tf32|fp16|bf16|autocast (PyTorch eager).
+  +plan.json keeps a plan's nodes in FP32 (+plan: the file given with --plan); --fp32-nodes adds
+  nodes; @key=value (or --target-option) sets runtime options, e.g. ort:cuda:fp16@cudnn_conv_algo_search=HEURISTIC.
+  A target means the same in compare, bisect, precision, eval, bench and build.
+
+tolerance: one rule for every command and strategy. A tensor diverges when its NaN/inf pattern
+  differs from the reference, or when --metric (default rel_l2) is beyond --threshold AND max_abs
+  exceeds --atol. Defaults by the lower precision of target and reference, also for --target-model
+  comparisons: fp32 1e-4/1e-5, tf32 5e-3/1e-4, fp16 2e-2/1e-3, bf16 1e-1/1e-2 (threshold/atol);
+  giving only --atol or only --threshold keeps the other default. The verdict prints the rule.
+"""
+
+
 def add_target_arguments(p: argparse.ArgumentParser, verb: str) -> None:
-    """--target, --reference, --target-model, as every comparing command takes them."""
-    p.add_argument("--target", help="target to check (default emu:fp16; ort:cpu:fp32 with --target-model)")
-    p.add_argument("--reference", default="ort:cpu:fp32", help="reference (default ort:cpu:fp32, graph optimizations off)")
-    p.add_argument("--target-model", metavar="ONNX",
+    """--target, --reference, --target-model, pins and options, as every comparing command takes them."""
+    g = p.add_argument_group("target")
+    g.add_argument("--target", help="target to check (default emu:fp16; ort:cpu:fp32 with --target-model); see 'targets' below")
+    g.add_argument("--reference", default=REFERENCE, help=f"reference (default {REFERENCE}, graph optimizations off)")
+    g.add_argument("--target-model", metavar="ONNX",
                    help=f"{verb} a second graph (edited, simplified) against the model on the reference runtime; tensors and nodes matched by name")
-    p.add_argument("--fp32-nodes", metavar="NAMES", help="comma-separated nodes kept FP32 in a low-precision target")
+    g.add_argument("--fp32-nodes", metavar="NAMES", help="comma-separated nodes kept FP32 in a low-precision target (added to the target's pins)")
+    g.add_argument("--plan", metavar="PLAN.json", help="keep a precision plan's nodes in FP32 (same as TARGET+PLAN.json)")
+    g.add_argument("--target-option", action="append", metavar="KEY=VALUE", default=[],
+                   help="a runtime option of the target (repeatable), e.g. cudnn_conv_algo_search=HEURISTIC")
 
 
 def add_input_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,38 +101,67 @@ def resolve_feeds(graph: ModelGraph, args: argparse.Namespace) -> dict:
     return feeds
 
 
+class OutputDir(str):
+    """An output path that is a directory (a run directory), for :func:`check_writable`."""
+
+
 def check_writable(paths: list[str | None], force: bool) -> None:
-    """Refuse to overwrite user files unless --force (checked before any long work starts)."""
-    for path in paths:
-        if path and Path(path).exists() and not force:
+    """Claim a command's outputs before any work: two outputs of one command on the same path, a
+    file output that is a directory or lies below a file, and an existing file or non-empty
+    directory without --force are refused, each with what to do."""
+    seen: dict[Path, str] = {}
+    for path in [p for p in paths if p]:
+        p = Path(path)
+        key = p.resolve()
+        if key in seen:
+            raise InputError(f"{path} is given for two outputs of this command ({seen[key]} and this one); give each its own path.")
+        seen[key] = str(path)
+        blocker = next((q for q in p.parents if q.exists() and not q.is_dir()), None)
+        if blocker is not None:
+            raise InputError(f"{path}: {blocker} is a file, so nothing can be written below it; choose another path.")
+        if isinstance(path, OutputDir):
+            if p.exists() and not p.is_dir():
+                raise InputError(f"{path} is a file, not a run directory; choose a directory path.")
+            if p.is_dir() and any(p.iterdir()) and not force:
+                raise InputError(f"{path} exists and holds files; pass --force to replace them, or choose another directory.")
+            continue
+        if p.is_dir():
+            raise InputError(f"{path} is a directory; give a file path for this output.")
+        if p.exists() and not force:
             raise InputError(f"{path} exists; pass --force to overwrite it.")
 
 
 def add_tolerance_arguments(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("tolerance")
     t.add_argument("--metric", choices=sorted(METRICS), default="rel_l2", help="metric of the divergence rule (default rel_l2)")
-    t.add_argument("--threshold", type=float, help="divergence threshold (default per precision: fp32 1e-4, tf32 5e-3, fp16 2e-2, bf16 1e-1 rel_l2)")
-    t.add_argument("--atol", type=float, help="ignore errors whose max_abs is below this")
+    t.add_argument("--threshold", type=finite_float, help="divergence threshold (default per precision: fp32 1e-4, tf32 5e-3, fp16 2e-2, bf16 1e-1 rel_l2)")
+    t.add_argument("--atol", type=non_negative_float, help="ignore errors whose max_abs is below this (default per precision)")
 
 
-def resolve_target(args: argparse.Namespace) -> str:
-    """--target's default: the FP16 emulator, or the reference runtime when a second graph is given."""
-    if args.target:
-        return args.target
-    return "ort:cpu:fp32" if args.target_model else "emu:fp16"
+def resolve_target(args: argparse.Namespace) -> Target:
+    """The target of a comparing command: --target (default: the FP16 emulator, or the reference
+    runtime when a second graph is given) with --plan, --fp32-nodes and --target-option folded in."""
+    spec = args.target or (REFERENCE if getattr(args, "target_model", None) else "emu:fp16")
+    plan = getattr(args, "plan", None)
+    if plan and "+" not in spec:
+        spec += "+plan"
+    pins = [n.strip() for n in (getattr(args, "fp32_nodes", None) or "").split(",") if n.strip()]
+    return Target.parse(spec, pins=pins, plan=plan, options=parse_options(getattr(args, "target_option", None) or []))
 
 
-def tolerance_from_args(args: argparse.Namespace) -> Tolerance | None:
-    if args.threshold is None and args.atol is None and args.metric == "rel_l2":
-        return None
-    target = parse_target(resolve_target(args))
-    base = default_tolerance(target.precision if args.target_model is None or target.runtime == "emu" else "fp32")
-    threshold = args.threshold if args.threshold is not None else (base.threshold if args.metric == base.metric else _metric_default(args.metric))
-    return Tolerance(args.metric, threshold, args.atol if args.atol is not None else base.atol)
+def parse_options(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--target-option {item!r}: write KEY=VALUE, e.g. cudnn_conv_algo_search=HEURISTIC.")
+        out[key.strip()] = value.strip()
+    return out
 
 
-def _metric_default(metric: str) -> float:
-    return {"cosine": 0.999, "snr_db": 40.0, "max_abs": 1e-3, "mean_abs": 1e-4, "mvre": 1e-2}.get(metric, 1e-4)
+def tolerance_from_args(args: argparse.Namespace, target: Target) -> Tolerance:
+    """The tolerance of this run: the one policy (:func:`tolerance_for`) with the user's overrides."""
+    return tolerance_for(target, Target.parse(args.reference), args.metric, args.threshold, args.atol)
 
 
 def load_models_and_feeds(args: argparse.Namespace) -> tuple[ModelGraph, ModelGraph | None, dict]:
@@ -93,8 +178,11 @@ def add_report_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def report_paths(args: argparse.Namespace) -> list[str | None]:
-    """Output paths the report options will write (for the --force check before any work)."""
-    return [args.report]
+    """Output paths the report options will write (for the --force check before any work): the
+    HTML report and the run directory (``--run``, else beside the report)."""
+    if not (args.report or args.run):
+        return []
+    return [args.report, OutputDir(args.run or Path(args.report).with_suffix(".run"))]
 
 
 def emit_run(args: argparse.Namespace, kind: str, graph: ModelGraph, result: dict, trials: Path | None = None) -> None:

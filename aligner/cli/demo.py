@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from aligner.backends import reference_runner
+from aligner.backends.target import REFERENCE, Target
 from aligner.cli.bisect import print_result as print_bisect
 from aligner.cli.compare import print_result
 from aligner.cli.eval import print_eval
@@ -46,6 +47,9 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    blocker = next((q for q in (out, *out.parents) if q.exists() and not q.is_dir()), None)
+    if blocker is not None:
+        raise InputError(f"--out {out}: {blocker} is a file; give a directory for the demo's outputs.")
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
         raise InputError(f"{out} exists and was not made by aligner demo; choose another --out.")
     start = time.perf_counter()
@@ -69,28 +73,25 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"[bold]inspect[/]: {len(risks)} node(s) at static FP16 risk, e.g. {escape(risks[0].node)}: {escape(risks[0].reason)}"
                   if risks else "[bold]inspect[/]: no static FP16 risks")
 
+    fp16 = Target.parse("emu:fp16")
     console.print("\n[bold]compare[/]: ORT CPU FP32 (reference) vs emu:fp16 (every stored tensor rounded to FP16), 50 images")
-    result = compare(graph, target="emu:fp16", feeds=feeds)
+    result = compare(graph, target=fp16, feeds=feeds)
     print_result(result, top=6, console=console)
 
     console.print("\n[bold]bisect[/]: where it starts and why: the first divergent node, run alone on the reference's "
                   "inputs to tell its own error from inherited error, and a standalone repro")
-    verdict = bisect(graph, target="emu:fp16", feeds=feeds, strategy="all", save_repro=out / "culprit", force=True)
+    verdict = bisect(graph, target=fp16, feeds=feeds, strategy="all", save_repro=out / "culprit", force=True)
     print_bisect(verdict, console=console)
 
     console.print("\n[bold]precision[/]: the smallest set of nodes to keep in FP32 so that COCO AP on the val split stays within "
                   "0.5 AP point of FP32, every pin verified necessary")
     accept = coco_acceptance(dataset, adapter, preprocess, reference_runner(graph), max_drop=0.005)
-    plan = search_precision(graph, target="emu:fp16", samples=[feeds], accept=accept,
+    plan = search_precision(graph, target=fp16, samples=[feeds], accept=accept,
                             trials_log=_fresh(out / "plan.trials.jsonl"), save_model=out / "shapes_detector.mixed.onnx")
     print_plan(plan, console=console)
+    evaluation = _evaluate(console, graph, dataset, plan, out)
 
-    console.print("\n[bold]eval[/]: COCO metrics of FP32, pure FP16 and the plan's mixed precision")
-    targets = ["ort:cpu:fp32", "emu:fp16"] + (["emu:fp16+plan"] if plan.passed and plan.pins else [])
-    evaluation = evaluate_detector(graph, dataset, adapter, preprocess, targets, plan.fp32_nodes, batch=50)
-    print_eval(evaluation, console=console)
-
-    for name, doc in (("compare", result.to_dict()), ("bisect", verdict.to_dict()), ("plan", plan.to_dict()), ("eval", evaluation.to_dict())):
+    for name, doc in (("compare", result.to_dict()), ("bisect", verdict.to_dict()), ("eval", evaluation.to_dict())):
         write_atomic(out / f"{name}.json", json.dumps(doc, indent=1).encode())
     runs = [write_run(out / "runs" / "compare", "compare", graph, result.to_dict(), force=True),
             write_run(out / "runs" / "bisect", "bisect", graph, verdict.to_dict(), force=True),
@@ -104,6 +105,16 @@ def run(args: argparse.Namespace) -> int:
                   "(standalone repro), plan.json, plan.trials.jsonl, shapes_detector.mixed.onnx, eval.json.")
     console.print(f"Try: aligner bisect {model_path} --inputs {out / 'inputs.npz'} --strategy isolate")
     return 0
+
+
+def _evaluate(console: Console, graph: ModelGraph, dataset: CocoDataset, plan, out: Path):
+    """COCO metrics of FP32, pure FP16 and (when one was found) the plan, written to plan.json first."""
+    write_atomic(out / "plan.json", json.dumps(plan.to_dict(), indent=1).encode())
+    console.print("\n[bold]eval[/]: COCO metrics of FP32, pure FP16 and the plan's mixed precision")
+    targets = [REFERENCE, "emu:fp16"] + (["emu:fp16+plan"] if plan.passed and plan.pins else [])  # +plan: plan.json
+    evaluation = evaluate_detector(graph, dataset, shapes_adapter(), shapes_preprocess(), targets, out / "plan.json", batch=50)
+    print_eval(evaluation, console=console)
+    return evaluation
 
 
 def _story(console: Console, verdict, plan, evaluation) -> None:

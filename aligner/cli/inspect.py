@@ -10,16 +10,32 @@ from rich.console import Console
 from rich.table import Table
 from rich.markup import escape
 
+from aligner.cli.common import non_negative_int
 from aligner.graph.model import ModelGraph
 from aligner.graph.risk import fp16_risks
 
 
+EPILOG = """\
+The FP16 risks are static (structure and weights): a decomposed LayerNorm's Pow, an Exp without
+max subtraction, weights beyond 65504. Whether they overflow depends on the data: aligner compare
+model.onnx --target emu:fp16 --inputs real.npz checks it.
+
+examples:
+  aligner inspect model.onnx
+  aligner inspect model.onnx --top-ops 40
+  aligner inspect model.onnx --no-check          # a model the ONNX checker rejects
+
+exit status: 0 read, 2 the file is missing, not ONNX, truncated or invalid
+"""
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("inspect", help="opset, inputs/outputs, op histogram, nodes at FP16 risk",
-                       description="Summarise an ONNX model: opset, I/O with shapes, node count, op histogram, and nodes at FP16 risk.")
+                       description="Summarise an ONNX model: opset, I/O with shapes, node count, op histogram, and nodes at FP16 risk.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="path to the .onnx model")
     p.add_argument("--no-check", action="store_true", help="skip the ONNX checker")
-    p.add_argument("--top-ops", type=int, default=15, help="op types to list (default 15)")
+    p.add_argument("--top-ops", type=non_negative_int, default=15, help="op types to list (default 15)")
 
 
 def run(args: argparse.Namespace) -> int:

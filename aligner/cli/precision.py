@@ -10,7 +10,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from aligner.cli.common import add_input_arguments, add_model_arguments, add_report_arguments, check_writable, emit_run, report_paths
+from aligner.backends import check_target
+from aligner.backends.target import Target
+from aligner.cli.common import (add_input_arguments, add_model_arguments, add_report_arguments, check_writable, emit_run, parse_options,
+                                report_paths)
 from aligner.errors import InputError
 from aligner.graph.model import ModelGraph
 from aligner.inputs import load_inputs, make_inputs, parse_input_shapes, save_inputs, write_atomic
@@ -50,7 +53,10 @@ def add_parser(sub) -> None:
                        description="Search the smallest set of nodes to keep in FP32 so that the FP16 (or BF16) build passes an acceptance check; every pin is verified necessary.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
-    p.add_argument("--target", default="emu:fp16", help="low-precision target (default emu:fp16; ort:cuda:fp16 on a GPU)")
+    p.add_argument("--target", default="emu:fp16", help="low-precision target (default emu:fp16; ort:cuda:fp16 on a GPU), "
+                   "written as in every command: runtime[:device][:precision][@key=value,...]")
+    p.add_argument("--target-option", action="append", metavar="KEY=VALUE", default=[],
+                   help="a runtime option of the target (repeatable), e.g. cudnn_conv_algo_search=HEURISTIC")
     p.add_argument("--accept", action="append", default=[], metavar="SPEC", help="output bound, e.g. 'rel_l2<=5e-3' (repeatable)")
     p.add_argument("--accept-cmd", metavar="CMD", help="external check; {model} is replaced by the mixed model's path; exit 0 = pass")
     p.add_argument("--max-trials", type=int, default=200, help="stop after this many trials (default 200); resume later")
@@ -68,7 +74,8 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     trials = args.trials or (str(Path(args.out).with_suffix("")) + ".trials.jsonl" if args.out else None)
     resuming_same = args.resume and trials and Path(args.resume).resolve() == Path(trials).resolve()
-    check_writable([args.out, args.save_model] + ([] if resuming_same else [trials]) + report_paths(args), args.force)
+    check_writable([args.out, args.save_model, args.save_inputs] + ([] if resuming_same else [trials]) + report_paths(args), args.force)
+    target = check_target(Target.parse(args.target, options=parse_options(args.target_option)))
     graph = ModelGraph.load(args.model, check=not args.no_check)
     samples = _samples(graph, args)
     accept = Acceptance.parse(args.accept, args.accept_cmd) if (args.accept or args.accept_cmd) else None
@@ -79,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
             console.print(f"trial {n:3d} {trial.phase:<8} {len(trial.pins):4d} pins  {mark}  {escape(trial.reason or trial.error)[:90]}")
             status.update(f"trial {n + 1}...")
 
-        plan = search_precision(graph, target=args.target, samples=samples, accept=accept, trials_log=trials,
+        plan = search_precision(graph, target=target, samples=samples, accept=accept, trials_log=trials,
                                 resume=args.resume, max_trials=args.max_trials, save_model=args.save_model, progress=progress)
     print_plan(plan)
     if args.out:
@@ -93,13 +100,14 @@ def _samples(graph: ModelGraph, args: argparse.Namespace) -> list[dict]:
         files = sorted(Path(args.inputs_dir).glob("*.npz"))
         if not files:
             raise InputError(f"--inputs-dir {args.inputs_dir}: no .npz files there.")
-        return [s for f in files for s in load_inputs(f)]
-    if args.inputs:
-        return load_inputs(args.inputs)
-    feeds = make_inputs(graph, parse_input_shapes(args.input_shapes), seed=args.seed)
-    if args.save_inputs:
-        save_inputs([feeds], args.save_inputs, force=args.force)
-    return [feeds]
+        samples = [s for f in files for s in load_inputs(f)]
+    elif args.inputs:
+        samples = load_inputs(args.inputs)
+    else:
+        samples = [make_inputs(graph, parse_input_shapes(args.input_shapes), seed=args.seed)]
+    if args.save_inputs:  # whatever their source: what the search was judged on
+        save_inputs(samples, args.save_inputs, force=args.force)
+    return samples
 
 
 def print_plan(plan: PrecisionPlan, console: Console | None = None) -> None:

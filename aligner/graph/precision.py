@@ -11,6 +11,9 @@ Rules (mirrored exactly by the ``emu:`` targets):
 * Inputs that an op's schema requires in FP32 (``Resize`` scales, ``NonMaxSuppression`` boxes...)
   stay FP32; ops whose schema has no low-precision kernel (``Range``...) and control-flow nodes
   are kept FP32 automatically, and reported.
+* Control-flow bodies (``If``/``Loop``/``Scan`` subgraphs) are never rewritten: they compute in
+  FP32, so every outer-scope FP32 tensor a body reads by name is given to it in FP32 (a Cast
+  outside the node, and the body's references renamed to the cast).
 * Initializers and Constant values are converted once; one shared by pinned and unpinned nodes is
   kept in FP32 for the pinned ones and duplicated in the low type for the others. Values outside
   the low type's range become inf, as they would on the GPU, and are reported, never clipped.
@@ -28,14 +31,14 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from aligner.errors import InputError, unknown_name_message
-from aligner.graph.model import ModelGraph
+from aligner.graph.model import ModelGraph, _node_inputs
+from aligner.limits import LOW_MAX
 
 log = logging.getLogger(__name__)
 
 Precision = Literal["fp16", "bf16"]
 LOW_TYPE = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 LOW_TYPE_STR = {"fp16": "tensor(float16)", "bf16": "tensor(bfloat16)"}
-FP16_MAX = 65504.0
 CONTROL_FLOW = {"If", "Loop", "Scan"}
 DTYPE_ATTR_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "EyeLike"}
 
@@ -103,12 +106,30 @@ def is_fp32(graph: ModelGraph, name: str) -> bool:
 
 
 def auto_pinned(graph: ModelGraph, typing: dict[str, NodeTyping]) -> dict[str, str]:
-    """Nodes that touch FP32 tensors but have no low-precision form, with the reason."""
+    """Nodes that touch FP32 tensors (their bodies' outer-scope reads included) but have no
+    low-precision form, with the reason."""
     return {
         name: t.unsupported
         for name, t in typing.items()
-        if t.unsupported and any(is_fp32(graph, x) for x in list(graph.node_by_name[name].input) + list(graph.node_by_name[name].output))
+        if t.unsupported and any(is_fp32(graph, x) for x in _node_inputs(graph.node_by_name[name]) | set(graph.node_by_name[name].output))
     }
+
+
+def implicit_inputs(node: onnx.NodeProto) -> list[str]:
+    """Outer-scope tensors that ``node``'s subgraphs read by name (empty for a node without bodies)."""
+    explicit = set(node.input)
+    return sorted(n for n in _node_inputs(node) if n and n not in explicit)
+
+
+def rename_in_bodies(node: onnx.NodeProto, renames: dict[str, str]) -> None:
+    """Make ``node``'s subgraphs (and theirs, recursively) read ``renames[x]`` where they read outer ``x``."""
+    for attr in node.attribute:
+        for body in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            for inner in body.node:
+                inner.input[:] = [renames.get(x, x) for x in inner.input]
+                rename_in_bodies(inner, renames)
+            for out in body.output:  # a body may pass an outer tensor straight through (outputs are positional)
+                out.name = renames.get(out.name, out.name)
 
 
 def _value_tensor(node: onnx.NodeProto) -> TensorProto | None:
@@ -129,7 +150,7 @@ def to_low(array: np.ndarray, precision: Precision) -> TensorProto:
 
 
 def _overflow(name: str, array: np.ndarray, precision: Precision) -> Overflow | None:
-    limit = FP16_MAX if precision == "fp16" else 3.38e38
+    limit = LOW_MAX[precision]
     finite = np.isfinite(array)
     big = np.abs(np.where(finite, array, 0)) > limit
     if big.any():
@@ -171,6 +192,8 @@ class _Rewriter:
             for i, name in enumerate(node.input):
                 if self._is_fp32(name):
                     node.input[i] = self._read(name, self._needs(node, i))
+            outer = {x: self._read(x, TensorProto.FLOAT) for x in implicit_inputs(node) if self._is_fp32(x)}
+            rename_in_bodies(node, {x: y for x, y in outer.items() if x != y})  # bodies compute in FP32
             unpinned = node.name not in self.pinned
             for out in node.output:
                 if self._is_fp32(out):
@@ -188,6 +211,7 @@ class _Rewriter:
         const_nodes = {n.output[0]: n for n in g.nodes if n.op_type == "Constant" and self._is_fp32(n.output[0])}
         for name in list(params) + list(const_nodes):
             needs = {self._needs(c, i) for c in g.consumers.get(name, []) for i, x in enumerate(c.input) if x == name}
+            needs |= {TensorProto.FLOAT for c in g.consumers.get(name, []) if name in implicit_inputs(c)}  # read by a body
             if not needs or needs == {TensorProto.FLOAT}:
                 self.storage[name] = TensorProto.FLOAT
                 continue

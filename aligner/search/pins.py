@@ -5,7 +5,9 @@
 
 1. tries pure low precision (a model that passes needs no plan: one trial);
 2. tries the seeds (nodes the reference's value ranges show cannot live in FP16); while that fails,
-   *grows* the set by the trial's culprit (where NaN/inf or the divergence starts);
+   *grows* the set by the trial's culprit (where NaN/inf or the divergence starts); when no new
+   culprit is named (the divergence is spread thin, or the bound is stricter than any one node),
+   it pins every remaining node at once: if even that fails, no plan exists for this check;
 3. *minimises* the passing set by delta debugging (removal by recursive halves, then single pins)
    until removing any one pin makes the check fail: the result is 1-minimal.
 
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 class Trial:
     pins: frozenset[str]
     passed: bool
-    phase: str = ""  # "pure", "seed", "grow", "minimize", "final"
+    phase: str = ""  # "pure", "seed", "grow", "all", "minimize", "final"
     metrics: dict[str, float] = field(default_factory=dict)
     culprit: str | None = None  # where it goes wrong under these pins (for growing)
     error: str = ""  # the target failed to build or run
@@ -33,18 +35,27 @@ class Trial:
 Check = Callable[[frozenset[str], str], Trial]
 
 
-def grow(seeds: Sequence[str], check: Check, limit: int) -> tuple[list[str], Trial, dict[str, int]]:
-    """Pins that pass, starting from ``seeds``; adds each failing trial's culprit. Returns the
-    pins, the last trial, and for each grown pin the number of the trial that named it."""
+def grow(seeds: Sequence[str], check: Check, limit: int, universe: Sequence[str] = ()) -> tuple[list[str], Trial, dict[str, int]]:
+    """Pins that pass, starting from ``seeds``; adds each failing trial's culprit. When a trial names
+    no new culprit (or after ``limit`` culprits), the rest of ``universe`` (every node that could be
+    pinned, in topological order) is pinned at once, so growing ends either passing or with every
+    node pinned (then nothing can pass). A trial that fails to build or run stops it. Returns the
+    pins (in ``universe`` order after pinning the rest), the last trial, and for each grown pin the
+    number of the step that named it."""
     pins = list(dict.fromkeys(seeds))
     grown: dict[str, int] = {}
     trial = check(frozenset(pins), "seed")
-    steps = 0
-    while not trial.passed and not trial.error and trial.culprit and trial.culprit not in pins and steps < limit:
-        pins.append(trial.culprit)
-        grown[trial.culprit] = steps
-        steps += 1
-        trial = check(frozenset(pins), "grow")
+    while not trial.passed and not trial.error:
+        if trial.culprit and trial.culprit not in pins and len(grown) < limit:
+            grown[trial.culprit] = len(grown)
+            pins.append(trial.culprit)
+            trial = check(frozenset(pins), "grow")
+            continue
+        if set(universe) <= set(pins):
+            break
+        # Everything, in topological order, so minimisation's halves are regions of the graph.
+        pins = list(dict.fromkeys(universe)) + [p for p in pins if p not in set(universe)]
+        trial = check(frozenset(pins), "all")
     return pins, trial, grown
 
 
@@ -89,19 +100,21 @@ def minimize(pins: Sequence[str], check: Check, halve_above: int = 128) -> list[
     return current
 
 
-def search_pins(seeds: Sequence[str], check: Check, grow_limit: int = 64) -> tuple[list[str], Trial | None]:
-    """Pure low precision first, then seeds + growth, then minimisation. Returns (pins, the
-    trial that verifies them) or (pins tried last, None) when nothing passed."""
+def search_pins(seeds: Sequence[str], check: Check, grow_limit: int = 64,
+                universe: Sequence[str] = ()) -> tuple[list[str], Trial | None]:
+    """Pure low precision first, then seeds + growth (up to every node of ``universe``), then
+    minimisation. Returns (pins, the trial that verifies them) or (pins tried last, None) when
+    nothing passed."""
     pure = check(frozenset(), "pure")
     if pure.passed:
         return [], pure
     start = list(seeds)
     if not start and pure.culprit:
         start = [pure.culprit]
-    pins, trial, _ = grow(start, check, grow_limit)
+    pins, trial, _ = grow(start, check, grow_limit, universe)
     if not trial.passed:
         return pins, None
-    pins = minimize(pins, check)
+    pins = minimize(pins, check, halve_above=0 if trial.phase == "all" else 128)  # from everything: thin by halves
     return pins, check(frozenset(pins), "final")
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -13,6 +15,7 @@ from pathlib import Path
 from aligner.compare.results import json_float
 from aligner.errors import InputError
 from aligner.graph.model import ModelGraph, concrete_shapes
+from aligner.inputs import check_output_path
 from aligner.search.pins import Trial
 
 TRT_CAVEAT = ("TensorRT <= 10 only: per-layer precision flags need --precisionConstraints=obey (trtexec) or "
@@ -103,64 +106,93 @@ def _flops(node, infos) -> float:
     return 2.0 * math.prod(out) * k
 
 
-PLAN_SUFFIX = "+plan"
-
-
-def plan_target(spec: str, plan: Iterable[str]):
-    """``"ort:cuda:fp16+plan"`` -> (the target, the plan's FP32 nodes); without the suffix, no pins."""
-    from aligner.backends.target import parse_target
-
-    base, with_plan = (spec[: -len(PLAN_SUFFIX)], True) if spec.endswith(PLAN_SUFFIX) else (spec, False)
-    plan = list(plan)
-    if with_plan and not plan:
-        raise InputError(f"Target {spec!r} asks for the plan, but no plan was given (--plan plan.json).")
-    return parse_target(base), plan if with_plan else []
-
-
-def read_plan(path: str | Path | None) -> list[str]:
-    """The FP32 nodes of a plan file written by ``aligner precision --out`` ([] for no path)."""
-    if not path:
-        return []
-    try:
-        return [p["node"] for p in json.loads(Path(path).read_text())["fp32_nodes"]]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise InputError(f"--plan {path}: not a plan written by aligner precision ({exc}).") from None
-
-
 # ---- the trials log ----------------------------------------------------------------------------
+
+log = logging.getLogger(__name__)
+
 
 class TrialLog:
     """Append-only JSONL: a header naming the search, then one line per trial. Reading it back
-    gives a cache from pin set to result, which is how ``--resume`` continues a search."""
+    gives a cache from pin set to result, which is how ``--resume`` continues a search.
+
+    It survives a hard kill: a torn last line is dropped with a warning (and cut off before
+    appending). While a search writes it, ``LOG.lock`` beside it is held, so a second search
+    cannot interleave its trials into the same log. Use as a context manager (or call ``close``)."""
 
     def __init__(self, path: Path | None, header: dict, resume: Path | None = None):
         self.path, self.header = path, header
         self.cache: dict[frozenset[str], Trial] = {}
-        if resume is not None:
-            self._read(resume)
-        if path is not None and not (resume is not None and path.resolve() == resume.resolve()):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"header": header}) + "\n")
-            for trial in self.cache.values():  # carry resumed trials over to the new log
-                self._append(trial)
+        self.resumed = 0  # trial lines the log holds before this search adds any
+        self._lock = _Lock(path) if path is not None else None
+        try:
+            same = resume is not None and path is not None and path.resolve() == resume.resolve()
+            if resume is not None:
+                self._read(resume, repair=same)
+            if path is not None and not same:
+                path.write_text(json.dumps({"header": header}) + "\n")
+                for trial in self.cache.values():  # carry resumed trials over to the new log
+                    self._append(trial)
+        except OSError as exc:
+            self.close()
+            raise InputError(f"Cannot write the trials log {path}: {exc.strerror or exc}.") from None
+        except BaseException:
+            self.close()
+            raise
+        if not same:
+            self.resumed = len(self.cache)  # the new log holds each resumed trial once
 
-    def _read(self, path: Path) -> None:
-        if not path.exists():
+    def __enter__(self) -> "TrialLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _read(self, path: Path, repair: bool) -> None:
+        if not path.is_file():
             raise InputError(f"--resume {path}: no such trials log.")
-        lines = path.read_text().splitlines()
+        try:
+            lines = path.read_bytes().split(b"\n")
+        except OSError as exc:
+            raise InputError(f"--resume {path}: cannot read it ({exc.strerror or exc}).") from None
         try:
             header = json.loads(lines[0])["header"]
-            rows = [json.loads(line) for line in lines[1:] if line.strip()]
-        except (IndexError, KeyError, json.JSONDecodeError) as exc:
-            raise InputError(f"--resume {path}: not a trials log written by aligner precision ({exc}).") from None
+            if not isinstance(header, dict):
+                raise TypeError("the header is not an object")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            raise InputError(f"--resume {path}: line 1 is not the header of a trials log written by aligner precision "
+                             f"({exc}); start a new log instead.") from None
         for key in ("model_sha", "target", "accept", "samples"):
             if header.get(key) != self.header.get(key):
                 raise InputError(f"--resume {path}: it was written for a different search ({key}: {header.get(key)!r} "
                                  f"vs now {self.header.get(key)!r}); start a new log instead.")
-        for row in rows:
-            trial = Trial(frozenset(row["pins"]), row["passed"], row.get("phase", ""), row.get("metrics", {}),
-                          row.get("culprit"), row.get("error", ""), row.get("seconds", 0.0), row.get("reason", ""))
+        keep, start = len(lines[0]), len(lines[0]) + 1  # keep: bytes through the last complete line
+        last = max((i for i, line in enumerate(lines) if line.strip()), default=0)
+        for number, line in enumerate(lines[1:], start=2):
+            line_start, start = start, start + len(line) + 1
+            if not line.strip():
+                continue
+            try:
+                trial = _trial(json.loads(line))
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
+                if number - 1 < last:
+                    raise InputError(f"--resume {path}: line {number} is not a trial ({exc}); the log is damaged, "
+                                     "start a new log instead.") from None
+                log.warning("%s: dropped the torn last line %d (the search was killed while writing it): %s",
+                            path, number, exc)
+                break
             self.cache[trial.pins] = trial
+            self.resumed += 1
+            keep = line_start + len(line)
+        if repair:  # appending goes on from the last complete trial
+            with open(path, "r+b") as f:
+                f.truncate(keep)
+                f.seek(keep)
+                f.write(b"\n")
 
     def record(self, trial: Trial) -> None:
         self.cache[trial.pins] = trial
@@ -176,4 +208,54 @@ class TrialLog:
             f.write(json.dumps(row) + "\n")
 
 
-__all__ = ["Pin", "PrecisionPlan", "TRT_CAVEAT", "TrialLog", "PLAN_SUFFIX", "flop_fraction", "plan_target", "read_plan"]
+def _trial(row: dict) -> Trial:
+    pins, passed = row["pins"], row["passed"]
+    if not isinstance(pins, list) or not all(isinstance(p, str) for p in pins) or not isinstance(passed, bool):
+        raise TypeError("'pins' must be a list of node names and 'passed' true or false")
+    return Trial(frozenset(pins), passed, row.get("phase", ""), row.get("metrics", {}), row.get("culprit"),
+                 row.get("error", ""), row.get("seconds", 0.0), row.get("reason", ""))
+
+
+class _Lock:
+    """An exclusive, non-blocking ``flock`` on ``PATH.lock``: one writer per trials log."""
+
+    def __init__(self, target: Path):
+        import fcntl
+
+        check_output_path(target)
+        self.path = target.with_name(target.name + ".lock")
+        for _ in range(5):  # the holder may remove the file between our open and our lock: retry
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as exc:
+                raise InputError(f"Cannot write the trials log {target}: {exc.strerror or exc} ({self.path}).") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 64).decode(errors="replace").strip()
+                os.close(fd)
+                raise InputError(f"{target} is being written by another aligner precision search (lock {self.path} held"
+                                 f"{f' by pid {holder}' if holder else ''}); wait for it to finish or give this search "
+                                 "another --out / --trials path.") from None
+            try:
+                current = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fd).st_ino:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                self.fd = fd
+                return
+            os.close(fd)
+        raise InputError(f"Could not lock {self.path}: other processes keep replacing it.")
+
+    def release(self) -> None:
+        try:
+            os.unlink(self.path)  # before unlocking: a waiter that opened this file sees it gone and retries
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+
+
+__all__ = ["Pin", "PrecisionPlan", "TRT_CAVEAT", "TrialLog", "flop_fraction"]

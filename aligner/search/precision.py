@@ -29,12 +29,13 @@ from aligner.compare.layerwise import estimate_sizes, plan_groups
 from aligner.compare.metrics import HIGHER_IS_BETTER, METRICS, all_metrics, nonfinite_counts
 from aligner.compare.tolerance import default_tolerance
 from aligner.errors import InputError, TargetRunError
-from aligner.graph.model import ModelGraph
+from aligner.graph.model import ModelGraph, _node_inputs
 from aligner.graph.precision import auto_pinned, is_fp32, node_typing, rewrite_precision
 from aligner.inputs import Feeds, make_inputs, validate_feeds, write_atomic
 from aligner.search.pins import Trial, search_pins
 from aligner.search.plan import Pin, PrecisionPlan, TrialLog, flop_fraction
-from aligner.search.verdict import FP16_TINY, LOW_MAX, ValueRange
+from aligner.limits import FP16_MIN_SUBNORMAL, LOW_MAX
+from aligner.search.verdict import ValueRange
 
 log = logging.getLogger(__name__)
 _BOUND = re.compile(r"^\s*([a-z_0-9]+)\s*(<=|>=|<|>)\s*([-+0-9.eE]+|inf)\s*$")
@@ -137,7 +138,7 @@ def seed_pins(graph: ModelGraph, ranges: dict[str, ValueRange], precision: str) 
                 what = "weight" if name in params else "input"
                 seeds[node.name] = f"reads {what} {name!r} with values up to {r.max_abs:.3g}, beyond {precision.upper()} max {limit:g}"
                 break
-            flushes = precision == "fp16" and 0 < r.min_abs_nonzero < FP16_TINY
+            flushes = precision == "fp16" and 0 < r.min_abs_nonzero < FP16_MIN_SUBNORMAL
             if flushes and ((node.op_type == "Div" and i == 1) or node.op_type in ("Reciprocal", "Log", "Sqrt")):
                 seeds[node.name] = f"{node.op_type} of {name!r} whose values go down to {r.min_abs_nonzero:.3g}, which flush to 0 in FP16"
                 break
@@ -150,19 +151,24 @@ class _Evaluator:
     """check(pins, phase) -> Trial, memoised through the trials log."""
 
     def __init__(self, graph: ModelGraph, target: Target, samples: list[Feeds], accept: Acceptance, log_: TrialLog,
-                 locate: bool, max_trials: int, progress: Callable[[Trial, int], None] | None):
+                 locate: bool, max_trials: int, progress: Callable[[Trial, int], None] | None, universe: Sequence[str] = ()):
         self.graph, self.target, self.samples, self.accept, self.log = graph, target, samples, accept, log_
-        self.locate, self.max_trials, self.progress = locate, max_trials, progress
+        self.locate, self.max_trials, self.progress, self.universe = locate, max_trials, progress, set(universe)
         ref = reference_runner(graph)
         self.reference = [ref.run(feeds) for feeds in samples]
-        self.trials = 0
+        self.trials = log_.resumed  # numbered on from a resumed log, so the count agrees with the log
+        self.new_trials = 0  # run by this call (what --max-trials limits)
         self.culprit_runs = 0
-        self.last_passed: Trial | None = None
+        self.best: Trial | None = None  # the passing trial with the fewest pins so far
 
     def __call__(self, pins: frozenset[str], phase: str) -> Trial:
-        if pins in self.log.cache:
-            return self.log.cache[pins]
-        if self.trials >= self.max_trials:
+        trial = self.log.cache.get(pins) or self._new(pins, phase)
+        if trial.passed and (self.best is None or len(trial.pins) <= len(self.best.pins)):
+            self.best = trial
+        return trial
+
+    def _new(self, pins: frozenset[str], phase: str) -> Trial:
+        if self.new_trials >= self.max_trials:
             raise _OutOfTrials()
         start = time.perf_counter()
         try:
@@ -175,6 +181,7 @@ class _Evaluator:
             culprit = self._culprit(pins)  # only growing needs to know where it goes wrong
         trial = Trial(pins, passed, phase, metrics, culprit, error, time.perf_counter() - start, reason)
         self.trials += 1
+        self.new_trials += 1
         self.log.record(trial)
         if self.progress:
             self.progress(trial, self.trials)
@@ -222,12 +229,31 @@ class _Evaluator:
         """Where NaN/inf (else the divergence) starts under these pins, not already pinned."""
         from aligner.search.bisect import bisect
 
-        verdict = bisect(self.graph, target=self.target, feeds=self.samples[0], fp32_nodes=pins, strategy="auto", window=0)
+        verdict = bisect(self.graph, target=self.target.with_pins(pins), feeds=self.samples[0], strategy="auto", window=0)
         self.culprit_runs += verdict.target_runs
         for node in (verdict.nonfinite_origin.node if verdict.nonfinite_origin else None,
                      verdict.first_divergent.node if verdict.first_divergent else None):
-            if node and node not in pins:
-                return node
+            found = node if node in self.universe and node not in pins else self._unpinned_ancestor(node, pins) if node else None
+            if found:
+                return found
+        return None
+
+    def _unpinned_ancestor(self, name: str, pins: frozenset[str]) -> str | None:
+        """The nearest unpinned ancestor of a node that goes wrong although pinned: it amplifies error its
+        inputs carry (rounded upstream), so pinning the nodes that feed it is the way on."""
+        level, seen = [name], {name}
+        while level:
+            parents = []
+            for node in level:
+                for tensor in _node_inputs(self.graph.node(node)):
+                    src = self.graph.producer.get(tensor)
+                    if src is not None and src.name not in seen and src.op_type != "Constant":
+                        seen.add(src.name)
+                        parents.append(src.name)
+            found = [p for p in parents if p in self.universe and p not in pins]
+            if found:
+                return max(found, key=self.graph.index_of.__getitem__)
+            level = parents
         return None
 
 
@@ -256,20 +282,17 @@ def search_precision(
     accept = accept or default_acceptance(target.precision)
     header = {"model": str(graph.path or "<in-memory>"), "model_sha": _fingerprint(graph), "target": str(target),
               "accept": list(accept.describe()), "samples": len(samples)}
-    log_ = TrialLog(Path(trials_log) if trials_log else None, header, Path(resume) if resume else None)
-
-    ranges = value_ranges(graph, samples)
-    seeds = seed_pins(graph, ranges, target.precision)
-    evaluator = _Evaluator(graph, target, list(samples), accept, log_, not seeds, max_trials, progress)
-    notes = []
-    try:
-        pins, verified = search_pins(list(seeds), evaluator)
-    except _OutOfTrials:
-        pins, verified = sorted(seeds, key=graph.index_of.__getitem__), None
-        notes.append(f"stopped after --max-trials {max_trials}; resume with --resume to continue")
+    typing = {n.name: node_typing(n, graph.opset, target.precision) for n in graph.nodes}
+    universe = pinnable(graph, auto_pinned(graph, typing))
+    with TrialLog(Path(trials_log) if trials_log else None, header, Path(resume) if resume else None) as log_:
+        ranges = value_ranges(graph, samples)
+        seeds = seed_pins(graph, ranges, target.precision)
+        evaluator = _Evaluator(graph, target, list(samples), accept, log_, not seeds, max_trials, progress, universe)
+        pins, verified, notes = _search(list(seeds), evaluator, universe, max_trials)
+    if log_.resumed:
+        notes.append(f"resumed {log_.resumed} trial(s) from {resume}; {evaluator.new_trials} new")
     pins = sorted(pins, key=graph.index_of.__getitem__)
     reasons = _reasons(graph, pins, seeds, log_)
-    typing = {n.name: node_typing(n, graph.opset, target.precision) for n in graph.nodes}
     plan = PrecisionPlan(
         model=str(graph.path or "<in-memory>"), precision=target.precision, target=str(target), accept=accept.describe(),
         pins=tuple(Pin(n, graph.node(n).op_type, reasons[n]) for n in pins), passed=verified is not None and verified.passed,
@@ -284,12 +307,38 @@ def search_precision(
     return plan
 
 
+def pinnable(graph: ModelGraph, auto: dict[str, str]) -> list[str]:
+    """Nodes a pin changes, in topological order: compute nodes that touch an FP32 tensor (their
+    bodies' outer reads included) and are not kept FP32 anyway."""
+    return [n.name for n in graph.nodes if n.op_type != "Constant" and n.name not in auto
+            and any(is_fp32(graph, x) for x in _node_inputs(n) | set(n.output))]
+
+
+def _search(seeds: list[str], evaluator: _Evaluator, universe: list[str], max_trials: int) -> tuple[list[str], Trial | None, list[str]]:
+    """search_pins, and what to tell the user when it stops short: (pins, verifying trial or None, notes)."""
+    try:
+        pins, verified = search_pins(seeds, evaluator, universe=universe)
+    except _OutOfTrials:
+        best = evaluator.best
+        if best is None:
+            return seeds, None, [f"stopped after --max-trials {max_trials}; resume with --resume to continue"]
+        return sorted(best.pins), best, [f"stopped after --max-trials {max_trials} while minimising: the plan passes but "
+                                         "may not be 1-minimal; resume with --resume to continue"]
+    last = evaluator.log.cache.get(frozenset(pins))
+    if verified is None and last is not None and not last.error and set(universe) <= set(pins):
+        return [], None, [f"No plan exists for this acceptance: even with all {len(universe)} node(s) kept in FP32 the check "
+                          f"fails ({last.reason or 'not accepted'}). Loosen --accept, or check the acceptance command."]
+    return pins, verified, []
+
+
 def _reasons(graph: ModelGraph, pins: list[str], seeds: dict[str, str], log_: TrialLog) -> dict[str, str]:
     out = {}
     pinned = set(pins)
+    spread = any(t.phase == "all" for t in log_.cache.values())
+    grown = "kept from the all-FP32 model as minimisation removed the rest (no single culprit)" if spread else "grown by the search"
     for name in pins:
         why = seeds.get(name) or next((f"NaN/inf or the divergence started here in a trial with {len(t.pins)} pin(s)"
-                                       for t in log_.cache.values() if t.culprit == name), "grown by the search")
+                                       for t in log_.cache.values() if t.culprit == name), grown)
         without = log_.cache.get(frozenset(pinned - {name}))
         if without is not None and not without.passed:
             why += f"; necessary: without it the check fails ({without.reason or without.error or 'not accepted'})"

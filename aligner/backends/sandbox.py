@@ -1,0 +1,166 @@
+"""Run ONNX Runtime sessions in a child process, so a runtime that crashes is a verdict, not a death.
+
+A model being debugged may well crash the runtime (a segmentation fault inside an optimizer or a
+kernel). In-process that kills aligner with no message; here the child dies, the parent reports a
+:class:`~aligner.errors.TargetRunError` naming the runtime, the signal and what was being run
+(exit 3), and the next request starts a fresh child. One child serves every runner of a process
+(it caches the last session), so the cost is one process start plus copying the captured arrays.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from aligner.errors import AlignerError, TargetRunError
+
+log = logging.getLogger(__name__)
+
+
+def _send(stream, header: dict, arrays: Sequence[np.ndarray] = ()) -> None:
+    """One message: a JSON header and the arrays as an uncompressed .npz, each length-prefixed."""
+    buf = io.BytesIO()
+    np.savez(buf, **{f"a{i}": np.asarray(a) for i, a in enumerate(arrays)})
+    for block in (json.dumps(header).encode(), buf.getvalue()):
+        stream.write(struct.pack("<Q", len(block)))
+        stream.write(block)
+    stream.flush()
+
+
+def _recv(stream) -> tuple[dict, list[np.ndarray]]:
+    blocks = []
+    for _ in range(2):
+        head = stream.read(8)
+        if len(head) < 8:
+            raise EOFError
+        size = struct.unpack("<Q", head)[0]
+        block = stream.read(size)
+        if len(block) < size:
+            raise EOFError
+        blocks.append(block)
+    with np.load(io.BytesIO(blocks[1]), allow_pickle=False) as data:
+        arrays = [data[f"a{i}"] for i in range(len(data.files))]
+    return json.loads(blocks[0]), arrays
+
+
+def _serve(read_fd: int, write_fd: int) -> None:  # pragma: no cover - runs in the child
+    from aligner.backends.onnxruntime import make_session
+    from aligner.backends.target import Target
+
+    requests, replies = os.fdopen(read_fd, "rb"), os.fdopen(write_fd, "wb")
+    key, session = None, None
+    while True:
+        try:
+            req, feeds = _recv(requests)
+        except EOFError:
+            return
+        try:
+            if req.get("optimized"):  # write ONNX Runtime's optimized graph, run nothing
+                make_session(req["path"], Target.parse(req["target"]), True, optimized_model_path=req["optimized"], label=req["label"])
+                _send(replies, {"status": "ok"})
+                continue
+            stamp = (req["path"], os.stat(req["path"]).st_mtime_ns, req["target"], req["optimize"], req["arena"])
+            if stamp != key:
+                session, key = None, None
+                session = make_session(req["path"], Target.parse(req["target"]), req["optimize"], memory_arena=req["arena"], label=req["label"])
+                key = stamp
+            values = session.run(req["fetch"], dict(zip(req["feeds"], feeds)))
+            _send(replies, {"status": "ok"}, values)
+        except AlignerError as exc:
+            _send(replies, {"status": "aligner", "kind": type(exc).__name__, "message": str(exc)})
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own types
+            _send(replies, {"status": "error", "message": str(exc).strip().replace("\n", " ")[:600]})
+
+
+class Sandbox:
+    """One child process running ONNX Runtime sessions on request (a fresh interpreter: no fork of
+    the caller's state, and no re-import of the caller's script as multiprocessing's spawn does)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+
+    def _start(self) -> None:
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        self._proc = subprocess.Popen([sys.executable, "-c", f"from aligner.backends.sandbox import _serve; _serve({to_child_r}, {from_child_w})"],
+                                      pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL)
+        os.close(to_child_r)
+        os.close(from_child_w)
+        self._requests, self._replies = os.fdopen(to_child_w, "wb"), os.fdopen(from_child_r, "rb")
+
+    def run(self, path: Path, target, optimize: bool, arena: bool, fetch: Sequence[str], feeds: dict, label: str,
+            optimized: Path | None = None) -> list[np.ndarray]:
+        """Run ``path`` on ``target`` fetching ``fetch``; with ``optimized``, only have ONNX Runtime
+        write the graph it optimized there."""
+        header = {"path": str(path), "target": str(target), "optimize": optimize, "arena": arena, "fetch": list(fetch),
+                  "feeds": list(feeds), "label": label, "optimized": str(optimized) if optimized else None}
+        with self._lock:
+            if self._proc is None or self._proc.poll() is not None:
+                self._start()
+            try:
+                _send(self._requests, header, list(feeds.values()))
+                reply, values = _recv(self._replies)
+            except (EOFError, BrokenPipeError, ConnectionResetError):
+                code = self._proc.wait(10)
+                self._proc = None
+                raise TargetRunError(f"{label}: ONNX Runtime crashed ({_describe(code)}) while building or running the model "
+                                     f"with {len(fetch)} output(s) ({', '.join(list(fetch)[:3])}{', ...' if len(fetch) > 3 else ''}). "
+                                     "The runtime died, not aligner: nothing was judged on this run. Which tensors are graph outputs changes what "
+                                     "ONNX Runtime optimizes, so another capture set may run (try another --strategy); or a lower optimization level "
+                                     "(--target-option graph_optimization_level=basic), or report it to ONNX Runtime with the model.") from None
+        if reply["status"] == "ok":
+            return values
+        if reply["status"] == "aligner":
+            from aligner import errors
+
+            raise getattr(errors, reply["kind"], TargetRunError)(reply["message"])
+        raise TargetRunError(f"{label}: ONNX Runtime failed while running: {reply['message']}")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._proc is not None:
+                self._requests.close()
+                try:
+                    self._proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+                self._replies.close()
+            self._proc = None
+
+
+def _describe(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
+_SANDBOX: Sandbox | None = None
+
+
+def sandbox() -> Sandbox:
+    """The process's sandbox (started on first use, restarted after a crash)."""
+    global _SANDBOX
+    if _SANDBOX is None:
+        _SANDBOX = Sandbox()
+        import atexit
+
+        atexit.register(_SANDBOX.close)
+    return _SANDBOX
+
+
+__all__ = ["Sandbox", "sandbox"]
