@@ -4,8 +4,10 @@
 the functions that need them.
 """
 
-from aligner.backends import make_runner, parse_target, reference_runner
+from aligner.backends import InputInfo, Runner, make_runner, parse_target, reference_runner
 from aligner.backends.target import Target
+from aligner.bench import BenchResult, BenchRow, bench
+from aligner.build import BuildCheck, BuildResult, build
 from aligner.compare import CompareResult, TensorDiff, Tolerance, compare
 from aligner.compare.torch_compare import TorchCompareResult, compare_torch
 from aligner.errors import AlignerError, InputError, MissingDependencyError, ModelLoadError, TargetError, TargetRunError
@@ -21,8 +23,9 @@ from aligner.search.precision import Acceptance, search_precision
 __version__ = "0.1.0"
 
 __all__ = [
-    "Acceptance", "AlignerError", "BisectResult", "CompareResult", "InputError", "MissingDependencyError", "ModelGraph", "ModelLoadError", "PrecisionPlan",
-    "RewriteResult", "Target", "TargetError", "TargetRunError", "TensorDiff", "Tolerance", "TorchCompareResult",
-    "bisect", "compare", "compare_torch", "extract_subgraph", "load_inputs", "load_model", "make_inputs", "make_runner",
+    "Acceptance", "AlignerError", "BenchResult", "BenchRow", "BisectResult", "BuildCheck", "BuildResult", "CompareResult", "InputError",
+    "InputInfo", "MissingDependencyError", "ModelGraph", "ModelLoadError", "PrecisionPlan", "RewriteResult", "Runner", "Target",
+    "TargetError", "TargetRunError", "TensorDiff", "Tolerance", "TorchCompareResult",
+    "bench", "bisect", "build", "compare", "compare_torch", "extract_subgraph", "load_inputs", "load_model", "make_inputs", "make_runner",
     "parse_target", "reference_runner", "rewrite_precision", "save_inputs", "search_precision", "with_outputs",
 ]

@@ -28,11 +28,11 @@ from precision_vs_baselines import accepts, models  # noqa: E402
 
 def latency_ms(model, feeds: dict, runs: int = 300, warmup: int = 30) -> float:
     """Median latency with I/O bound on the GPU (aligner's bench timing)."""
-    from aligner.backends.target import parse_target
-    from aligner.bench import ort_session, time_session
+    from aligner.backends import make_runner
+    from aligner.graph.model import ModelGraph
 
-    session = ort_session(model, parse_target("ort:cuda:fp32"))  # precision comes from the model's own types
-    return statistics.median(time_session(session, feeds, "cuda", runs, warmup))
+    runner = make_runner(ModelGraph(model), "ort:cuda:fp32")  # precision comes from the model's own types
+    return statistics.median(runner.time(feeds, runs, warmup))
 
 
 def detr_r50(size: int = 800) -> tuple:

@@ -23,6 +23,7 @@ from _work import work_dir
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from aligner.backends.target import Target  # noqa: E402
 from aligner.bench import bench  # noqa: E402
 from aligner.cli.bench import print_bench  # noqa: E402
 from aligner.examples import shapes_detector_path  # noqa: E402
@@ -65,8 +66,9 @@ def main() -> None:
         cases.append(("DETR-R50 512x512", detr_graph, detr, detr_plan))
     for label, graph, module, pins in cases:
         print(f"\n## {label} (plan: {len(pins)} FP32 node(s))")
-        targets = TARGETS if pins else [t for t in TARGETS if not t.endswith("+plan")]  # an empty plan is pure FP16
-        result = bench(graph, targets, BATCHES, pins, runs=args.runs, warmup=10, torch_module=module)
+        with_plan = [Target.parse(t[: -len("+plan")], pins=pins) for t in TARGETS if t.endswith("+plan")] if pins else []  # an empty plan is pure FP16
+        targets = [Target.parse(t) for t in TARGETS if not t.endswith("+plan")] + with_plan
+        result = bench(graph, targets, BATCHES, runs=args.runs, warmup=10, torch_module=module)
         print_bench(result)
         name = label.split()[0].lower()
         (args.out / f"bench_{name}.json").write_text(json.dumps(result.to_dict(), indent=1))

@@ -29,7 +29,7 @@ if __name__ == "__main__":
     plan_doc["model"] = "aligner/examples/data/shapes_detector.onnx"
     (HERE / "shapes_detector.plan.json").write_text(json.dumps(plan_doc, indent=1))
     result = evaluate_detector(graph, dataset, shapes_adapter(), shapes_preprocess(),
-                               ["ort:cpu:fp32", "emu:fp16", "emu:fp16+plan"], plan.fp32_nodes, batch=50)
+                               ["ort:cpu:fp32", "emu:fp16", "emu:fp16+plan"], HERE / "shapes_detector.plan.json", batch=50)
     doc = result.to_dict()
     doc["model"], doc["dataset"] = "aligner/examples/data/shapes_detector.onnx", "datasets/shapes_val/instances.json"
     (HERE / "shapes_detector.eval.json").write_text(json.dumps(doc, indent=1))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from aligner.cli.main import main
 from aligner.examples import shapes_detector_path
 
@@ -52,3 +54,18 @@ def test_bench_times_pytorch_eager_side_by_side(tmp_path, capsys, monkeypatch):
     assert [r["target"] for r in json.loads(out.read_text())["rows"]] == ["ort:cpu:fp32", "torch:cpu:fp32"]
     assert main(["bench", str(path), "--target", "torch:cpu:fp32"]) == 2
     assert "--torch MODULE:FUNCTION" in capsys.readouterr().err
+
+
+def test_plan_targets_are_named_with_their_plan_file(vit_path, vit_inputs, tmp_path, capsys):
+    from aligner.bench import bench
+    from aligner.errors import InputError
+    from aligner.search.precision import search_precision
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(search_precision(vit_path, "emu:fp16", samples=[vit_inputs]).to_dict()))
+    result = bench(vit_path, ["ort:cpu:fp16", "ort:cpu:fp16+plan"], [1], plan=plan, runs=2, warmup=0)
+    assert [r.target for r in result.rows] == ["ort:cpu:fp16", f"ort:cpu:fp16+{plan}"]
+    with pytest.raises(InputError, match="no plan was given"):
+        bench(vit_path, ["ort:cpu:fp16+plan"], [1], runs=2, warmup=0)
+    assert main(["bench", str(vit_path), "--target", "ort:cpu:fp16+plan", "--plan", str(plan), "--runs", "2", "--warmup", "0"]) == 0
+    assert main(["bench", str(vit_path), "--target", "trt:fp99"]) == 2 and "Valid targets" in capsys.readouterr().err

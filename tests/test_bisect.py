@@ -121,7 +121,10 @@ def test_every_strategy_names_the_injected_node(case, models, tmp_path):
     for strategy in ("all", "frontier"):
         assert verdicts[strategy].first_divergent.node == victim
     frontier_run = verdicts["frontier"]
-    assert frontier_run.target_runs <= math.ceil(math.log2(frontier_run.nodes)) + 2
+    searching = [p for p in frontier_run.probes if p.phase in ("outputs", "frontier")]
+    assert len(searching) <= math.ceil(math.log2(frontier_run.nodes)) + 1  # the halving itself
+    sweep = [p for p in frontier_run.probes if p.phase == "sweep"]  # masked divergences before the transition
+    assert len(sweep) <= 3 and "sweep run" in frontier_run.checked
     assert all(p.tensors <= max(4, frontier_run.nodes // 10) for p in frontier_run.probes if p.phase == "frontier")
     if kind == "fp16":
         assert verdicts["all"].nonfinite_origin.node == victim

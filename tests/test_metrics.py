@@ -25,19 +25,20 @@ def test_nonfinite_counted_apart_from_metrics():
     test = np.array([1.0, np.inf, np.nan], np.float32)
     assert vars(nonfinite_counts(test)) == {"nan": 1, "posinf": 1, "neginf": 0}
     assert all_metrics(ref, test)["max_abs"] == 0.0  # only finite pairs enter the metrics
-    _, _, _, diverges, reason = diff_tensor("t", ref, test, default_tolerance("fp16"))
+    d = diff_tensor(ref, test, default_tolerance("fp16"))
+    diverges, reason = d.diverges, d.reason
     assert diverges and reason == "nonfinite"
 
 
 def test_tolerance_needs_both_relative_and_absolute_error():
     tol = Tolerance("rel_l2", 1e-2, atol=1e-3)
     tiny = np.full(4, 1e-7)
-    assert not diff_tensor("t", tiny, tiny * 2, tol)[3]  # 100% relative but negligible absolute
-    assert diff_tensor("t", np.ones(4), np.ones(4) * 1.1, tol)[3]
+    assert not diff_tensor(tiny, tiny * 2, tol).diverges  # 100% relative but negligible absolute
+    assert diff_tensor(np.ones(4), np.ones(4) * 1.1, tol).diverges
 
 
 def test_integer_tensors_must_match_exactly():
-    assert diff_tensor("t", np.array([1, 2, 3]), np.array([1, 2, 4]), default_tolerance("fp16"))[3]
+    assert diff_tensor(np.array([1, 2, 3]), np.array([1, 2, 4]), default_tolerance("fp16")).diverges
 
 
 def test_groups_respect_budget_and_order():

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from aligner import compare
 from aligner.backends import make_runner
+from aligner.backends.target import Target
 from aligner.cli.main import main
 from aligner.graph.model import ModelGraph
 from aligner.graph.precision import rewrite_precision
@@ -267,7 +268,7 @@ def test_precision_search_pins_a_plugin_node_and_the_plan_runs_on_onnxruntime_fp
     assert plan.passed and set(plan.fp32_nodes) == {"bias/Add", "attn/MaskedSoftmax"}  # the writer and the plugin that reads it
     mixed = ModelGraph(rewrite_precision(graph, plan.fp32_nodes, "fp16").model)
     assert mixed.tensors[mixed.node("attn/MaskedSoftmax").input[0]].elem_type == TensorProto.FLOAT  # the pin keeps its input FP32
-    real = compare(graph, target="ort:cpu:fp16", feeds=feeds, tensors=graph.output_names, fp32_nodes=plan.fp32_nodes)
+    real = compare(graph, target=Target.parse("ort:cpu:fp16", pins=plan.fp32_nodes), feeds=feeds, tensors=graph.output_names)
     assert real.first_divergent is None  # the real FP16 model with the plan, on ONNX Runtime's custom op
     pure = compare(graph, target="emu:fp16", feeds=feeds, tensors=graph.output_names)  # (ORT CPU folds its FP16 casts)
     assert pure.first_divergent is not None and pure.tensors[0].nonfinite_target.nan > 0  # without the plan: NaN

@@ -9,6 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from aligner.backends import make_runner, reference_runner
+from aligner.backends.target import Target
 from aligner.compare import compare
 from aligner.examples import tiny_vit
 from aligner.graph.model import ModelGraph
@@ -90,16 +91,18 @@ def test_every_node_pinned_matches_the_reference(detr_path):
     """Fault (c): an FP32-pinned rewrite of DETR equals the reference within FP32 tolerance."""
     graph = ModelGraph.load(detr_path)
     everything = [n.name for n in graph.nodes]
-    result = compare(graph, target="ort:cpu:fp16", fp32_nodes=everything, tolerance=None)
+    result = compare(graph, target=Target.parse("ort:cpu:fp16", pins=everything), tolerance=None)
     assert result.first_divergent is None, result.verdict()
-    emulated = compare(graph, target="emu:fp16", fp32_nodes=everything)
+    emulated = compare(graph, target=Target.parse("emu:fp16", pins=everything))
     assert emulated.first_divergent is None, emulated.verdict()
 
 
-@pytest.mark.parametrize("target", ["emu:fp16", "ort:cpu:fp16"])
+# The rewrite as written, on ONNX Runtime CPU with its optimizer off: ORT's optimizer would move the
+# FP16 chains it has no kernels for to FP32 (what ort:cpu:fp16 deploys, see test_observer.py).
+@pytest.mark.parametrize("target", ["emu:fp16", "ort:cpu:fp16@capture=all,graph_optimization_level=disable_all"])
 def test_rewrite_and_emulator_agree_on_the_overflow_site(target, vit_inputs):
     result = compare(ModelGraph(tiny_vit()), target=target, feeds=vit_inputs)
-    assert result.first_nonfinite.node == "/blocks.0/norm1/Pow"
+    assert result.first_nonfinite.node == "/blocks.0/norm1/Pow" and not result.perturbed
 
 
 def test_pinning_the_variance_chain_fixes_fp16(vit_inputs):

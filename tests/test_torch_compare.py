@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from aligner.compare.torch_compare import compare_torch, export_onnx
-from aligner.errors import InputError
+from aligner.errors import InputError, TargetError
 from conftest import build_cnn, build_detr
 from faults import edit_constant
 
@@ -143,5 +143,5 @@ def test_torch_targets_compare_module_by_module():
     same = compare_torch(build_cnn(), (torch.randn(1, 3, 32, 32),), target="torch:cpu:fp32")
     assert same.first_divergent is None and len(same.modules) > 10
     assert all(m.metrics["max_abs"] == 0 for m in same.modules)  # deterministic CPU eager
-    with pytest.raises(InputError, match="torch:cuda:fp16"):
+    with pytest.raises(TargetError, match="torch:cuda:fp16"):  # the one target parser lists the valid ones
         compare_torch(build_cnn(), (torch.randn(1, 3, 32, 32),), target="torch:tpu:fp8")

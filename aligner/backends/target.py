@@ -1,54 +1,173 @@
-"""Target specs: ``runtime[:device][:precision]``, e.g. ``ort:cpu:fp32``, ``emu:fp16``."""
+"""Targets: where and how a model runs, written once and meaning the same in every command.
+
+``runtime[:device][:precision][+PINS][@OPTIONS]``::
+
+    ort:cpu:fp32                       the default reference (ONNX Runtime CPU, optimizations off)
+    ort:cuda:fp16+plan.json            FP16 on ONNX Runtime CUDA, the plan's nodes kept FP32
+    emu:fp16                           the FP16 emulator (ONNX Runtime CPU)
+    trt:fp16                           TensorRT, strongly typed from aligner's rewrite
+    torch:cuda:bf16                    PyTorch eager
+    ort:cpu:fp16+fp32=/a/Pow,/a/Sqrt   explicit FP32 nodes
+    ort:cuda:fp16@cudnn_conv_algo_search=HEURISTIC   runtime options
+
+``+plan`` (no path) means "the plan given separately" (``--plan``). ``str()`` gives back a spec
+that parses to the same value.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
-from aligner.errors import TargetError
+from aligner.errors import InputError, TargetError
 
 # runtime -> device -> precisions that exist in this version
 SUPPORTED: dict[str, dict[str, tuple[str, ...]]] = {
     "ort": {"cpu": ("fp32", "fp16", "bf16"), "cuda": ("fp32", "tf32", "fp16", "bf16")},
     "emu": {"cpu": ("fp16", "bf16")},
     "trt": {"cuda": ("fp32", "fp16", "bf16")},  # strongly typed from aligner's rewrite (TensorRT 10/11, TensorRT-RTX)
+    "torch": {"cpu": ("fp32",), "cuda": ("fp32", "tf32", "fp16", "bf16", "autocast")},
 }
-DEFAULT_DEVICE = {"ort": "cpu", "emu": "cpu", "trt": "cuda"}
-DEFAULT_PRECISION = {"ort": "fp32", "emu": "fp16", "trt": "fp16"}
+DEFAULT_DEVICE = {"ort": "cpu", "emu": "cpu", "trt": "cuda", "torch": "cpu"}
+DEFAULT_PRECISION = {"ort": "fp32", "emu": "fp16", "trt": "fp16", "torch": "fp32"}
+_SHORT = ("emu", "trt")  # one device only: written without it
+_OPTION = re.compile(r"^[A-Za-z_][\w.]*=[^,=]*(,[A-Za-z_][\w.]*=[^,=]*)*$")
 
 
 @dataclass(frozen=True)
 class Target:
+    """One runtime, device and precision, the nodes kept FP32 there, and the runtime options."""
+
     runtime: str
     device: str
     precision: str
+    pins: tuple[str, ...] = ()  # nodes kept in FP32 (low-precision targets)
+    plan: str | None = None  # the plan file the pins came from, when they did
+    options: tuple[tuple[str, str], ...] = field(default=())  # runtime options, sorted by key
+
+    def __post_init__(self):
+        devices = SUPPORTED.get(self.runtime)
+        if devices is None or self.device not in devices or self.precision not in devices[self.device]:
+            raise TargetError(_unknown(f"{self.runtime}:{self.device}:{self.precision}"))
+        if self.pins and self.precision not in ("fp16", "bf16"):
+            raise TargetError(f"Target {self.base}: FP32 pins only apply to fp16/bf16 targets ({len(self.pins)} given).")
+
+    @classmethod
+    def parse(cls, spec: "str | Target", pins: Iterable[str] = (), plan: str | Path | None = None,
+              options: Mapping[str, str] | None = None) -> "Target":
+        """Parse ``spec``; ``pins`` (``--fp32-nodes``) and ``options`` (``--target-option``) extend
+        what the spec says; ``plan`` (``--plan``) is the file a ``+plan`` suffix refers to."""
+        target = spec if isinstance(spec, Target) else _parse(spec, plan)
+        pins = list(pins)
+        if pins:
+            target = target.with_pins([*target.pins, *pins])
+        if options:
+            target = target.with_options(options)
+        return target
+
+    @property
+    def base(self) -> str:
+        """``runtime:device:precision`` (short form for single-device runtimes), without pins or options."""
+        return f"{self.runtime}:{self.precision}" if self.runtime in _SHORT else f"{self.runtime}:{self.device}:{self.precision}"
 
     def __str__(self) -> str:
-        return f"{self.runtime}:{self.device}:{self.precision}" if self.runtime not in ("emu", "trt") else f"{self.runtime}:{self.precision}"
+        text = self.base
+        if self.plan is not None:
+            text += f"+{self.plan}"
+        elif self.pins:
+            text += "+fp32=" + ",".join(self.pins)
+        if self.options:
+            text += "@" + ",".join(f"{k}={v}" for k, v in self.options)
+        return text
 
     @property
     def is_low_precision(self) -> bool:
-        return self.precision in ("fp16", "bf16")
+        return self.precision in ("fp16", "bf16", "autocast")
+
+    @property
+    def option_dict(self) -> dict[str, str]:
+        return dict(self.options)
+
+    def with_pins(self, pins: Iterable[str]) -> "Target":
+        """The same target with exactly these FP32 nodes (the plan file no longer describes them)."""
+        pins = tuple(dict.fromkeys(p for p in pins if p))
+        return replace(self, pins=pins, plan=self.plan if pins == self.pins else None)
+
+    def with_options(self, options: Mapping[str, str]) -> "Target":
+        merged = {**self.option_dict, **{str(k): str(v) for k, v in options.items()}}
+        return replace(self, options=tuple(sorted(merged.items())))
+
+    def to_dict(self) -> dict:
+        return {"spec": str(self), "runtime": self.runtime, "device": self.device, "precision": self.precision,
+                "fp32_nodes": list(self.pins), "plan": self.plan, "options": self.option_dict}
+
+
+REFERENCE = "ort:cpu:fp32"
+
+
+def parse_target(spec: "str | Target") -> Target:
+    """Parse a target spec; unknown specs list the valid ones."""
+    return Target.parse(spec)
 
 
 def valid_targets() -> list[str]:
-    return [str(Target(r, d, p)) for r, devs in SUPPORTED.items() for d, ps in devs.items() for p in ps]
+    return [Target(r, d, p).base for r, devs in SUPPORTED.items() for d, ps in devs.items() for p in ps]
 
 
-def parse_target(spec: str) -> Target:
-    """Parse a target spec; unknown specs list the valid ones."""
-    parts = [p.strip().lower() for p in spec.split(":") if p.strip()]
-    if not parts or parts[0] not in SUPPORTED:
+def _parse(spec: str, plan: str | Path | None) -> Target:
+    if not isinstance(spec, str) or not spec.strip():
+        raise TargetError(_unknown(str(spec)))
+    text, options = spec.strip(), {}
+    if "@" in text:
+        head, tail = text.rsplit("@", 1)
+        if not _OPTION.match(tail):
+            raise TargetError(f"Target {spec!r}: runtime options are written @key=value,key=value (got {tail!r}).")
+        text, options = head, dict(kv.split("=", 1) for kv in tail.split(","))
+    text, _, extra = text.partition("+")
+    parts = [p.strip().lower() for p in text.split(":")]
+    if not parts or parts[0] not in SUPPORTED or any(not p for p in parts):
         raise TargetError(_unknown(spec))
-    runtime = parts[0]
-    rest = parts[1:]
+    runtime, rest = parts[0], parts[1:]
     devices = SUPPORTED[runtime]
     device = rest.pop(0) if rest and rest[0] in devices else DEFAULT_DEVICE[runtime]
     precision = rest.pop(0) if rest else DEFAULT_PRECISION[runtime]
     if rest or precision not in devices[device]:
         raise TargetError(_unknown(spec))
-    return Target(runtime, device, precision)
+    pins, plan_path = _pins(spec, extra, plan)
+    return Target(runtime, device, precision, pins, plan_path, tuple(sorted(options.items())))
+
+
+def _pins(spec: str, extra: str, plan: str | Path | None) -> tuple[tuple[str, ...], str | None]:
+    if not extra:
+        return (), None
+    if extra.startswith("fp32="):
+        return tuple(n for n in extra[len("fp32="):].split(",") if n), None
+    if extra == "plan":
+        if plan is None:
+            raise InputError(f"Target {spec!r} asks for the plan, but no plan was given (--plan plan.json).")
+        return tuple(read_plan(plan)), str(plan)
+    return tuple(read_plan(extra)), extra
+
+
+def read_plan(path: str | Path) -> list[str]:
+    """The FP32 nodes of a plan file written by ``aligner precision --out``."""
+    try:
+        data = json.loads(Path(path).read_text())
+        nodes = [p["node"] for p in data["fp32_nodes"]]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise InputError(f"Plan {path}: not a plan written by aligner precision ({type(exc).__name__}: {exc}). "
+                         "Write one with: aligner precision model.onnx --out plan.json") from None
+    if not all(isinstance(n, str) for n in nodes):
+        raise InputError(f"Plan {path}: fp32_nodes must name nodes (strings).")
+    return nodes
 
 
 def _unknown(spec: str) -> str:
-    later = "torch:* targets are for aligner compare --torch and aligner bench --torch"
-    return f"Unknown target {spec!r}. Valid targets: {', '.join(valid_targets())} ({later})."
+    return (f"Unknown target {spec!r}. Valid targets: {', '.join(valid_targets())}; written "
+            "runtime[:device][:precision][+plan.json][@key=value], e.g. ort:cuda:fp16+plan.json, emu:fp16, torch:cuda:bf16.")
+
+
+__all__ = ["DEFAULT_DEVICE", "DEFAULT_PRECISION", "REFERENCE", "SUPPORTED", "Target", "parse_target", "read_plan", "valid_targets"]

@@ -24,6 +24,12 @@ from aligner.graph.model import ModelGraph
 from aligner.plugin import has_plugins
 
 MODULES = ("tensorrt", "tensorrt_rtx")
+# Runtime options of trt:* targets: builder settings (aligner build records them in the engine's sidecar).
+TRT_OPTIONS = {
+    "builder_optimization_level": "0-5: how long the builder searches tactics (TensorRT's default 3)",
+    "workspace_mb": "workspace memory pool limit in MiB",
+    "timing_cache": "timing cache file, read and updated",
+}
 
 
 def load_tensorrt():
@@ -112,25 +118,19 @@ def mark_outputs(network, names: Iterable[str]) -> tuple[list[str], list[str]]:
 def build_engine(graph: ModelGraph, precision: str = "fp32", fp32_nodes: Iterable[str] = (),
                  input_shapes: Mapping[str, tuple[int, ...]] | None = None, mark: Iterable[str] = (),
                  plugins: Iterable[str] = (), timing_cache: str | os.PathLike | None = None,
-                 layer_precision: bool = False) -> Engine:
+                 layer_precision: bool = False, options: Mapping[str, str] | None = None) -> Engine:
     """A serialized engine of ``graph`` in ``precision`` (fp32, fp16, bf16; ``fp32_nodes`` stay FP32),
     built strongly typed from aligner's rewrite (or, with ``layer_precision``, TensorRT ≤ 10's
     per-layer precision constraints on the FP32 graph), with ``mark`` tensors as extra outputs,
-    plugin libraries loaded first, and a timing cache read from and saved to ``timing_cache``."""
+    plugin libraries loaded first, a timing cache read from and saved to ``timing_cache``, and the
+    builder settings of ``options`` (:data:`TRT_OPTIONS`; its ``timing_cache`` wins)."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(TRT_OPTIONS))
+    if unknown:
+        raise TargetError(f"Unknown TensorRT option(s) {unknown}; known: {', '.join(TRT_OPTIONS)}.")
+    timing_cache = options.get("timing_cache", timing_cache)
     trt = load_tensorrt()
-    for library in plugins:
-        if not os.path.exists(library):
-            raise TargetError(f"Plugin library not found: {library}")
-        trt.get_plugin_registry().load_library(str(library))
-    if has_plugins(graph.model):  # aligner plugin nodes: the spec-driven IPluginV3 creators
-        from aligner.plugin.trt import register_trt_plugins
-
-        if not hasattr(trt.INetworkDefinition, "add_plugin_v3"):
-            raise TargetError(f"{trt.__name__} {trt.__version__} cannot put plugin layers in a network (its INetworkDefinition has no "
-                              "add_plugin_v3, and its ONNX parser aborts the process on a plugin node), so a model with aligner "
-                              "plugin ops cannot be built with it; use TensorRT 10.x/11.x (ALIGNER_TENSORRT=tensorrt), or build the "
-                              "model fused with standard ops only (--fuse layernorm).")
-        register_trt_plugins(trt)
+    _load_plugins(trt, graph, plugins)
     model = graph.model
     if precision not in ("fp32", "fp16", "bf16"):
         raise TargetError(f"trt:{precision}: aligner builds trt:fp32, trt:fp16 and trt:bf16 (precision through explicit Casts).")
@@ -141,6 +141,7 @@ def build_engine(graph: ModelGraph, precision: str = "fp32", fp32_nodes: Iterabl
     trt, builder, network, _parser, _logger = parse(model, trt, strongly_typed=not layer_precision)
     _, missing = mark_outputs(network, mark)
     config = builder.create_builder_config()
+    _apply_options(trt, config, options)
     unmatched: list[str] = []
     if layer_precision and precision != "fp32":
         unmatched = layer_precision_constraints(trt, network, config, precision, fp32_nodes)
@@ -171,6 +172,34 @@ def build_engine(graph: ModelGraph, precision: str = "fp32", fp32_nodes: Iterabl
     return Engine(bytes(data), trt.__name__, trt.__version__, outputs, tuple(missing), tuple(unmatched))
 
 
+def _load_plugins(trt, graph: ModelGraph, plugins: Iterable[str]) -> None:
+    """Plugin libraries first, then aligner's own plugin creators when the graph has plugin nodes."""
+    for library in plugins:
+        if not os.path.exists(library):
+            raise TargetError(f"Plugin library not found: {library}")
+        trt.get_plugin_registry().load_library(str(library))
+    if has_plugins(graph.model):  # aligner plugin nodes: the spec-driven IPluginV3 creators
+        from aligner.plugin.trt import register_trt_plugins
+
+        if not hasattr(trt.INetworkDefinition, "add_plugin_v3"):
+            raise TargetError(f"{trt.__name__} {trt.__version__} cannot put plugin layers in a network (its INetworkDefinition has no "
+                              "add_plugin_v3, and its ONNX parser aborts the process on a plugin node), so a model with aligner "
+                              "plugin ops cannot be built with it; use TensorRT 10.x/11.x (ALIGNER_TENSORRT=tensorrt), or build the "
+                              "model fused with standard ops only (--fuse layernorm).")
+        register_trt_plugins(trt)
+
+
+def _apply_options(trt, config, options: Mapping[str, str]) -> None:
+    """Builder settings by name (TRT_OPTIONS); a value TensorRT cannot take is a TargetError."""
+    try:
+        if "builder_optimization_level" in options:
+            config.builder_optimization_level = int(options["builder_optimization_level"])
+        if "workspace_mb" in options:
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(float(options["workspace_mb"]) * 2**20))
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise TargetError(f"{trt.__name__} {trt.__version__} cannot take the builder options {dict(options)}: {exc}") from None
+
+
 def layer_precision_constraints(trt, network, config, precision: str, fp32_nodes: Iterable[str]) -> list[str]:
     """TensorRT ≤ 10's legacy path: FP16/BF16 builder flag, precision constraints obeyed, and every
     layer of a pinned ONNX node (the parser names layers after their node; helper layers it adds
@@ -199,19 +228,4 @@ def layer_precision_constraints(trt, network, config, precision: str, fp32_nodes
     return sorted(pins - matched)
 
 
-def sidecar(engine: Engine, graph: ModelGraph, precision: str, fp32_nodes: Iterable[str],
-            input_shapes: Mapping[str, tuple[int, ...]] | None, plugins: Iterable[str] = (), strongly_typed: bool = True) -> dict:
-    """How an engine was built: written beside it as JSON."""
-    import hashlib
-
-    from aligner import __version__
-
-    pins = sorted(fp32_nodes)
-    return {"aligner": __version__, "tensorrt": {"module": engine.module, "version": engine.version},
-            "model": str(graph.path or "<in-memory>"), "precision": precision, "strongly_typed": strongly_typed,
-            "plan": {"fp32_nodes": pins, "sha256": hashlib.sha256("\n".join(pins).encode()).hexdigest()[:16]},
-            "input_shapes": {k: list(v) for k, v in (input_shapes or {}).items()}, "outputs": list(engine.outputs),
-            "plugins": list(plugins), "bytes": len(engine.data)}
-
-
-__all__ = ["Engine", "ParseFailure", "build_engine", "layer_precision_constraints", "load_tensorrt", "mark_outputs", "parse", "sidecar"]
+__all__ = ["TRT_OPTIONS", "Engine", "ParseFailure", "build_engine", "layer_precision_constraints", "load_tensorrt", "mark_outputs", "parse"]

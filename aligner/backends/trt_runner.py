@@ -17,16 +17,20 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from aligner.backends.base import InputInfo, check_capture, check_options, describe_model_inputs
 from aligner.backends.target import Target
-from aligner.errors import InputError, TargetRunError, unknown_name_message
+from aligner.errors import TargetRunError
 from aligner.graph.model import ModelGraph
 
 
 class TrtRunner:
-    def __init__(self, graph: ModelGraph, target: Target, fp32_nodes: Sequence[str] = ()):
-        from aligner.backends.tensorrt import load_tensorrt
+    """``graph`` on a ``trt:*`` target; runtime options are builder settings (``TRT_OPTIONS``)."""
 
-        self.target, self.graph, self.fp32_nodes = target, graph, list(fp32_nodes)
+    def __init__(self, graph: ModelGraph, target: Target):
+        from aligner.backends.tensorrt import TRT_OPTIONS, load_tensorrt
+
+        self.target, self.graph, self.fp32_nodes = target, graph, list(target.pins)
+        self.options = check_options(target, TRT_OPTIONS)
         self.label = str(target)
         self.trt = load_tensorrt()
         self.input_names = list(graph.input_names)
@@ -43,7 +47,7 @@ class TrtRunner:
         from aligner.backends.tensorrt import build_engine
 
         shapes = {k: tuple(v.shape) for k, v in feeds.items()}
-        engine = build_engine(self.graph, self.target.precision, self.fp32_nodes, shapes, mark=capture)
+        engine = build_engine(self.graph, self.target.precision, self.fp32_nodes, shapes, mark=capture, options=self.options)
         self.unmarked = set(engine.unmarked)
         logger = CollectingLogger(self.trt)
         runtime = self.trt.Runtime(logger)
@@ -59,10 +63,7 @@ class TrtRunner:
     def run(self, feeds: dict[str, np.ndarray], capture: Sequence[str] = ()) -> dict[str, np.ndarray]:
         import torch
 
-        capture = tuple(dict.fromkeys(capture))
-        for name in capture:
-            if name not in self.capturable:
-                raise InputError(unknown_name_message("tensor", name, self.capturable))
+        capture = check_capture(capture, self.capturable)
         wanted = [c for c in capture if c not in self.input_names] if capture else self.output_names
         self._prepare(tuple(c for c in wanted if c not in self.output_names), feeds)
         missing = [c for c in wanted if c in self.unmarked]
@@ -77,6 +78,8 @@ class TrtRunner:
         out.update({c: feeds[c] for c in capture if c in self.input_names})
         return out
 
+    def describe_inputs(self) -> tuple[InputInfo, ...]:
+        return describe_model_inputs(self.graph.model)
 
     def _bind(self, feeds: dict[str, np.ndarray]) -> dict:
         """torch CUDA buffers for every I/O tensor of the current engine, inputs filled, addresses set."""
@@ -104,7 +107,7 @@ class TrtRunner:
         if not self._context.execute_async_v3(stream.cuda_stream):
             raise TargetRunError(f"{self.label}: execute_async_v3 failed")
 
-    def time(self, feeds: dict[str, np.ndarray], runs: int, warmup: int) -> list[float]:
+    def time(self, feeds: dict[str, np.ndarray], runs: int = 100, warmup: int = 10) -> list[float]:
         """Milliseconds per run (CUDA events around each execute_async_v3; I/O stays on the GPU)."""
         import torch
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 from rich.console import Console
@@ -16,18 +17,23 @@ from aligner.cli.common import add_model_arguments, add_report_arguments, check_
 from aligner.errors import InputError
 from aligner.graph.model import ModelGraph
 from aligner.inputs import write_atomic
-from aligner.search.plan import read_plan
 
 EPILOG = """\
-Targets are ONNX Runtime targets (ort:cpu:fp32, ort:cuda:fp32|tf32|fp16|bf16) and PyTorch eager
-(torch:cpu:fp32, torch:cuda:fp32|tf32|fp16|bf16|autocast, with --torch MODULE:FUNCTION); add +plan to keep a
-precision plan's nodes in FP32 (--plan plan.json). On CUDA, inputs and outputs are bound on the GPU
-(I/O binding) and outputs are synchronised before the clock is read; the first --warmup runs are
-not timed. Latency: median / p90 / p99 of --runs runs; throughput = batch / median latency.
+Targets are ONNX Runtime targets (ort:cpu:fp32|fp16|bf16, ort:cuda:fp32|tf32|fp16|bf16), TensorRT
+(trt:fp32|fp16|bf16) and PyTorch eager (torch:cpu:fp32, torch:cuda:fp32|tf32|fp16|bf16|autocast, with
+--torch MODULE:FUNCTION); add +plan to keep a precision plan's nodes in FP32 (--plan plan.json) and
+@key=value,... for runtime options (ort: graph_optimization_level, intra_op_num_threads,
+inter_op_num_threads, execution_mode; ort:cuda: CUDA provider options such as
+cudnn_conv_algo_search=HEURISTIC, use_tf32, prefer_nhwc; torch: cudnn_benchmark, channels_last;
+trt: builder_optimization_level, workspace_mb, timing_cache). Each row names its target in full,
+options included. On CUDA, inputs and outputs stay on the GPU (I/O binding) and each run is
+synchronised before the clock is read; the first --warmup runs are not timed. Latency: median /
+p90 / p99 of --runs runs; throughput = batch / median latency.
 
 examples:
-  aligner bench model.onnx --target ort:cuda:fp16 --batch 1,2,4,8,16 --plan plan.json --json bench.json
-  aligner bench model.onnx --target ort:cuda:fp32,ort:cuda:fp16,ort:cuda:fp16+plan --batch 1,8 --report bench.html
+  aligner bench model.onnx --target ort:cuda:fp16 --batch 1,2,4,8,16 --json bench.json
+  aligner bench model.onnx --target ort:cuda:fp32,ort:cuda:fp16,ort:cuda:fp16+plan --plan plan.json --batch 1,8 --report bench.html
+  aligner bench model.onnx --target ort:cuda:fp16,ort:cuda:fp16@cudnn_conv_algo_search=HEURISTIC --batch 8
 
 exit status: 0 measured, 2 usage or input error, 3 a target failed to build or run
 """
@@ -38,7 +44,8 @@ def add_parser(sub) -> None:
                        description="Time the model on one or more ONNX Runtime targets and batch sizes, side by side in one run.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
-    p.add_argument("--target", default="ort:cpu:fp32", help="comma-separated targets (default ort:cpu:fp32)")
+    p.add_argument("--target", default="ort:cpu:fp32", help="comma-separated targets (default ort:cpu:fp32); "
+                   "a target's own @key=value,... options stay with it")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
     p.add_argument("--plan", metavar="PLAN.json", help="precision plan for the +plan targets")
     p.add_argument("--runs", type=int, default=100, help="timed runs per point (default 100)")
@@ -56,21 +63,37 @@ def run(args: argparse.Namespace) -> int:
     except ValueError:
         raise InputError(f"--batch {args.batch!r}: write comma-separated integers, e.g. 1,2,4,8.") from None
     graph = ModelGraph.load(args.model, check=not args.no_check)
-    plan = read_plan(args.plan)
-    targets = args.target.split(",")
+    targets = split_targets(args.target)
+    module = None
+    if args.torch:
+        from aligner.cli.common import load_torch_factory
+
+        module = load_torch_factory(args.torch)
     with Progress(TextColumn("[bold]timing"), BarColumn(), MofNCompleteColumn(), console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task("bench", total=len(targets) * len(batches))
-        module = None
-        if args.torch:
-            from aligner.cli.common import load_torch_factory
-
-            module = load_torch_factory(args.torch)
-        result = bench(graph, targets, batches, plan, args.runs, args.warmup, lambda s, d, t: bar.update(task, completed=d), module)
+        result = bench(graph, targets, batches, args.plan, args.runs, args.warmup, lambda s, d, t: bar.update(task, completed=d), module)
     print_bench(result)
     if args.json:
         write_atomic(Path(args.json), json.dumps(result.to_dict(), indent=1).encode())
     emit_run(args, "bench", graph, result.to_dict())
     return 0
+
+
+_STARTS_TARGET = re.compile(r"^\s*(ort|emu|trt|torch)(?=$|[:+@\s])")
+
+
+def split_targets(text: str) -> list[str]:
+    """A comma-separated target list: a comma starts a new target only before a runtime name, so
+    ``ort:cuda:fp16@a=1,b=2,emu:fp16`` and ``ort:cpu:fp16+fp32=/x/Pow,/x/Sqrt`` split as meant."""
+    targets: list[str] = []
+    for piece in text.split(","):
+        if targets and not _STARTS_TARGET.match(piece):
+            targets[-1] += "," + piece
+        else:
+            targets.append(piece.strip())
+    if not targets or not all(targets):
+        raise InputError(f"Targets {text!r}: write comma-separated targets, e.g. ort:cpu:fp32,emu:fp16.")
+    return targets
 
 
 def print_bench(result: BenchResult, console: Console | None = None) -> None:

@@ -10,22 +10,26 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from aligner.backends.target import valid_targets
-from aligner.cli.common import (add_input_arguments, add_target_arguments, add_report_arguments, emit_run, report_paths, add_model_arguments, add_tolerance_arguments, check_writable, load_models_and_feeds,
+from aligner.cli.common import (TARGETS_HELP, non_negative_float, non_negative_int, add_input_arguments, add_target_arguments, add_report_arguments, emit_run, report_paths, add_model_arguments, add_tolerance_arguments, check_writable, load_models_and_feeds,
                                 resolve_target, tolerance_from_args)
 from aligner.inputs import write_atomic
 from aligner.search import STRATEGIES, BisectResult, bisect
 
 EPILOG = f"""\
-strategies:
-  auto      (default) 'all' when every tensor fits one capture group, else 'frontier'; then the
-            first divergent node and its neighbourhood are isolated to name the root cause
+strategies (all answer the same question as compare, with the same tolerance, and name the same
+first divergent node; they differ in what each target run captures):
+  auto      (default) 'all' when every tensor fits one capture group and the target is ONNX
+            Runtime or the emulator, else 'frontier'
   all       capture every tensor once on each side (in groups of --capture-budget-mb)
   frontier  capture only the tensors crossing a cut of the topological order and halve the
-            range: ceil(log2 N)+1 target runs, each capturing a handful of tensors; for targets
-            where capturing everything is impossible or changes the result
-  isolate   every node's own error: each node run on the target with the reference's values of
-            its inputs (decoupled graph), so inherited error does not count
+            range: ceil(log2 N)+1 target runs of a handful of tensors each; then sweep the
+            tensors before the transition it found (every tensor when the outputs match) for a
+            divergence that a later node masks, in capture groups (--sweep-runs caps the
+            runs; the verdict says what was compared)
+  isolate   like 'all', plus every node's own error: each node run on the target with the
+            reference's values of its inputs (decoupled graph), so inherited error does not count
+  The first divergent node and its ancestors among the --window nodes before it are isolated
+  to name the root cause (every strategy).
 
 root cause kinds:
   local      the node's own arithmetic (or, with --target-model, its edited definition)
@@ -33,8 +37,7 @@ root cause kinds:
   discrete   TopK/ArgMax/comparison whose choice flipped on a tiny input error
   inherited  no node's own error exceeds the tolerance: the error built up gradually
 
-targets: {', '.join(valid_targets())}
-
+{TARGETS_HELP}
 examples:
   aligner bisect model.onnx
   aligner bisect model.onnx --target ort:cuda:fp16 --strategy frontier --json verdict.json
@@ -51,19 +54,23 @@ def add_parser(sub) -> None:
     add_model_arguments(p)
     add_target_arguments(p, "bisect")
     p.add_argument("--strategy", choices=STRATEGIES, default="auto", help="search strategy (default auto; see below)")
-    p.add_argument("--window", type=int, default=16, help="nodes before the first divergent one whose own errors are measured (default 16)")
+    p.add_argument("--window", type=non_negative_int, default=16, help="nodes before the first divergent one whose own errors are measured (default 16)")
+    p.add_argument("--sweep-runs", type=non_negative_int, help="frontier: at most this many target runs searching for masked divergences "
+                   "(default: as many as the capture budget needs, which makes the answer complete)")
     add_input_arguments(p)
     add_tolerance_arguments(p)
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="FILE", help="write the verdict, the probes and the local errors as JSON")
     o.add_argument("--save-repro", metavar="DIR", help="write the culprit's subgraph (model.onnx), its inputs (inputs.npz) and expected outputs")
     o.add_argument("--force", action="store_true", help="overwrite existing output files")
-    o.add_argument("--capture-budget-mb", type=int, default=512, help="memory for captured tensors of one group, both sides (default 512 MB)")
+    o.add_argument("--capture-budget-mb", type=non_negative_float, default=512, help="memory for captured tensors of one group, both sides (default 512 MB)")
     add_report_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    check_writable([args.json] + report_paths(args), args.force)
+    check_writable([args.json, args.save_inputs] + report_paths(args), args.force)
+    target = resolve_target(args)
+    tolerance = tolerance_from_args(args, target)
     graph, other, feeds = load_models_and_feeds(args)
     console = Console(stderr=True, highlight=False)
     with console.status("bisecting...") as status:
@@ -71,10 +78,9 @@ def run(args: argparse.Namespace) -> int:
             status.update(f"{phase}: target run {done}")
 
         result = bisect(
-            graph, target=resolve_target(args), reference=args.reference, target_model=other, feeds=feeds,
-            strategy=args.strategy, tolerance=tolerance_from_args(args),
-            fp32_nodes=args.fp32_nodes.split(",") if args.fp32_nodes else (), capture_budget_mb=args.capture_budget_mb,
-            window=args.window, save_repro=args.save_repro, force=args.force, progress=progress,
+            graph, target=target, reference=args.reference, target_model=other, feeds=feeds,
+            strategy=args.strategy, tolerance=tolerance, capture_budget_mb=args.capture_budget_mb,
+            window=args.window, sweep_runs=args.sweep_runs, save_repro=args.save_repro, force=args.force, progress=progress,
         )
     print_result(result)
     if args.json:

@@ -10,18 +10,14 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from aligner.backends.target import valid_targets
-from aligner.cli.common import (add_input_arguments, add_target_arguments, resolve_feeds, add_report_arguments, emit_run, report_paths, add_model_arguments, add_tolerance_arguments, check_writable, load_models_and_feeds,
+from aligner.cli.common import (TARGETS_HELP, non_negative_float, non_negative_int, add_input_arguments, add_target_arguments, resolve_feeds, add_report_arguments, emit_run, report_paths, add_model_arguments, add_tolerance_arguments, check_writable, load_models_and_feeds,
                                resolve_target, tolerance_from_args)
 from aligner.compare import CompareResult, compare
 from aligner.inputs import write_atomic
 from pathlib import Path
 
 EPILOG = f"""\
-targets: {', '.join(valid_targets())}
-  emu:fp16 rounds every stored tensor to FP16 (computes in FP32) on ONNX Runtime CPU: the
-  overflow/underflow of a GPU FP16 build, deterministic and on any machine.
-
+{TARGETS_HELP}
 examples:
   aligner compare model.onnx --target emu:fp16
   aligner compare model.onnx --target ort:cpu:fp16 --json diff.json --csv diff.csv
@@ -44,9 +40,9 @@ def add_parser(sub) -> None:
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="FILE", help="write every tensor's metrics and the summary as JSON")
     o.add_argument("--csv", metavar="FILE", help="write the per-tensor table as CSV")
-    o.add_argument("--top", type=int, default=10, help="divergent tensors to print (default 10)")
+    o.add_argument("--top", type=non_negative_int, default=10, help="divergent tensors to print (default 10)")
     o.add_argument("--force", action="store_true", help="overwrite existing output files")
-    o.add_argument("--capture-budget-mb", type=int, default=512, help="memory for captured tensors of one group, both sides (default 512 MB)")
+    o.add_argument("--capture-budget-mb", type=non_negative_float, default=512, help="memory for captured tensors of one group, both sides (default 512 MB)")
     add_report_arguments(p)
     t = p.add_argument_group("PyTorch (module by module)")
     t.add_argument("--torch", metavar="MODULE:FUNCTION", help="a factory returning the nn.Module (e.g. mypkg.models:build_detector); compares its "
@@ -58,8 +54,9 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.torch:
         return _run_torch(args)
-    check_writable([args.json, args.csv] + report_paths(args), args.force)
+    check_writable([args.json, args.csv, args.save_inputs] + report_paths(args), args.force)
     target = resolve_target(args)
+    tolerance = tolerance_from_args(args, target)
     graph, other, feeds = load_models_and_feeds(args)
     console = Console(stderr=True, highlight=False)
     with Progress(TextColumn("[bold]capture groups"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -71,8 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
         result = compare(
             graph, target=target, reference=args.reference, target_model=other, feeds=feeds,
-            tensors=args.tensors.split(",") if args.tensors else None, tolerance=tolerance_from_args(args),
-            fp32_nodes=args.fp32_nodes.split(",") if args.fp32_nodes else (),
+            tensors=args.tensors.split(",") if args.tensors else None, tolerance=tolerance,
             capture_budget_mb=args.capture_budget_mb, progress=progress,
         )
     print_result(result, args.top)
@@ -102,6 +98,8 @@ def print_result(result: CompareResult, top: int = 10, console: Console | None =
         console.print(table)
     if result.unmatched:
         console.print(f"{len(result.unmatched)} reference tensor(s) have no counterpart in the target and were skipped.")
+    for note in result.notes:
+        console.print(f"note: {escape(note)}")
     console.print(("[bold red]DIVERGED[/] " if result.first_divergent else "[bold green]OK[/] ") + escape(result.verdict()))
 
 

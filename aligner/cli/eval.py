@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from aligner.cli.bench import split_targets
 from aligner.cli.common import add_report_arguments, check_writable, emit_run, report_paths
 from aligner.errors import InputError
 from aligner.eval.adapters import ADAPTERS
@@ -19,15 +20,15 @@ from aligner.eval.dataset import CocoDataset, Preprocess
 from aligner.eval.run import EvalResult, evaluate_detector, label_map_for
 from aligner.graph.model import ModelGraph
 from aligner.inputs import write_atomic
-from aligner.search.plan import read_plan
 
 EPILOG = """\
 With no model, the built-in example runs: the shapes detector (a small transformer detector
 that reads raw 0-255 pixels) on the shipped 200-image synthetic val split.
 
-targets: any of aligner's targets; add +plan to keep a precision plan's nodes in FP32
-(e.g. emu:fp16+plan with --plan plan.json). The first target is the reference of the delta and
-MVRE columns.
+targets: any of aligner's targets, written as everywhere (runtime[:device][:precision][+plan.json]
+[@key=value,...]); add +plan to keep a precision plan's nodes in FP32 (e.g. emu:fp16+plan with
+--plan plan.json). The first target is the reference of the delta and MVRE columns; each target's
+resolved form (plan file, runtime options) is recorded as "spec" in the JSON.
 
 adapters (raw outputs -> detections):
   detr   class logits [B,Q,C+1] + normalized cxcywh boxes [B,Q,4]   (--adapter-outputs logits,boxes)
@@ -119,16 +120,16 @@ def run(args: argparse.Namespace) -> int:
     dataset = CocoDataset(images, ann, limit=args.limit)
     adapter = _adapter(args, builtin)
     preprocess = examples.shapes_preprocess() if builtin and not args.input_size else _preprocess(args, graph)
-    plan = read_plan(args.plan)
+    targets = split_targets(args.targets)
     console = Console(stderr=True, highlight=False)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as bar:
-        task = bar.add_task(f"evaluating {len(args.targets.split(','))} target(s)", total=len(dataset))
+        task = bar.add_task(f"evaluating {len(targets)} target(s)", total=len(dataset))
 
         def progress(phase: str, done: int, total: int) -> None:
             bar.update(task, completed=done)
 
-        result = evaluate_detector(graph, dataset, adapter, preprocess, args.targets.split(","), plan,
+        result = evaluate_detector(graph, dataset, adapter, preprocess, targets, args.plan,
                                    label_map_for(dataset.gt, args.label_map), args.batch, progress)
     print_eval(result)
     if args.json:
@@ -145,7 +146,7 @@ def _run_topk(args: argparse.Namespace) -> int:
     check_writable([args.json], args.force)
     graph = ModelGraph.load(args.model, check=not args.no_check)
     files = image_files(args.images, args.limit)
-    results = evaluate_topk(graph, files, _preprocess(args, graph), args.targets.split(","), read_plan(args.plan),
+    results = evaluate_topk(graph, files, _preprocess(args, graph), split_targets(args.targets), args.plan,
                             args.batch, args.output)
     console = Console(highlight=False)
     table = Table(title=f"agreement with {escape(results[0].target)} on {len(files)} images", title_justify="left")

@@ -8,17 +8,19 @@ of tensors per side, not the model's. ``store_dir`` also writes the reference va
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from aligner.backends import Runner, make_runner, parse_target, reference_runner
-from aligner.backends.target import Target
-from aligner.compare.metrics import all_metrics, nonfinite_counts
+from aligner.backends import Runner, make_runner, reference_runner
+from aligner.backends.target import REFERENCE, Target
+from aligner.compare.capture import Observer, fusion_dependence
+from aligner.compare.metrics import NonFinite, all_metrics, nonfinite_counts
 from aligner.compare.results import CompareResult, TensorDiff
 from aligner.compare.store import DiskStore
-from aligner.compare.tolerance import Tolerance, default_tolerance, nonfinite_differs
+from aligner.compare.tolerance import Tolerance, nonfinite_differs, tolerance_for
 from aligner.errors import InputError, unknown_name_message
 from aligner.graph.model import ModelGraph, concrete_shapes, numpy_dtype
 from aligner.inputs import Feeds, make_inputs, validate_feeds
@@ -53,47 +55,62 @@ def estimate_sizes(graph: ModelGraph, feeds: Feeds) -> dict[str, int]:
     return sizes
 
 
-def diff_tensor(name: str, ref: np.ndarray, test: np.ndarray, tol: Tolerance) -> tuple[dict, object, object, bool, str]:
+@dataclass(frozen=True)
+class Diff:
+    """One tensor judged against its reference: metrics, NaN/inf counts, the verdict and why."""
+
+    metrics: dict[str, float]
+    nonfinite_ref: NonFinite
+    nonfinite_target: NonFinite
+    diverges: bool
+    reason: str  # "", "metric", "nonfinite", "values" (integers), "shape ..."
+
+    @property
+    def new_nonfinite(self) -> bool:
+        return self.nonfinite_target.total > 0 and self.nonfinite_ref.total == 0
+
+
+def diff_tensor(ref: np.ndarray, test: np.ndarray, tol: Tolerance) -> Diff:
     ref, test = np.asarray(ref), np.asarray(test)
     nf_ref, nf_test = nonfinite_counts(ref), nonfinite_counts(test)
     if ref.shape != test.shape:
-        return {}, nf_ref, nf_test, True, f"shape {ref.shape} vs {test.shape}"
+        return Diff({}, nf_ref, nf_test, True, f"shape {ref.shape} vs {test.shape}")
     metrics = all_metrics(ref, test)
     if nonfinite_differs(ref, test, nf_ref, nf_test):
-        return metrics, nf_ref, nf_test, True, "nonfinite"
+        return Diff(metrics, nf_ref, nf_test, True, "nonfinite")
     if ref.dtype.kind in "biu" or test.dtype.kind in "biu":
         differs = bool(np.any(ref != test))
-        return metrics, nf_ref, nf_test, differs, "values" if differs else ""
+        return Diff(metrics, nf_ref, nf_test, differs, "values" if differs else "")
     exceeded = tol.exceeded(metrics)
-    return metrics, nf_ref, nf_test, exceeded, "metric" if exceeded else ""
+    return Diff(metrics, nf_ref, nf_test, exceeded, "metric" if exceeded else "")
 
 
 def compare(
     model: ModelGraph | str | Path,
     target: str | Target = "emu:fp16",
-    reference: str | Target = "ort:cpu:fp32",
+    reference: str | Target = REFERENCE,
     target_model: ModelGraph | str | Path | None = None,
     feeds: Feeds | None = None,
     tensors: Iterable[str] | None = None,
     tolerance: Tolerance | None = None,
-    fp32_nodes: Iterable[str] = (),
     capture_budget_mb: int = 512,
     store_dir: str | Path | None = None,
     progress: Progress | None = None,
 ) -> CompareResult:
     """Run ``model`` on ``reference`` and ``target`` (or ``target_model`` on the reference runtime)
-    and compare every tensor (or ``tensors``) in topological order."""
+    and compare every tensor (or ``tensors``) in topological order. ``tolerance`` defaults to
+    :func:`~aligner.compare.tolerance.tolerance_for` the two targets, as in every command."""
+    check_budget(capture_budget_mb)
     graph = model if isinstance(model, ModelGraph) else ModelGraph.load(model)
-    ref_target = parse_target(reference) if isinstance(reference, str) else reference
-    tgt_target = parse_target(target) if isinstance(target, str) else target
+    ref_target, tgt_target = Target.parse(reference), Target.parse(target)
     other = graph
     if target_model is not None:
         other = target_model if isinstance(target_model, ModelGraph) else ModelGraph.load(target_model)
     feeds = validate_feeds(graph, feeds) if feeds is not None else make_inputs(graph)
-    tol = tolerance or default_tolerance(tgt_target.precision)
+    tol = tolerance or tolerance_for(tgt_target, ref_target)
 
     ref_runner = reference_runner(graph, ref_target)
-    tgt_runner: Runner = make_runner(other, tgt_target, fp32_nodes)
+    tgt_runner: Runner = make_runner(other, tgt_target)
     notes = []
     if tgt_target.runtime == "trt" and tensors is None:  # marking every tensor would undo TensorRT's fusions
         tensors = graph.output_names
@@ -101,8 +118,10 @@ def compare(
                      "which marks a few tensors per probe)")
     names, unmatched = _select(graph, other, tgt_runner, tensors)
     sizes = estimate_sizes(graph, feeds)
-    groups = plan_groups(names, sizes, capture_budget_mb * 2**20 // 2)  # half per side
+    groups = plan_groups(names, sizes, int(capture_budget_mb * 2**20) // 2)  # half per side
     log.info("comparing %d tensors in %d capture group(s)", len(names), len(groups))
+    observer = Observer.of(tgt_runner, other if target_model is not None else graph, feeds)
+    notes += observer.notes(unmatched)
 
     # Interleaved: each group is captured on the reference, then on the target, diffed and
     # dropped, so at most one group per side is alive. ``store_dir`` keeps the reference values.
@@ -110,17 +129,19 @@ def compare(
     diffs = []
     for i, group in enumerate(groups):
         ref_values = ref_runner.run(feeds, group)
-        tgt_values = tgt_runner.run(feeds, group)
+        tgt_values, moved = observer.capture(tgt_runner, feeds, group)
         for name in group:
             ref_value = ref_values.pop(name)
             if store is not None:
                 store.put(name, ref_value)
-            diffs.append(diff_row(graph, name, ref_value, tgt_values.pop(name), tol))
+            diffs.append(observer.label(diff_row(graph, name, ref_value, tgt_values.pop(name), tol), moved))
         del ref_values, tgt_values
         if progress:
             progress("capture", i + 1, len(groups))
     if store is not None:
         store.flush()
+    if target_model is None and not any(d.blamed for d in diffs) and tensors is None:
+        notes += [n for n in [fusion_dependence(graph, tgt_target, feeds, observer, tol)] if n]
 
     target_label = str(tgt_target) if target_model is None else f"{tgt_target} ({Path(str(other.path)).name})"
     return CompareResult(
@@ -130,8 +151,11 @@ def compare(
         target_model=None if target_model is None else str(other.path or "<in-memory>"),
         tolerance=tol,
         tensors=tuple(diffs),
-        unmatched=tuple(unmatched),
+        unmatched=tuple(n for n in unmatched if n not in observer.absorbed),
         notes=tuple(notes),
+        capture=observer.policy,
+        kernels=tuple(observer.fused),
+        absorbed=tuple(n for n in unmatched if n in observer.absorbed),
     )
 
 
@@ -149,8 +173,14 @@ def _select(graph: ModelGraph, other: ModelGraph, runner: Runner, tensors: Itera
     return names, unmatched
 
 
+def check_budget(capture_budget_mb: float) -> None:
+    """0 captures one tensor per group; negative or non-finite budgets are refused."""
+    if not isinstance(capture_budget_mb, (int, float)) or not 0 <= capture_budget_mb < float("inf"):
+        raise InputError(f"capture budget must be a number of MB >= 0 (0: one tensor per run); got {capture_budget_mb!r}.")
+
+
 def diff_row(graph: ModelGraph, name: str, ref: np.ndarray, test: np.ndarray, tol: Tolerance) -> TensorDiff:
-    metrics, nf_ref, nf_test, diverges, reason = diff_tensor(name, ref, test, tol)
+    d = diff_tensor(ref, test, tol)
     node = graph.producer.get(name)
     return TensorDiff(
         tensor=name,
@@ -159,9 +189,9 @@ def diff_row(graph: ModelGraph, name: str, ref: np.ndarray, test: np.ndarray, to
         index=graph.index_of[node.name] if node is not None else -1,
         shape=tuple(np.shape(ref)),
         dtype=str(np.asarray(ref).dtype),
-        metrics=metrics,
-        nonfinite_ref=nf_ref,
-        nonfinite_target=nf_test,
-        diverges=diverges,
-        reason=reason,
+        metrics=d.metrics,
+        nonfinite_ref=d.nonfinite_ref,
+        nonfinite_target=d.nonfinite_target,
+        diverges=d.diverges,
+        reason=d.reason,
     )

@@ -24,10 +24,17 @@ class TensorDiff:
     nonfinite_target: NonFinite
     diverges: bool
     reason: str = ""  # why it diverges: "nonfinite", "metric", "shape", "values"
+    kernel: str = ""  # the deployed kernel that writes it, where the target fuses (see compare.capture)
+    perturbed: str = ""  # its capture run moved the target's outputs: how (then it is labelled, not blamed)
 
     @property
     def new_nonfinite(self) -> bool:
         return self.nonfinite_target.total > 0 and self.nonfinite_ref.total == 0
+
+    @property
+    def blamed(self) -> bool:
+        """Diverges in a capture that did not change what the target computes."""
+        return self.diverges and not self.perturbed
 
     def to_dict(self) -> dict:
         return {
@@ -41,6 +48,8 @@ class TensorDiff:
             "nonfinite": {"reference": vars(self.nonfinite_ref), "target": vars(self.nonfinite_target)},
             "diverges": self.diverges,
             "reason": self.reason,
+            "kernel": self.kernel,
+            "perturbed": self.perturbed,
         }
 
 
@@ -58,31 +67,52 @@ class CompareResult:
     tensors: tuple[TensorDiff, ...]
     unmatched: tuple[str, ...] = ()  # reference tensors the target does not have
     notes: tuple[str, ...] = field(default_factory=tuple)
+    capture: str = "all"  # the capture policy: boundaries, all, outputs
+    kernels: tuple = ()  # fused kernels of the deployed graph (graph.deployed.Kernel), where known
+    absorbed: tuple[str, ...] = ()  # tensors that exist only inside fused kernels: not captured
 
     @property
     def diverging(self) -> list[TensorDiff]:
-        return [t for t in self.tensors if t.diverges]
+        return [t for t in self.tensors if t.blamed]
+
+    @property
+    def perturbed(self) -> list[TensorDiff]:
+        """Tensors whose capture changed the target's outputs: what they show is not what is deployed."""
+        return [t for t in self.tensors if t.perturbed]
 
     @property
     def first_divergent(self) -> TensorDiff | None:
-        return next((t for t in self.tensors if t.diverges), None)
+        return next((t for t in self.tensors if t.blamed), None)
 
     @property
     def first_nonfinite(self) -> TensorDiff | None:
         """The first tensor with NaN/inf on the target where the reference has none."""
-        return next((t for t in self.tensors if t.new_nonfinite), None)
+        return next((t for t in self.tensors if t.new_nonfinite and not t.perturbed), None)
 
     def verdict(self) -> str:
         first = self.first_divergent
         if first is None:
-            return f"No divergence: {len(self.tensors)} tensors of {self.target} match {self.reference} within {self.tolerance.metric} <= {self.tolerance.threshold:g}."
-        text = (
-            f"{len(self.diverging)} of {len(self.tensors)} tensors diverge; the first is {first.tensor!r} "
-            f"from {first.op_type} node {first.node!r} (#{first.index})"
-        )
-        nf = self.first_nonfinite
-        if nf is not None:
-            text += f"; NaN/inf first appear at {nf.op_type} node {nf.node!r} (#{nf.index})"
+            clean = len(self.tensors) - len(self.perturbed)
+            text = (f"No divergence: {clean} tensors of {self.target} match {self.reference} within {self.tolerance.describe()}" if clean else
+                    f"Nothing judged: every capture run changed {self.target}'s outputs, so no tensor shows what it deploys "
+                    f"(capture=boundaries compares the deployed graph's tensors)")
+        else:
+            text = (
+                f"{len(self.diverging)} of {len(self.tensors)} tensors diverge; the first is {first.tensor!r} "
+                f"from {first.op_type} node {first.node!r} (#{first.index}) (tolerance {self.tolerance.describe()})"
+            )
+            kernel = next((k for k in self.kernels if k.name == first.kernel), None)
+            if kernel is not None and kernel.fused:
+                text += (f"; it is written by the fused kernel {kernel.op_type} {kernel.name!r}, which computes {len(kernel.originals)} nodes "
+                         f"({', '.join(kernel.originals[:4])}{', ...' if len(kernel.originals) > 4 else ''})")
+            nf = self.first_nonfinite
+            if nf is not None:
+                text += f"; NaN/inf first appear at {nf.op_type} node {nf.node!r} (#{nf.index})"
+        if self.perturbed:
+            bad = [t for t in self.perturbed if t.diverges]
+            text += (f"; {len(self.perturbed)} tensor(s) were captured in runs that changed the target's outputs (capturing them stops "
+                     f"a fusion): labelled, not blamed" + (f" — {len(bad)} of them diverge, first {bad[0].tensor!r}: what the target "
+                                                           "would compute if that fusion were lost" if bad else ""))
         return text + "."
 
     def to_dict(self) -> dict:
@@ -94,7 +124,7 @@ class CompareResult:
             "target": self.target,
             "model": self.model,
             "target_model": self.target_model,
-            "tolerance": vars(self.tolerance),
+            "tolerance": self.tolerance.to_dict(),
             "tensors": [t.to_dict() for t in self.tensors],
             "summary": {
                 "first_divergent": brief(first),
@@ -104,6 +134,10 @@ class CompareResult:
                 "unmatched": list(self.unmatched),
             },
             "notes": list(self.notes),
+            "capture": self.capture,
+            "fused_kernels": [k.to_dict() for k in self.kernels],
+            "absorbed": len(self.absorbed),
+            "perturbed": [t.tensor for t in self.perturbed],
         }
 
     def to_frame(self):
@@ -116,6 +150,6 @@ class CompareResult:
             row.update(t.metrics)
             row.update({"nan_ref": t.nonfinite_ref.nan, "inf_ref": t.nonfinite_ref.posinf + t.nonfinite_ref.neginf})
             row.update({"nan_target": t.nonfinite_target.nan, "inf_target": t.nonfinite_target.posinf + t.nonfinite_target.neginf})
-            row.update({"diverges": t.diverges, "reason": t.reason})
+            row.update({"diverges": t.diverges, "reason": t.reason, "kernel": t.kernel, "perturbed": t.perturbed})
             rows.append(row)
         return pd.DataFrame(rows)

@@ -23,6 +23,18 @@ class Tolerance:
     def __post_init__(self):
         if self.metric not in METRICS:
             raise InputError(f"Unknown metric {self.metric!r}; choose from {sorted(METRICS)}.")
+        for name in ("threshold", "atol"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not np.isfinite(value) or (name == "atol" and value < 0):
+                raise InputError(f"Tolerance {name} must be a finite number{' >= 0' if name == 'atol' else ''}; got {value!r}.")
+
+    def describe(self) -> str:
+        """``rel_l2 <= 0.02 (and max_abs > 0.001)``: the rule as printed in every verdict."""
+        op = ">=" if self.metric in HIGHER_IS_BETTER else "<="
+        return f"{self.metric} {op} {self.threshold:g} (or max_abs <= {self.atol:g})"
+
+    def to_dict(self) -> dict:
+        return {"metric": self.metric, "threshold": self.threshold, "atol": self.atol}
 
     def exceeded(self, metrics: dict[str, float]) -> bool:
         value = metrics[self.metric]
@@ -38,10 +50,27 @@ DEFAULT_TOLERANCES = {
     "fp16": Tolerance("rel_l2", 2e-2, 1e-3),
     "bf16": Tolerance("rel_l2", 1e-1, 1e-2),
 }
+LOOSENESS = ("fp32", "tf32", "fp16", "bf16")  # autocast computes in FP16: judged as fp16
+# Thresholds of the other metrics when only --metric is given (no --threshold).
+METRIC_DEFAULTS = {"cosine": 0.999, "snr_db": 40.0, "max_abs": 1e-3, "mean_abs": 1e-4, "mvre": 1e-2}
 
 
 def default_tolerance(precision: str) -> Tolerance:
-    return DEFAULT_TOLERANCES.get(precision, DEFAULT_TOLERANCES["fp32"])
+    return DEFAULT_TOLERANCES.get("fp16" if precision == "autocast" else precision, DEFAULT_TOLERANCES["fp32"])
+
+
+def tolerance_for(target, reference=None, metric: str = "rel_l2", threshold: float | None = None,
+                  atol: float | None = None) -> Tolerance:
+    """The one tolerance policy: the default of the lower of the two precisions compared (the
+    target's, or the reference's when that is lower), whatever the command and whether the target
+    runs the same graph or a second one; ``metric`` / ``threshold`` / ``atol`` override parts of it.
+
+    ``target`` and ``reference`` are :class:`~aligner.backends.target.Target` values."""
+    precisions = [p if p != "autocast" else "fp16" for p in (target.precision, reference.precision if reference else "fp32")]
+    base = default_tolerance(max(precisions, key=lambda p: LOOSENESS.index(p) if p in LOOSENESS else 0))
+    if threshold is None:
+        threshold = base.threshold if metric == base.metric else METRIC_DEFAULTS.get(metric, base.threshold)
+    return Tolerance(metric, threshold, base.atol if atol is None else atol)
 
 
 def nonfinite_differs(ref: np.ndarray, test: np.ndarray, nf_ref: NonFinite, nf_test: NonFinite) -> bool:

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from aligner.backends import make_runner, parse_target, reference_runner
+from aligner.backends import make_runner, reference_runner
+from aligner.backends.target import Target
 from aligner.compare.layerwise import diff_tensor
 from aligner.compare.results import json_float
-from aligner.compare.tolerance import Tolerance, default_tolerance
+from aligner.compare.tolerance import Tolerance, tolerance_for
 from aligner.compare.torch_map import match, node_scopes
 from aligner.errors import InputError
 from aligner.graph.model import ModelGraph
@@ -110,15 +111,22 @@ def compare_torch(model, args: Sequence, onnx: str | Path | None = None, target:
     from aligner.backends.torch import capture_module_outputs
 
     model = model.eval()
-    if target.startswith("torch:"):
+    target = Target.parse(target)
+    if target.runtime == "torch":
         return _torch_vs_torch(model, args, target, tolerance)
-    notes = []
-    if onnx is None or not Path(onnx).exists():
-        onnx = Path(onnx) if onnx is not None else Path(tempfile.mkdtemp(prefix="aligner-torch-")) / "model.onnx"
-        trouble = export_onnx(model, args, onnx, exporter, opset)
-        notes.append(f"exported with the {exporter} exporter to {onnx}")
-        notes += [f"export warning: {w}" for w in trouble]
-    graph = ModelGraph.load(onnx)
+    notes, trouble = [], []
+    if onnx is None:  # an export nobody asked to keep: in a temporary folder, removed once loaded
+        with tempfile.TemporaryDirectory(prefix="aligner-torch-") as tmp:
+            trouble = export_onnx(model, args, Path(tmp) / "model.onnx", exporter, opset)
+            graph = ModelGraph.load(Path(tmp) / "model.onnx")
+        onnx = "<temporary export, removed: pass onnx=PATH to keep it>"
+        notes.append(f"exported with the {exporter} exporter to a temporary file (removed)")
+    else:
+        if not Path(onnx).exists():
+            trouble = export_onnx(model, args, onnx, exporter, opset)
+            notes.append(f"exported with the {exporter} exporter to {onnx}")
+        graph = ModelGraph.load(onnx)
+    notes += [f"export warning: {w}" for w in trouble]
     arrays = [np.asarray(a.detach().cpu().numpy() if hasattr(a, "detach") else a) for a in args]
     if len(arrays) != len(graph.input_names):
         raise InputError(f"The ONNX model takes {len(graph.input_names)} input(s) {graph.input_names}; {len(arrays)} given.")
@@ -127,42 +135,41 @@ def compare_torch(model, args: Sequence, onnx: str | Path | None = None, target:
     ref = reference_runner(graph)
     matches, unmatched = match(calls, graph, node_scopes(graph), lambda names: _capture(ref, feeds, names))
     other = ModelGraph.load(target_model) if target_model is not None else graph
-    runner = make_runner(other, parse_target(target))
+    runner = make_runner(other, target)
     wanted = sorted({t for t, _ in matches.values() if t in runner.capturable})
     got = _capture(runner, feeds, wanted)
-    tol = tolerance or default_tolerance(parse_target(target).precision)
+    tol = tolerance or tolerance_for(target)
     by_key = {(c.path, c.call, k): (c, o) for c in calls for k, o in zip(c.output_keys, c.outputs)}
     diffs = []
     for key, (tensor, how) in matches.items():
         if tensor not in got:
             continue
         call, out = by_key[key]
-        metrics, _, _, diverges, _ = diff_tensor(tensor, out, got[tensor], tol)
+        d = diff_tensor(out, got[tensor], tol)
+        metrics, diverges = d.metrics, d.diverges
         diffs.append(ModuleDiff(call.path, call.call, key[2], call.type_name, call.order, tensor, how, metrics, diverges))
     producing = {(c.path, c.call) for c in calls if c.leaf and c.outputs}
     matched = {(m.path, m.call) for m in diffs}
     coverage = len(producing & matched) / len(producing) if producing else 1.0
     lost = tuple({"module": p, "call": k, "reason": r} for (p, k), r in unmatched.items() if (p, k) not in matched)
-    return TorchCompareResult("torch:cpu:fp32", target if target_model is None else f"{target} ({Path(target_model).name})",
+    return TorchCompareResult(TORCH_REFERENCE, str(target) if target_model is None else f"{target} ({Path(target_model).name})",
                               str(onnx), tuple(sorted(diffs, key=lambda m: m.order)), lost, coverage, tol, tuple(notes))
 
 
-TORCH_TARGETS = ("torch:cpu:fp32", "torch:cuda:fp32", "torch:cuda:tf32", "torch:cuda:fp16", "torch:cuda:bf16", "torch:cuda:autocast")
+TORCH_REFERENCE = "torch:cpu:fp32"
 
 
-def _torch_vs_torch(model, args: Sequence, target: str, tolerance: Tolerance | None) -> TorchCompareResult:
+def _torch_vs_torch(model, args: Sequence, target: Target, tolerance: Tolerance | None) -> TorchCompareResult:
     """Every module call on ``target`` (e.g. torch:cuda:fp16) against eager FP32 on the CPU."""
     import copy
 
     from aligner.backends.torch import capture_module_outputs
 
-    if target not in TORCH_TARGETS:
-        raise InputError(f"Unknown PyTorch target {target!r}; choose from {', '.join(TORCH_TARGETS)}.")
-    _, device, precision = target.split(":")
+    device, precision = target.device, target.precision
     reference = capture_module_outputs(copy.deepcopy(model), args)
     autocast = precision == "autocast"
     got = capture_module_outputs(copy.deepcopy(model), args, device=device, dtype="fp16" if autocast else precision, autocast=autocast)
-    tol = tolerance or default_tolerance("fp16" if autocast else precision)
+    tol = tolerance or tolerance_for(target)
     theirs = {(c.path, c.call, k): o for c in got for k, o in zip(c.output_keys, c.outputs)}
     diffs = []
     for c in reference:
@@ -170,9 +177,10 @@ def _torch_vs_torch(model, args: Sequence, target: str, tolerance: Tolerance | N
             other = theirs.get((c.path, c.call, key))
             if other is None:
                 continue
-            metrics, _, _, diverges, _ = diff_tensor(key, out, other, tol)
+            d = diff_tensor(out, other, tol)
+            metrics, diverges = d.metrics, d.diverges
             diffs.append(ModuleDiff(c.path, c.call, key, c.type_name, c.order, "", "module", metrics, diverges))
-    return TorchCompareResult("torch:cpu:fp32", target, "", tuple(diffs), (), 1.0, tol)
+    return TorchCompareResult(TORCH_REFERENCE, str(target), "", tuple(diffs), (), 1.0, tol)
 
 
 def _capture(runner, feeds: dict, names: list[str], group: int = 200) -> dict[str, np.ndarray]:
@@ -183,4 +191,4 @@ def _capture(runner, feeds: dict, names: list[str], group: int = 200) -> dict[st
     return out
 
 
-__all__ = ["ModuleDiff", "TORCH_TARGETS", "TorchCompareResult", "compare_torch", "export_onnx"]
+__all__ = ["ModuleDiff", "TORCH_REFERENCE", "TorchCompareResult", "compare_torch", "export_onnx"]

@@ -4,35 +4,35 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from aligner.backends import Runner, make_runner, reference_runner
+from aligner.backends.target import REFERENCE, Target
 from aligner.errors import InputError
 from aligner.eval.adapters import Adapter, Detections, output_mvre
 from aligner.eval.coco import STAT_NAMES, CocoStats, evaluate_coco, stats_delta
 from aligner.eval.dataset import CocoDataset, Preprocess
 from aligner.graph.model import ModelGraph
-from aligner.search.plan import plan_target
-
 
 
 @dataclass(frozen=True)
 class TargetEval:
-    target: str
+    target: str  # the target as it was asked for (e.g. "emu:fp16+plan")
     stats: CocoStats
     mvre: dict[str, float]  # per output, vs the reference target
     images: int
     nonfinite_images: int
     seconds: float
     fp32_nodes: int = 0
+    spec: str = ""  # the resolved target: str(Target), with the plan file and runtime options
 
     def to_dict(self, reference: "TargetEval | None" = None) -> dict:
         d = {name: self.stats[name] for name in STAT_NAMES}
-        d.update({"mvre": {k: _num(v) for k, v in self.mvre.items()}, "images": self.images,
+        d.update({"spec": self.spec or self.target, "mvre": {k: _num(v) for k, v in self.mvre.items()}, "images": self.images,
                   "nonfinite_images": self.nonfinite_images, "seconds": round(self.seconds, 3), "fp32_nodes": self.fp32_nodes,
                   "images_per_s": round(self.images / self.seconds, 2) if self.seconds else None})
         if reference is not None:
@@ -89,13 +89,18 @@ def model_batch(graph: ModelGraph, wanted: int) -> int:
     return shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else wanted
 
 
-def runner_for(graph: ModelGraph, spec: str, plan: Sequence[str]) -> tuple[Runner, int]:
-    """The runner of a target spec (``+plan`` keeps the plan's nodes in FP32) and its pin count;
-    ort:cpu:fp32 is the reference runner."""
-    target, pins = plan_target(spec, plan)
-    if target.runtime == "ort" and target.precision == "fp32" and target.device == "cpu" and not pins:
-        return reference_runner(graph, target), 0
-    return make_runner(graph, target, pins), len(pins)
+def runner_for(graph: ModelGraph, spec: str | Target, plan: str | Path | None = None) -> tuple[Runner, Target]:
+    """The runner of a target (``+plan`` keeps the nodes of the plan file ``plan`` in FP32) and the
+    resolved target; ort:cpu:fp32 is the reference runner (graph optimizations off)."""
+    if plan is not None and not isinstance(plan, (str, Path)):
+        if list(plan):
+            raise InputError("plan is the plan file of +plan targets (aligner precision --out); for FP32 nodes in hand pass "
+                             "Target.parse(spec, pins=nodes) as the target.")
+        plan = None
+    target = Target.parse(spec, plan=plan)
+    if target.base == REFERENCE:
+        return reference_runner(graph, target), target
+    return make_runner(graph, target), target
 
 
 def evaluate_detector(
@@ -103,16 +108,18 @@ def evaluate_detector(
     dataset: CocoDataset,
     adapter: Adapter,
     preprocess: Preprocess,
-    targets: Iterable[str] = ("ort:cpu:fp32", "emu:fp16"),
-    plan: Sequence[str] = (),
+    targets: Iterable[str | Target] = ("ort:cpu:fp32", "emu:fp16"),
+    plan: str | Path | None = None,
     label_map: Mapping[int, int] | None = None,
     batch: int = 16,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> EvalResult:
     """COCO metrics of ``model`` on ``dataset`` for each target; the first target is the reference
-    of the Δ and MVRE columns. Targets ending in ``+plan`` keep ``plan``'s nodes in FP32."""
+    of the Δ and MVRE columns. Targets ending in ``+plan`` keep the nodes of the plan file ``plan``
+    in FP32. Results are keyed by each target as given (``emu:fp16+plan``); each records the
+    resolved target (plan file, runtime options) as ``spec``."""
     graph = model if isinstance(model, ModelGraph) else ModelGraph.load(model)
-    targets = list(targets)
+    targets = [str(t) for t in targets]
     if not targets:
         raise InputError("Give at least one target, e.g. --targets ort:cpu:fp32,emu:fp16")
     if len(graph.input_names) != 1:
@@ -143,10 +150,10 @@ def evaluate_detector(
         if progress:
             progress("images", done, len(dataset))
     results = []
-    for spec, (_, pins) in zip(targets, runners):
+    for spec, (_, target) in zip(targets, runners):
         stats = evaluate_coco(dataset.gt, dets[spec], image_ids=dataset.image_ids)
         mvre = {k: err_sum[spec][k] / err_n[spec][k] if err_n[spec][k] else math.nan for k in err_sum[spec]}
-        results.append(TargetEval(spec, stats, mvre, len(dataset), nonfinite[spec], seconds[spec], pins))
+        results.append(TargetEval(spec, stats, mvre, len(dataset), nonfinite[spec], seconds[spec], len(target.pins), str(target)))
     return EvalResult(str(graph.path or "<in-memory>"), str(dataset.annotations), targets[0], tuple(results))
 
 

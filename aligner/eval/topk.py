@@ -46,7 +46,7 @@ def image_files(folder: str | Path, limit: int | None = None) -> list[Path]:
 
 
 def evaluate_topk(model: ModelGraph | str | Path, images: Sequence[Path], preprocess: Preprocess,
-                  targets: Iterable[str] = ("ort:cpu:fp32", "emu:fp16"), plan: Sequence[str] = (), batch: int = 32,
+                  targets: Iterable[str] = ("ort:cpu:fp32", "emu:fp16"), plan: str | Path | None = None, batch: int = 32,
                   output: str | None = None, progress: Callable[[str, int, int], None] | None = None) -> list[TopkEval]:
     """Agreement of each target's predictions with the first target's, image by image."""
     require("PIL", "reading images", package="pillow")

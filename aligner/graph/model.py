@@ -235,6 +235,9 @@ def _copy_fields(src, dst, skip: str) -> None:
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """ONNX shape inference on the model's skeleton (symbolic dims kept, any model size)."""
+    from aligner.plugin import register_schemas
+
+    register_schemas(model)  # plugin nodes have shapes too (their schemas register on first use)
     try:
         return onnx.shape_inference.infer_shapes(skeleton(model), strict_mode=False, data_prop=True)
     except Exception as exc:  # inference is best effort: unknown shapes stay unknown

@@ -8,9 +8,8 @@ import numpy as np
 from onnx import numpy_helper
 
 from aligner.graph.model import ModelGraph
-from aligner.graph.precision import FP16_MAX
+from aligner.limits import FP16_MAX, FP16_MIN_NORMAL
 
-FP16_TINY = 6.1e-5  # smallest normal FP16 value
 
 
 @dataclass(frozen=True)
@@ -50,7 +49,7 @@ def fp16_risks(graph: ModelGraph) -> list[Risk]:
         elif node.op_type == "BatchNormalization" and len(node.input) >= 5:
             var = _const_value(graph, node.input[4])
             if var is not None and np.max(np.abs(var)) > FP16_MAX:
-                risks.append(Risk(node.name, node.op_type, f"running variance up to {np.max(var):.3g} exceeds FP16 max 65504"))
+                risks.append(Risk(node.name, node.op_type, f"running variance up to {np.max(var):.3g} exceeds FP16 max {FP16_MAX:g}"))
         for name in node.input:
             if name in graph.initializers or (graph.producer.get(name) is not None and graph.producer[name].op_type == "Constant"):
                 value = _const_value(graph, name)
@@ -59,6 +58,6 @@ def fp16_risks(graph: ModelGraph) -> list[Risk]:
                 finite = np.abs(value[np.isfinite(value)])
                 if finite.size and finite.max() > FP16_MAX:
                     risks.append(Risk(node.name, node.op_type, f"constant {name!r} holds values up to {finite.max():.3g}: inf in FP16"))
-                elif finite.size > 16 and np.mean((finite > 0) & (finite < FP16_TINY)) > 0.5:
-                    risks.append(Risk(node.name, node.op_type, f"weight {name!r}: most values below 6.1e-5 underflow in FP16"))
+                elif finite.size > 16 and np.mean((finite > 0) & (finite < FP16_MIN_NORMAL)) > 0.5:
+                    risks.append(Risk(node.name, node.op_type, f"weight {name!r}: most values below {FP16_MIN_NORMAL:.2g} lose precision (subnormal) or flush in FP16"))
     return risks

@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from aligner.backends import Runner, make_runner, parse_target, reference_runner
-from aligner.backends.target import Target
-from aligner.compare.layerwise import diff_row, estimate_sizes, plan_groups
+from aligner.backends import Runner, make_runner, reference_runner
+from aligner.backends.target import REFERENCE, Target
+from aligner.compare.capture import Observer
+from aligner.compare.layerwise import UNKNOWN_SIZE, check_budget, diff_row, estimate_sizes, plan_groups
 from aligner.compare.results import TensorDiff
-from aligner.compare.tolerance import Tolerance, default_tolerance
+from aligner.compare.tolerance import Tolerance, tolerance_for
 from aligner.errors import InputError, TargetRunError
 from aligner.graph.model import ModelGraph, _node_inputs
 from aligner.inputs import Feeds, make_inputs, validate_feeds
@@ -52,6 +53,7 @@ class _Run:
     tgt: Runner
     order: list[str]  # compute nodes of the reference, topological
     progress: Progress | None
+    observer: Observer
     probes: list[Probe] = field(default_factory=list)
     diffs: dict[str, TensorDiff] = field(default_factory=dict)
 
@@ -61,13 +63,14 @@ class _Run:
         node = self.order[cut - 1] if cut else ""
         ref_values = self.ref.run(self.feeds, names)
         try:
-            tgt_values = self.tgt.run(self.feeds, names)
+            tgt_values, moved = self.observer.capture(self.tgt, self.feeds, names)
         except TargetRunError as exc:
             self.probes.append(Probe(phase, len(names), cut, node, status="failed", error=str(exc)))
             raise
-        rows = [diff_row(self.graph, n, ref_values.pop(n), tgt_values.pop(n), self.tol) for n in names]
+        rows = [self.observer.label(diff_row(self.graph, n, ref_values.pop(n), tgt_values.pop(n), self.tol), moved) for n in names]
         self.diffs.update((r.tensor, r) for r in rows)
-        self.probes.append(Probe(phase, len(names), cut, node, any(r.diverges for r in rows), any(r.new_nonfinite for r in rows)))
+        self.probes.append(Probe(phase, len(names), cut, node, any(r.blamed for r in rows), any(r.new_nonfinite and r.blamed for r in rows),
+                                 perturbed=moved))
         if self.progress:
             self.progress(phase, len(self.probes), 0)
         return rows
@@ -76,117 +79,178 @@ class _Run:
 def bisect(
     model: ModelGraph | str | Path,
     target: str | Target = "emu:fp16",
-    reference: str | Target = "ort:cpu:fp32",
+    reference: str | Target = REFERENCE,
     target_model: ModelGraph | str | Path | None = None,
     feeds: Feeds | None = None,
     strategy: Strategy = "auto",
     tolerance: Tolerance | None = None,
-    fp32_nodes: Iterable[str] = (),
-    capture_budget_mb: int = 512,
+    capture_budget_mb: float = 512,
     window: int = 16,
+    sweep_runs: int | None = None,
     save_repro: str | Path | None = None,
     force: bool = False,
     progress: Progress | None = None,
 ) -> BisectResult:
-    """Find where ``target`` (or ``target_model``) starts to diverge from ``reference`` and why."""
+    """Find where ``target`` (or ``target_model``) starts to diverge from ``reference`` and why.
+
+    Every strategy answers the same question with the same tolerance as :func:`aligner.compare`
+    and names the same first divergent node; they differ in how many tensors each target run
+    captures. ``sweep_runs`` caps the frontier strategy's search for divergences that do not
+    reach the outputs (None: as many runs as the capture budget needs, which makes it complete).
+    """
     if strategy not in STRATEGIES:
         raise InputError(f"Unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}.")
+    if not isinstance(window, int) or window < 0:
+        raise InputError(f"window must be a whole number of nodes >= 0; got {window!r}.")
+    if sweep_runs is not None and (not isinstance(sweep_runs, int) or sweep_runs < 0):
+        raise InputError(f"sweep runs must be a whole number >= 0; got {sweep_runs!r}.")
+    check_budget(capture_budget_mb)
     graph = model if isinstance(model, ModelGraph) else ModelGraph.load(model)
     other = graph if target_model is None else (target_model if isinstance(target_model, ModelGraph) else ModelGraph.load(target_model))
-    tgt_target = parse_target(target) if isinstance(target, str) else target
-    ref_target = parse_target(reference) if isinstance(reference, str) else reference
+    tgt_target, ref_target = Target.parse(target), Target.parse(reference)
     if save_repro is not None:
         from aligner.search.repro import check_repro_dir
 
         check_repro_dir(Path(save_repro), force)
     feeds = validate_feeds(graph, feeds) if feeds is not None else make_inputs(graph)
-    fp32_nodes = list(fp32_nodes)
-    tol = tolerance or default_tolerance(tgt_target.precision if target_model is None or tgt_target.runtime == "emu" else "fp32")
-    run = _Run(graph, other, feeds, tgt_target, tol, reference_runner(graph, ref_target), make_runner(other, tgt_target, fp32_nodes),
-               [n.name for n in graph.nodes if n.op_type != "Constant"], progress)
+    tol = tolerance or tolerance_for(tgt_target, ref_target)
+    tgt_runner = make_runner(other, tgt_target)
+    try:
+        observer = Observer.of(tgt_runner, other, feeds)
+    except TargetRunError as exc:  # the uncaptured runs (or the deployed graph) already fail
+        failed = Probe("uncaptured", len(other.output_names), status="failed", error=str(exc))
+        return BisectResult(model=str(graph.path or "<in-memory>"), target=str(tgt_target), reference=str(ref_target), strategy=strategy,
+                            strategy_used=strategy, nodes=len(graph.nodes), tolerance=tol, first_divergent=None, root_cause=None,
+                            nonfinite_origin=None, local_errors=(), probes=(failed,), outputs_diverge=False, failed=str(exc),
+                            explanation=f"The target failed, so nothing was judged: {exc}")
+    run = _Run(graph, other, feeds, tgt_target, tol, reference_runner(graph, ref_target), tgt_runner,
+               [n.name for n in graph.nodes if n.op_type != "Constant"], progress, observer)
     sizes = estimate_sizes(graph, feeds)
-    budget = capture_budget_mb * 2**20 // 2
+    budget = int(capture_budget_mb * 2**20) // 2
     used = _resolve(strategy, tgt_target, graph, sizes, budget)
     label = str(tgt_target) if target_model is None else f"{tgt_target} ({Path(str(other.path)).name})"
     common = dict(model=str(graph.path or "<in-memory>"), target=label, reference=str(ref_target), strategy=strategy,
-                  strategy_used=used, nodes=len(run.order))
+                  strategy_used=used, nodes=len(run.order), tolerance=tol)
     try:
-        first, nf_node, outputs_diverge = _locate(run, used, budget)
+        found = _locate(run, used, budget, sweep_runs)
+        first, nf_node = found.first, found.nonfinite_node
         names = _neighbourhood(run, first.node if first else None, nf_node, window) if used != "isolate" else run.order
-        locals_ = isolate(graph, names, feeds, run.ref, tgt_target, tol, other, fp32_nodes, sizes, budget, run.probes.append)
+        locals_ = isolate(graph, names, feeds, run.ref, tgt_target, tol, other, sizes, budget, run.probes.append)
     except TargetRunError as exc:
         return BisectResult(**common, first_divergent=None, root_cause=None, nonfinite_origin=None, local_errors=(),
                             probes=tuple(run.probes), explanation=f"The target failed, so nothing was judged: {exc}",
                             outputs_diverge=False, failed=str(exc))
     by_node = {e.node: e for e in locals_}
-    if used == "isolate":
-        first_local = next((e for e in locals_ if e.diverges or e.new_nonfinite), None)
-        cause_node = first_local.node if first_local else None
-        nf_node = next((e.node for e in locals_ if e.new_nonfinite), None)
-    else:
-        cause_node = first.node if first else None
     cause = None
-    if cause_node is not None:
-        cause = root_cause(run, cause_node, by_node.get(cause_node), locals_, node_difference(graph, other, cause_node))
+    if first is not None:
+        cause = root_cause(run, first.node, by_node.get(first.node), locals_, node_difference(graph, other, first.node))
     origin = _origin(run, nf_node, by_node.get(nf_node) if nf_node else None)
     ranked = tuple(sorted(locals_, key=lambda e: _score(e, tol), reverse=True)[:50])
+    notes = list(found.notes)
+    own = [e.node for e in locals_ if e.diverges and (first is None or run.graph.index_of.get(e.node, -1) != first.index)]
+    if own and first is None:
+        notes.append(f"{len(own)} node(s) have an own (isolated) error beyond the tolerance that does not reach any "
+                     f"tensor of the full run, e.g. {', '.join(own[:3])}")
     result = BisectResult(**common, first_divergent=first, root_cause=cause, nonfinite_origin=origin, local_errors=ranked,
-                          probes=tuple(run.probes), explanation="", outputs_diverge=outputs_diverge)
+                          probes=tuple(run.probes), explanation="", outputs_diverge=found.outputs_diverge,
+                          checked=found.checked, notes=tuple(notes))
     if save_repro is not None and cause is not None:
         from aligner.search.repro import write_repro
 
-        result = replace(result, repro=write_repro(run, cause, locals_, Path(save_repro), fp32_nodes))
+        result = replace(result, repro=write_repro(run, cause, locals_, Path(save_repro), list(tgt_target.pins)))
     return replace(result, explanation=explain(result, tol))
 
 
 def _resolve(strategy: str, target: Target, graph: ModelGraph, sizes: dict[str, int], budget: int) -> str:
     if strategy != "auto":
         return strategy
-    total = sum(sizes.get(t, 4 * 2**20) for t in graph.activations())
+    total = sum(sizes.get(t, UNKNOWN_SIZE) for t in graph.activations())
     return "all" if target.runtime in ("emu", "ort") and total <= budget else "frontier"
 
 
-def _locate(run: _Run, strategy: str, budget: int) -> tuple[TensorDiff | None, str | None, bool]:
-    """(first divergent tensor, first node making NaN/inf, whether graph outputs diverge)."""
+@dataclass(frozen=True)
+class _Found:
+    first: TensorDiff | None  # the first divergent tensor in topological order
+    nonfinite_node: str | None  # the first node whose output has NaN/inf where the reference has none
+    outputs_diverge: bool
+    checked: str  # what the evidence covers, in words
+    notes: tuple[str, ...] = ()
+
+
+def _locate(run: _Run, strategy: str, budget: int, sweep_runs: int | None) -> _Found:
+    """The first divergent tensor and NaN/inf origin, from every tensor (all, isolate) or from a
+    frontier search plus a sweep of the tensors before what it found (frontier)."""
+    names = run.graph.activations()
+    if strategy in ("all", "isolate"):
+        for group in plan_groups(names, estimate_sizes(run.graph, run.feeds), budget):
+            run.capture(group, "all")
+        checked = f"all {len(names)} tensors compared, in {len(run.probes)} run(s)"
+        return _found(run, names, checked)
     n = len(run.order)
     lives = spans([(sorted(_node_inputs(run.graph.node(x))), list(run.graph.node(x).output)) for x in run.order], run.graph.output_names)
-    if strategy == "all":
-        sizes = estimate_sizes(run.graph, run.feeds)
-        names = run.graph.activations()
-        for group in plan_groups(names, sizes, budget):
-            run.capture(group, "all")
-        rows = [run.diffs[t] for t in names if t in run.diffs]
-        first = next((r for r in rows if r.diverges), None)
-        nf = next((r.node for r in rows if r.new_nonfinite), None)
-        outputs = [run.diffs[o] for o in run.graph.output_names if o in run.diffs]
-        return first, nf, any(r.diverges for r in outputs)
-
-    if strategy == "isolate":  # isolation judges nodes; one run says whether the outputs diverge
-        rows = run.capture(frontier(lives, n), "outputs", n)
-        return None, None, any(r.diverges for r in rows)
     known: dict[int, bool] = {}
-    known_nf: dict[int, bool] = {}
 
     def probe(cut: int) -> bool:
         rows = run.capture(frontier(lives, cut), "outputs" if cut == n else "frontier", cut)
-        known_nf[cut] = any(r.new_nonfinite for r in rows)
-        return any(r.diverges for r in rows)
+        return any(r.blamed for r in rows)
 
     j = bisect_cuts(n, probe, known)
-    outputs_diverge = known.get(n, False)
-    if j is None:
-        return None, None, outputs_diverge
-    node = run.graph.node(run.order[j])
-    first = next((run.diffs[o] for o in node.output if o in run.diffs and run.diffs[o].diverges), None)
-    nf_node = None
-    if any(known_nf.values()):
-        for cut, diverged in known.items():
-            if not diverged:
-                known_nf[cut] = False
-        top = min(c for c, v in known_nf.items() if v)
-        k = bisect_cuts(n, lambda c: probe(c) and known_nf[c], known_nf, top)
-        nf_node = run.order[k] if k is not None else None
-    return first, nf_node, outputs_diverge
+    transition = f"the frontier search found a transition at node #{j} {run.order[j]!r} in {len(run.probes)} run(s)" if j is not None else (
+        f"the graph outputs match ({len(run.probes)} run)")
+    # A divergence that a later node masks leaves no trace at the cuts probed so far: sweep every
+    # tensor produced before the transition (every tensor, when the outputs match).
+    before = run.graph.index_of[run.order[j]] if j is not None else len(run.graph.nodes)
+    todo = [t for t in names if t not in run.diffs and _produced_at(run.graph, t) < before]
+    groups = plan_groups(todo, estimate_sizes(run.graph, run.feeds), budget)
+    limit = len(groups) if sweep_runs is None else min(sweep_runs, len(groups))
+    swept = 0
+    for group in groups[:limit]:
+        rows = run.capture(group, "sweep")
+        swept += len(group)
+        if any(r.blamed for r in rows):
+            break
+    scope = "before it" if j is not None else "of the graph"
+    checked = f"{transition}; then {swept} of the {len(todo)} other tensors {scope} compared in {min(limit, len(groups))} sweep run(s)"
+    notes = []
+    if swept < len(todo) and not any(run.diffs[t].blamed for t in todo if t in run.diffs):
+        notes.append(f"the sweep for masked divergences stopped at --sweep-runs {sweep_runs}: {len(todo) - swept} tensor(s) "
+                     f"{scope} were not compared; raise --sweep-runs or use --strategy all for a complete answer")
+    found = _found(run, names, checked, notes)
+    return replace(found, nonfinite_node=_nonfinite_by_frontier(run, lives, n, found.nonfinite_node))
+
+
+def _found(run: _Run, names: list[str], checked: str, notes: list[str] = ()) -> _Found:
+    rows = [run.diffs[t] for t in names if t in run.diffs]
+    first = next((r for r in rows if r.blamed), None)
+    nf = next((r.node for r in rows if r.new_nonfinite and r.blamed), None)
+    outputs = [run.diffs[o] for o in run.graph.output_names if o in run.diffs]
+    perturbed = [r.tensor for r in rows if r.perturbed]
+    if perturbed:
+        notes = [*notes, f"{len(perturbed)} tensor(s) were captured in runs that changed the target's outputs (capture perturbs a "
+                         f"fusion): labelled, not blamed, e.g. {', '.join(perturbed[:3])}"]
+    notes = [*notes, *run.observer.notes(sorted(run.observer.absorbed))]
+    return _Found(first, nf, any(r.blamed for r in outputs), checked, tuple(notes))
+
+
+def _produced_at(graph: ModelGraph, tensor: str) -> int:
+    node = graph.producer.get(tensor)
+    return graph.index_of[node.name] if node is not None else -1
+
+
+def _nonfinite_by_frontier(run: _Run, lives, n: int, seen: str | None) -> str | None:
+    """Where NaN/inf start: when a frontier probe saw new NaN/inf, bisect the cuts below it for
+    the node that first writes them; the earlier of that and ``seen`` (a swept tensor)."""
+    nf_cuts = {p.cut: bool(p.nonfinite) for p in run.probes if p.cut is not None and p.status == "ok"}
+    if not any(nf_cuts.values()):
+        return seen
+
+    def has_nf(cut: int) -> bool:
+        return any(r.new_nonfinite and r.blamed for r in run.capture(frontier(lives, cut), "frontier", cut))
+
+    k = bisect_cuts(n, has_nf, nf_cuts, min(c for c, v in nf_cuts.items() if v))
+    found = run.order[k] if k is not None else None
+    candidates = [x for x in (found, seen) if x is not None]
+    return min(candidates, key=run.graph.index_of.__getitem__) if candidates else None
 
 
 def _neighbourhood(run: _Run, first: str | None, nf_node: str | None, window: int) -> list[str]:

@@ -115,16 +115,15 @@ def explain(result: BisectResult, tol: Tolerance) -> str:
         return f"The target failed to build or run, so no verdict: {result.failed}"
     first, cause, origin = result.first_divergent, result.root_cause, result.nonfinite_origin
     parts = []
-    if first is None and cause is None:
-        if result.outputs_diverge:
-            return ("The graph outputs diverge, but no node's own error exceeds the tolerance: the error builds up "
-                    "gradually. Largest local errors: " + ", ".join(f"{e.node} ({e.op_type})" for e in result.local_errors[:3]) + ".")
-        return f"No divergence: the target matches the reference within {tol.metric} <= {tol.threshold:g}."
+    if first is None:
+        text = f"No divergence: the target matches the reference within {tol.describe()}"
+        return text + (f" ({result.checked})." if result.checked else ".") + "".join(f" Note: {n}." for n in result.notes)
     if first is not None:
         how = "has NaN/inf where the reference is finite" if first.new_nonfinite else (
             f"differs by {tol.metric} {first.metrics.get(tol.metric, float('nan')):.3g}" if first.metrics else f"differs ({first.reason})")
         parts.append(f"The target first departs from the reference at {first.node!r} ({first.op_type}, node #{first.index} of "
-                     f"{result.nodes}): its output {first.tensor!r} {how}.")
+                     f"{result.nodes}): its output {first.tensor!r} {how}"
+                     + (f" (written by the deployed kernel {first.kernel!r}, which may fuse the nodes before it)." if first.kernel and first.kernel != first.node else "."))
     if cause is not None:
         lead = {"local": "Root cause: this node's own error", "nonfinite": "Root cause: this node overflows on its own",
                 "discrete": "Root cause: a discrete choice flipped", "inherited": "No single root cause"}[cause.kind]
@@ -135,7 +134,8 @@ def explain(result: BisectResult, tol: Tolerance) -> str:
     if cause is not None and cause.kind in ("nonfinite", "local") and "fp16" in result.target:
         parts.append("To keep it (and only what is needed) in FP32, run `aligner precision`"
                      + (", or fuse the decomposed LayerNorm it belongs to (`aligner build --fuse layernorm`)." if cause.op_type in ("Pow", "ReduceMean") else "."))
-    parts.append(f"{result.target_runs} target run(s), strategy {result.strategy_used}.")
+    parts.append(f"Tolerance {tol.describe()}; strategy {result.strategy_used}: {result.checked or f'{result.target_runs} target run(s)'}.")
+    parts += [f"Note: {n}." for n in result.notes]
     return " ".join(parts)
 
 

@@ -8,7 +8,7 @@ error on the target; error it would inherit from upstream does not count.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -32,7 +32,6 @@ def isolate(
     target: Target,
     tolerance: Tolerance,
     other: ModelGraph | None = None,
-    fp32_nodes: Iterable[str] = (),
     sizes: Mapping[str, int] | None = None,
     budget_bytes: int = 256 * 2**20,
     on_probe: Callable[[Probe], None] | None = None,
@@ -40,10 +39,10 @@ def isolate(
     """Local errors of ``names`` (nodes of ``graph``), in topological order.
 
     The reference values come from ``reference`` running ``graph``; the nodes run on ``target``
-    as ``other`` defines them (an edited copy), or as ``graph`` does.
+    as ``other`` defines them (an edited copy), or as ``graph`` does; ``target``'s pins stay FP32.
     """
     other = other or graph
-    pinned = set(fp32_nodes)
+    pinned = set(target.pins)
     nodes = [n for n in names if n in other.node_by_name and other.node(n).op_type != "Constant"]
     nodes.sort(key=lambda n: graph.index_of.get(n, other.index_of[n]))
     sizes = sizes or {}
@@ -59,7 +58,7 @@ def isolate(
         ref = reference.run(dict(feeds), [t for t in dict.fromkeys(inputs + outputs) if t in reference.capturable])
         values = {t: ref[t] for t in inputs}
         piece = ModelGraph(subgraph_model(other, group, values, decoupled=True))
-        runner = make_runner(piece, target, [n for n in group if n in pinned])
+        runner = make_runner(piece, target.with_pins([n for n in group if n in pinned]))
         try:
             got = runner.run(values)
         except TargetRunError as exc:
@@ -85,8 +84,8 @@ def _local_error(graph: ModelGraph, other: ModelGraph, name: str, ref: dict, got
     for out in node.output:
         if not out or out not in ref or isolated_name(out) not in got:
             continue
-        metrics, nf_ref, nf_tgt, diverges, _ = diff_tensor(out, ref[out], got[isolated_name(out)], tol)
-        new_nf = nf_tgt.total > 0 and nf_ref.total == 0
+        d = diff_tensor(ref[out], got[isolated_name(out)], tol)
+        metrics, diverges, new_nf = d.metrics, d.diverges, d.new_nonfinite
         score = (new_nf, diverges, metrics.get(tol.metric, 0.0) if metrics else np.inf)
         if worst is None or score > worst[0]:
             worst = (score, out, metrics, diverges, new_nf)

@@ -9,6 +9,7 @@ divergence by itself; this is checked before the verdict is returned.
 from __future__ import annotations
 
 import io
+import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -55,17 +56,17 @@ def write_repro(run: "_Run", cause: RootCause, locals_: list[LocalError], direct
     _save_npz(values, directory / "inputs.npz")
     _save_npz({t: ref[t] for t in outputs}, directory / "expected.npz")
 
-    pinned = [n for n in fp32_nodes if n in nodes]
+    target = run.target.with_pins([n for n in fp32_nodes if n in nodes])
     check = compare(
-        ModelGraph(reference_piece or target_piece), target=run.target, feeds=values, tolerance=run.tol, fp32_nodes=pinned,
+        ModelGraph(reference_piece or target_piece), target=target, feeds=values, tolerance=run.tol,
         target_model=ModelGraph(target_piece) if reference_piece is not None else None,
     )
     reproduces = any(t.diverges for t in check.tensors if t.tensor in outputs)
-    pins = f" --fp32-nodes {','.join(pinned)}" if pinned else ""
+    quoted = shlex.quote(str(target))
     if reference_piece is not None:
-        command = f"aligner compare {directory / 'reference.onnx'} --target-model {directory / 'model.onnx'} --inputs {directory / 'inputs.npz'} --target {run.target}"
+        command = f"aligner compare {directory / 'reference.onnx'} --target-model {directory / 'model.onnx'} --inputs {directory / 'inputs.npz'} --target {quoted}"
     else:
-        command = f"aligner compare {directory / 'model.onnx'} --inputs {directory / 'inputs.npz'} --target {run.target}{pins}"
+        command = f"aligner compare {directory / 'model.onnx'} --inputs {directory / 'inputs.npz'} --target {quoted}"
     write_atomic(directory / "README.md", _readme(cause, nodes, command, reproduces).encode())
     return Repro(str(directory / "model.onnx"), str(directory / "inputs.npz"),
                  str(directory / "reference.onnx") if reference_piece is not None else None, command, reproduces, tuple(nodes))

@@ -9,6 +9,8 @@ from typing import Literal
 import numpy as np
 
 from aligner.compare.results import TensorDiff, json_float
+from aligner.compare.tolerance import Tolerance
+from aligner.limits import FP16_MIN_SUBNORMAL, LOW_MAX
 
 Kind = Literal["local", "inherited", "nonfinite", "discrete"]
 
@@ -18,8 +20,6 @@ DISCRETE_OPS = frozenset({
     "ArgMax", "ArgMin", "TopK", "NonMaxSuppression", "NonZero", "Unique", "Greater", "Less", "Equal",
     "GreaterOrEqual", "LessOrEqual", "Round", "Floor", "Ceil", "Sign", "Hardmax", "Mod",
 })
-LOW_MAX = {"fp16": 65504.0, "bf16": 3.39e38}
-FP16_TINY = 6.0e-8  # smallest FP16 subnormal; smaller magnitudes flush to zero
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,7 @@ class Probe:
     nonfinite: bool | None = None
     status: str = "ok"  # "ok" or "failed"
     error: str = ""
+    perturbed: str = ""  # the capture changed the target's outputs: how
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -147,6 +148,8 @@ class BisectResult:
     probes: tuple[Probe, ...]
     explanation: str
     outputs_diverge: bool
+    tolerance: Tolerance = field(default_factory=Tolerance)  # the rule every tensor was judged by
+    checked: str = ""  # what the evidence covers, in words (which tensors were compared, in how many runs)
     repro: Repro | None = None
     failed: str = ""  # the target failed to build or run: the message
     notes: tuple[str, ...] = field(default_factory=tuple)
@@ -157,13 +160,14 @@ class BisectResult:
 
     @property
     def diverged(self) -> bool:
-        return self.outputs_diverge or self.first_divergent is not None or self.root_cause is not None
+        return self.outputs_diverge or self.first_divergent is not None
 
     def to_dict(self) -> dict:
         first = self.first_divergent
         return {
             "model": self.model, "target": self.target, "reference": self.reference,
             "strategy": self.strategy, "strategy_used": self.strategy_used, "nodes": self.nodes,
+            "diverged": self.diverged, "tolerance": self.tolerance.to_dict(), "checked": self.checked,
             "first_divergent": None if first is None else {
                 "tensor": first.tensor, "node": first.node, "op_type": first.op_type, "index": first.index,
                 "metrics": {k: json_float(v) for k, v in first.metrics.items()}, "reason": first.reason,
@@ -218,9 +222,9 @@ def nonfinite_reason(op_type: str, inputs: tuple[ValueRange, ...], output: Value
         return f"Exp of inputs up to {inputs[0].max:.3g}: e^x reaches {out_max:.3g}, beyond {name} max {limit:g} (subtract the max first, as Softmax does)"
     if op_type in ("Div", "Reciprocal") and precision == "fp16":
         divisor = inputs[-1]
-        if divisor.min_abs_nonzero < FP16_TINY or divisor.min_abs_nonzero == 0:
+        if divisor.min_abs_nonzero < FP16_MIN_SUBNORMAL or divisor.min_abs_nonzero == 0:
             return f"{op_type} by values as small as {divisor.min_abs_nonzero:.3g}, which are 0 in FP16: x/0 gives inf or NaN"
-    if op_type in ("Log", "Sqrt") and inputs and inputs[0].min_abs_nonzero < FP16_TINY and precision == "fp16":
+    if op_type in ("Log", "Sqrt") and inputs and inputs[0].min_abs_nonzero < FP16_MIN_SUBNORMAL and precision == "fp16":
         return f"{op_type} of values as small as {inputs[0].min_abs_nonzero:.3g}, which flush to 0 in FP16"
     if out_max > limit:
         return f"{op_type} output reaches {out_max:.3g} on the reference (inputs max |x| {top:.3g}), beyond {name} max {limit:g}"

@@ -1,0 +1,246 @@
+"""``build``: the deployable model of a target — a mixed-precision ONNX for ONNX Runtime (``ort:*``)
+or a TensorRT engine (``trt:*``) — checked before it is written, with a sidecar JSON saying how.
+
+1. Graph passes first (``fuse``), checked against the original on ort:cpu:fp32: nothing is written
+   if an output moved beyond FP32 tolerance.
+2. FP16/BF16 targets: aligner's precision rewrite with the target's FP32 pins (explicit Casts at
+   every boundary: the form ONNX Runtime, strongly typed TensorRT 10.12+/11 and TensorRT-RTX take),
+   checked against the FP32 model on the emulator with the same pins (outputs finite and within
+   the precision's tolerance, :func:`~aligner.compare.tolerance.tolerance_for`). A build that fails
+   the check is not written unless ``write_anyway``; ``force`` only allows overwriting files.
+3. The model or engine, and ``<output>.json`` beside it: the target in full (plan file, runtime
+   options), the check, the passes, the engine's build settings. ``ort_optimized`` also writes
+   ONNX Runtime's optimized graph for the target's provider and options.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from aligner.backends import check_target
+from aligner.backends.target import REFERENCE, Target
+from aligner.compare import compare
+from aligner.compare.tolerance import Tolerance
+from aligner.errors import InputError
+from aligner.graph.model import ModelGraph
+from aligner.graph.precision import Overflow, rewrite_precision
+from aligner.inputs import make_inputs, validate_feeds, write_atomic
+
+
+@dataclass(frozen=True)
+class FuseStep:
+    name: str  # the pass (aligner plugins list)
+    replaced: int  # patterns replaced
+    skipped: tuple[str, ...] = ()  # patterns left as they are, with why
+
+
+@dataclass(frozen=True)
+class BuildCheck:
+    """A low-precision build's outputs against the FP32 model, on the emulator with the same pins."""
+
+    on: str  # the emulator target the build was checked on
+    tolerance: Tolerance
+    worst_rel_l2: float
+    diverging: tuple[str, ...]  # outputs whose NaN/inf pattern or metric breaks the tolerance
+
+    @property
+    def passed(self) -> bool:
+        return not self.diverging
+
+    def to_dict(self) -> dict:
+        return {"on": self.on, "tolerance": self.tolerance.to_dict(), "worst_rel_l2": _num(self.worst_rel_l2),
+                "diverging": list(self.diverging), "passed": self.passed}
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    target: Target
+    output: str
+    kind: Literal["onnx", "engine"]
+    written: bool
+    check: BuildCheck | None = None  # None: an FP32/TF32 build, nothing to check
+    fused: tuple[FuseStep, ...] = ()
+    pinned: int = 0  # nodes kept FP32 by the target's pins
+    auto_pinned: int = 0  # nodes kept FP32 because their op has no low-precision kernel
+    casts_inserted: int = 0
+    overflows: tuple[Overflow, ...] = ()  # weights beyond the low type's range
+    sidecar: str | None = None
+    ort_optimized: str | None = None
+    engine: Mapping | None = None  # trt: module, version, bytes, strongly_typed, outputs
+    unmatched_pins: tuple[str, ...] = ()  # trt --layer-precision: pins no layer carries
+    notes: tuple[str, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        return self.check is None or self.check.passed
+
+    def to_dict(self) -> dict:
+        from aligner import __version__
+
+        pins = sorted(self.target.pins)
+        return {"aligner": __version__, "target": self.target.to_dict(), "output": self.output, "kind": self.kind,
+                "written": self.written, "check": self.check.to_dict() if self.check else None,
+                "plan": {"fp32_nodes": pins, "sha256": hashlib.sha256("\n".join(pins).encode()).hexdigest()[:16]},
+                "fused": [{"pass": f.name, "replaced": f.replaced, "skipped": list(f.skipped)} for f in self.fused],
+                "auto_pinned": self.auto_pinned, "casts_inserted": self.casts_inserted,
+                "overflows": [{"tensor": o.tensor, "max_abs": o.max_abs, "count": o.count} for o in self.overflows],
+                "ort_optimized": self.ort_optimized, "engine": dict(self.engine) if self.engine else None,
+                "unmatched_pins": list(self.unmatched_pins), "notes": list(self.notes)}
+
+
+def sidecar_path(output: str | Path) -> Path:
+    """Where a build's sidecar JSON goes: beside the output, ``.json`` appended."""
+    return Path(str(output) + ".json")
+
+
+def build_outputs(output: str | Path, ort_optimized: str | Path | None = None) -> list[Path]:
+    """Every file a build writes (checked before any work: they exist only with ``force``)."""
+    return [Path(output), sidecar_path(output)] + ([Path(ort_optimized)] if ort_optimized else [])
+
+
+def build_target(target: str | Target, plan: str | Path | None = None) -> Target:
+    """The target of a build, checked before any work: ort:* or trt:*, runtime options it takes,
+    and for trt:* an importable TensorRT (a missing one says what to install)."""
+    target = check_target(Target.parse(target, plan=plan))
+    if target.runtime not in ("ort", "trt"):
+        raise InputError(f"Target {target}: aligner build writes models for ONNX Runtime (ort:*) or engines (trt:*).")
+    if target.runtime == "trt":
+        from aligner.backends.tensorrt import load_tensorrt
+
+        load_tensorrt()
+    return target
+
+
+def build(model: ModelGraph | str | Path, target: str | Target, output: str | Path, *, plan: str | Path | None = None,
+          fuse: Iterable[str] = (), check_inputs: Mapping[str, np.ndarray] | None = None,
+          input_shapes: Mapping[str, tuple[int, ...]] | None = None, write_anyway: bool = False, force: bool = False,
+          ort_optimized: str | Path | None = None, plugins: Sequence[str] = (), layer_precision: bool = False) -> BuildResult:
+    """Build ``model`` for ``target`` into ``output`` (see the module docstring).
+
+    ``plan`` is the file a ``+plan`` target refers to; ``check_inputs`` the inputs of the checks
+    (default: generated, with ``input_shapes`` for symbolic dims — real data reaches the ranges that
+    overflow, random data may not); ``input_shapes`` also fixes a TensorRT engine's dynamic inputs;
+    ``plugins`` are TensorRT plugin libraries; ``layer_precision`` takes TensorRT <= 10's per-layer
+    precision path. ``result.written`` says whether the files were written, ``result.passed``
+    whether the check passed."""
+    target = build_target(target, plan)
+    if target.runtime == "ort" and (layer_precision or plugins):
+        raise InputError(f"Target {target}: --layer-precision and --plugins are TensorRT build settings (trt:* targets).")
+    if ort_optimized and target.runtime != "ort":
+        raise InputError(f"Target {target}: --ort-optimized writes ONNX Runtime's optimized graph (ort:* targets).")
+    _check_writable(build_outputs(output, ort_optimized), force)
+    graph = model if isinstance(model, ModelGraph) else ModelGraph.load(model)
+    feeds = validate_feeds(graph, dict(check_inputs)) if check_inputs is not None else make_inputs(graph, dict(input_shapes or {}))
+    graph, fused, notes = _fused(graph, list(fuse), feeds)
+    if target.runtime == "trt":
+        return _build_engine(graph, target, Path(output), feeds, fused, notes, input_shapes, plugins, layer_precision, write_anyway)
+    return _build_onnx(graph, target, Path(output), feeds, fused, notes, ort_optimized, write_anyway)
+
+
+def _build_onnx(graph: ModelGraph, target: Target, output: Path, feeds, fused, notes, ort_optimized, write_anyway: bool) -> BuildResult:
+    base = BuildResult(target, str(output), "onnx", False, fused=fused, notes=tuple(notes))
+    if target.precision in ("fp32", "tf32"):
+        model, result = graph.model, base
+    else:
+        rewrite = rewrite_precision(graph, target.pins, target.precision)
+        result = _with_rewrite(base, rewrite, check_build(graph, target, feeds))
+        model = rewrite.model
+        if not result.passed and not write_anyway:
+            return result
+    from aligner.plugin import has_plugins
+
+    if ort_optimized and has_plugins(model):
+        raise InputError("--ort-optimized: the model has aligner plugin ops, which ONNX Runtime runs through onnxruntime-extensions "
+                         "custom ops; its optimized file would hold that session-only form. Ship the mixed model itself.")
+    write_atomic(output, model.SerializeToString())
+    if ort_optimized:
+        from aligner.backends.onnxruntime import save_optimized
+
+        save_optimized(output, target, ort_optimized)
+    return _finish(replace(result, written=True, ort_optimized=str(ort_optimized) if ort_optimized else None))
+
+
+def _build_engine(graph: ModelGraph, target: Target, output: Path, feeds, fused, notes, input_shapes, plugins,
+                  layer_precision: bool, write_anyway: bool) -> BuildResult:
+    from aligner.backends.tensorrt import build_engine
+
+    result = BuildResult(target, str(output), "engine", False, fused=fused, notes=tuple(notes))
+    if target.precision != "fp32":
+        rewrite = rewrite_precision(graph, target.pins, target.precision)
+        result = _with_rewrite(result, rewrite, check_build(graph, target, feeds))
+        if not result.passed and not write_anyway:
+            return result
+    shapes = {k: tuple(v) for k, v in (input_shapes or {}).items()}
+    engine = build_engine(graph, target.precision, target.pins, shapes, plugins=plugins, layer_precision=layer_precision,
+                          options=target.option_dict)
+    write_atomic(output, engine.data)
+    described = {"module": engine.module, "version": engine.version, "bytes": len(engine.data), "strongly_typed": not layer_precision,
+                 "outputs": list(engine.outputs), "input_shapes": {k: list(v) for k, v in shapes.items()}, "plugins": list(plugins)}
+    return _finish(replace(result, written=True, engine=described, unmatched_pins=tuple(engine.unmatched_pins)))
+
+
+def check_build(graph: ModelGraph, target: Target, feeds) -> BuildCheck:
+    """The low-precision build of ``target`` against FP32 on the emulator, same pins, same tolerance rule."""
+    emulator = Target("emu", "cpu", target.precision, target.pins)
+    checked = compare(graph, target=emulator, feeds=feeds, tensors=graph.output_names)
+    worst = max((t.metrics.get("rel_l2", 0.0) for t in checked.tensors), default=0.0)
+    return BuildCheck(emulator.base, checked.tolerance, float(worst), tuple(t.tensor for t in checked.tensors if t.diverges))
+
+
+def _with_rewrite(result: BuildResult, rewrite, check: BuildCheck) -> BuildResult:
+    return replace(result, check=check, pinned=len(rewrite.pinned), auto_pinned=len(rewrite.auto_pinned),
+                    casts_inserted=rewrite.casts_inserted, overflows=tuple(rewrite.overflows))
+
+
+def _finish(result: BuildResult) -> BuildResult:
+    """Write the sidecar beside the output (the build as recorded) and say where it is."""
+    result = replace(result, sidecar=str(sidecar_path(result.output)))
+    write_atomic(sidecar_path(result.output), json.dumps(result.to_dict(), indent=1).encode())
+    return result
+
+
+def _fused(graph: ModelGraph, names: list[str], feeds) -> tuple[ModelGraph, tuple[FuseStep, ...], list[str]]:
+    """Apply the passes ``names``; the result is checked against the original on ort:cpu:fp32."""
+    if not names:
+        return graph, (), []
+    from aligner.passes import PASSES
+
+    for name in names:
+        if name not in PASSES:
+            raise InputError(f"--fuse {name!r}: unknown pass; available: {', '.join(PASSES)}.")
+    fused, steps = graph, []
+    for name in names:
+        result = PASSES[name](fused)
+        fused = ModelGraph(result.model, graph.path)
+        steps.append(FuseStep(name, len(result.fused), tuple(result.skipped)))
+    foreign = sorted({f"{n.domain}::{n.op_type}" for n in graph.nodes if n.domain in ("mmcv", "mmdeploy")})
+    if foreign:  # the original itself cannot run on ONNX Runtime: nothing to check against
+        return fused, tuple(steps), [
+            f"the original has {', '.join(foreign)} nodes, which ONNX Runtime cannot run without their own custom-op library, "
+            "so the fused model was not compared with it (the plugin's reference is tested against mmcv's semantics); run "
+            "aligner compare with both models where that library is loaded."]
+    check = compare(graph, target=REFERENCE, target_model=fused, feeds=feeds, tensors=graph.output_names)
+    if check.first_divergent is not None:
+        raise InputError(f"--fuse changed the outputs beyond FP32 tolerance ({check.verdict()}); not written.")
+    worst = max((t.metrics.get("rel_l2", 0.0) for t in check.tensors), default=0.0)
+    return fused, tuple(steps), [f"fused model checked against the original on {REFERENCE}: outputs rel_l2 <= {worst:.2g}"]
+
+
+def _check_writable(paths: list[Path], force: bool) -> None:
+    for path in paths:
+        if path.exists() and not force:
+            raise InputError(f"{path} exists; pass --force to overwrite it (force=True).")
+
+
+def _num(value: float):
+    return value if np.isfinite(value) else None
+
+
+__all__ = ["BuildCheck", "BuildResult", "FuseStep", "build", "build_outputs", "build_target", "check_build", "sidecar_path"]

@@ -1,0 +1,166 @@
+"""How a target is observed without changing it: the capture policy, the deployed graph's kernels
+and the check that a capture run computed what an uncaptured run computes.
+
+On a runtime that fuses, making an intermediate tensor a graph output can stop a fusion and change
+the numbers (a decomposed LayerNorm that the fused kernel computes in FP32 overflows FP16 once
+unfused). So on fusing targets only tensors that exist in the deployed graph are captured by
+default (``boundaries``), and every capture run's graph outputs are checked against an uncaptured
+run: a group whose capture moved the outputs beyond run-to-run noise is *perturbed*, and its
+tensors are labelled, not blamed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+import numpy as np
+
+from aligner.backends.base import POLICIES, CapturePolicy, capture_policy
+from aligner.graph.deployed import DeployedGraph, fp32_fallback, kernels_of_onnx, map_deployed
+from aligner.graph.model import ModelGraph
+
+def deployed_graph(runner, graph: ModelGraph) -> DeployedGraph | None:
+    """The deployed graph of ``runner`` mapped onto ``graph`` (None where the runner cannot say)."""
+    optimized = getattr(runner, "optimized_model", None)
+    if optimized is None:
+        return None
+    from dataclasses import replace
+
+    model = optimized()
+    return replace(map_deployed(graph, kernels_of_onnx(model), str(runner.target)), fp32_fallback=fp32_fallback(model))
+
+
+@dataclass(frozen=True)
+class CaptureCheck:
+    """The uncaptured run's outputs and the run-to-run noise between two of them."""
+
+    baseline: Mapping[str, np.ndarray]
+    noise: float  # largest |a - b| between two uncaptured runs
+
+    @property
+    def outputs(self) -> list[str]:
+        return list(self.baseline)
+
+    def moved(self, values: Mapping[str, np.ndarray]) -> str:
+        """'' when the captured run's outputs match the uncaptured run's, else how they moved."""
+        for name, base in self.baseline.items():
+            got = values.get(name)
+            if got is None:
+                continue
+            base, got = np.asarray(base), np.asarray(got)
+            if base.shape != got.shape or not np.array_equal(np.isfinite(base), np.isfinite(got)):
+                return f"output {name!r} changed its NaN/inf pattern"
+            if base.dtype.kind not in "fc":
+                if not np.array_equal(base, got):
+                    return f"output {name!r} changed"
+                continue
+            finite = np.isfinite(base)
+            diff = float(np.max(np.abs(base[finite].astype(np.float64) - got[finite]), initial=0.0))
+            scale = float(np.max(np.abs(base[finite]), initial=0.0))
+            if diff > max(4 * self.noise, 1e-6 * scale):
+                return f"output {name!r} moved by max_abs {diff:.3g} (run-to-run noise {self.noise:.3g})"
+        return ""
+
+
+def capture_check(runner, feeds: Mapping[str, np.ndarray]) -> CaptureCheck | None:
+    """Two uncaptured runs of a fusing runner (its outputs as deployed, and their noise)."""
+    if not getattr(runner, "fuses", False):
+        return None
+    first, second = runner.run(dict(feeds)), runner.run(dict(feeds))
+    noise = 0.0
+    for name, a in first.items():
+        a, b = np.asarray(a), np.asarray(second[name])
+        if a.dtype.kind in "fc" and a.shape == b.shape:
+            both = np.isfinite(a) & np.isfinite(b)
+            noise = max(noise, float(np.max(np.abs(a[both].astype(np.float64) - b[both]), initial=0.0)))
+    return CaptureCheck(first, noise)
+
+
+@dataclass
+class Observer:
+    """How one target is observed: its capture policy, its deployed graph where it fuses, and the
+    check of every capture run against an uncaptured one."""
+
+    policy: str
+    deployed: DeployedGraph | None
+    check: CaptureCheck | None
+
+    @classmethod
+    def of(cls, runner, graph: ModelGraph, feeds: Mapping[str, np.ndarray]) -> "Observer":
+        policy = getattr(runner, "capture_policy", "all")
+        deployed = deployed_graph(runner, graph) if policy == "boundaries" else None
+        return cls(policy, deployed, capture_check(runner, feeds))
+
+    @property
+    def fused(self) -> list:
+        return self.deployed.fused if self.deployed is not None else []
+
+    @property
+    def absorbed(self) -> frozenset[str]:
+        if self.deployed is None:
+            return frozenset()
+        return frozenset(o for k in self.deployed.fused for n in k.originals for o in self._outputs.get(n, ()) if o not in self.deployed.boundaries)
+
+    @property
+    def _outputs(self) -> dict:
+        return self.deployed.node_outputs if self.deployed is not None else {}
+
+    def notes(self, unmatched: list[str]) -> list[str]:
+        if self.deployed is None:
+            return []
+        out = []
+        if self.deployed.fp32_fallback:
+            out.append(f"the deployed graph ({self.deployed.runtime}) computes {self.deployed.fp32_fallback} node(s) in FP32: ONNX Runtime "
+                       "has no kernel of that precision for them here and casts around them (those tensors exist only under "
+                       "its own names, so they are not captured). Use emu:fp16/emu:bf16 for what a GPU low-precision build stores")
+        inside = [t for t in unmatched if t in self.absorbed]
+        fused = self.fused
+        if not fused:
+            return out
+        shown = "; ".join(f"{k.op_type} {k.name!r} <- {len(k.originals)} nodes" for k in fused[:4])
+        return out + [f"capture=boundaries: the deployed graph ({self.deployed.runtime}) has {len(fused)} fused kernel(s) ({shown}"
+                f"{', ...' if len(fused) > 4 else ''}); the {len(inside)} tensor(s) inside them exist only in the original graph and "
+                "were not captured, since capturing them would change what is deployed (capture=all captures them, with the "
+                "perturbation check)"]
+
+    def capture(self, runner, feeds: Mapping[str, np.ndarray], names: list[str]) -> tuple[dict, str]:
+        """``names`` captured on the target, and how the capture moved its outputs ('' if not)."""
+        if self.check is None:
+            return runner.run(dict(feeds), names), ""
+        extra = [o for o in self.check.outputs if o not in names]
+        values = runner.run(dict(feeds), list(names) + extra)
+        moved = self.check.moved(values)
+        for o in extra:
+            values.pop(o, None)
+        return values, moved
+
+    def label(self, row, moved: str):
+        """``row`` with its kernel and, when its capture run moved the outputs, that fact."""
+        from dataclasses import replace
+
+        kernel = self.deployed.kernel_of.get(row.node, "") if self.deployed is not None else ""
+        return replace(row, kernel=kernel, perturbed=moved) if (kernel or moved) else row
+
+
+def fusion_dependence(graph: ModelGraph, target, feeds: Mapping[str, np.ndarray], observer: Observer, tolerance) -> str:
+    """'' unless ``target`` passes only because of a fusion: then which kernel, and what happens
+    without it (the plain emulator of the same precision stores every tensor of the kernel)."""
+    if not observer.fused or target.precision not in ("fp16", "bf16"):
+        return ""
+    from aligner.backends.target import Target
+    from aligner.compare.layerwise import compare
+
+    plain = Target.parse(f"emu:{target.precision}", pins=target.pins)
+    unfused = compare(graph, target=plain, feeds=dict(feeds), tolerance=tolerance)
+    first = unfused.first_nonfinite or unfused.first_divergent
+    if first is None:
+        return ""
+    kernel = next((k for k in observer.fused if first.node in k.originals), None)
+    where = (f"the fused kernel {kernel.op_type} {kernel.name!r} ({len(kernel.originals)} nodes)" if kernel is not None
+             else "the fusions of the deployed graph")
+    how = "NaN/inf" if first.new_nonfinite else f"{tolerance.metric} {first.metrics.get(tolerance.metric, float('nan')):.3g}"
+    return (f"safe only because of a fusion: without {where}, {plain} diverges at {first.node!r} ({first.op_type}: {how}); a runtime "
+            "or version that does not fuse it needs those nodes in FP32 (aligner precision --target " + str(plain) + ")")
+
+
+__all__ = ["Observer", "fusion_dependence", "CaptureCheck", "CapturePolicy", "POLICIES", "capture_check", "capture_policy", "deployed_graph"]

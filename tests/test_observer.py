@@ -1,0 +1,103 @@
+"""Observer-safe capture: compare what the target deploys, not what capturing makes it compute.
+
+ONNX Runtime fuses a decomposed LayerNorm into one kernel that computes in FP32 inside; capturing
+the LayerNorm's inner tensors makes them graph outputs, stops the fusion and the FP16 square
+overflows. The fusion-emulating emulator (``emu:fp16@fusions=ort``) reproduces that on any CPU.
+"""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from onnx import numpy_helper as nh
+
+from aligner import bisect, compare, make_runner
+from aligner.examples import example_inputs, tiny_vit
+from aligner.graph.deployed import kernels_of_onnx, map_deployed
+from aligner.graph.model import ModelGraph
+
+
+def _fusion_model() -> onnx.ModelProto:
+    """Conv+Relu, MatMul+Add (2-D), a decomposed GELU and a decomposed LayerNorm: fusions ORT CPU applies."""
+    rng = np.random.default_rng(0)
+    init = [nh.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "conv/W"),
+            nh.from_array(rng.standard_normal(4).astype(np.float32), "conv/B"),
+            nh.from_array(rng.standard_normal((64, 16)).astype(np.float32) * 0.1, "fc/W"),
+            nh.from_array(rng.standard_normal(16).astype(np.float32), "fc/B"),
+            nh.from_array(np.array([-1, 64], np.int64), "shape"),
+            nh.from_array(np.array(1.4142135, np.float32), "sqrt2"), nh.from_array(np.array(1.0, np.float32), "one"),
+            nh.from_array(np.array(0.5, np.float32), "half"), nh.from_array(np.array(2.0, np.float32), "two"),
+            nh.from_array(np.array(1e-5, np.float32), "eps"), nh.from_array(np.ones(16, np.float32), "ln/g"),
+            nh.from_array(np.zeros(16, np.float32), "ln/b")]
+    n = helper.make_node
+    nodes = [
+        n("Conv", ["x", "conv/W", "conv/B"], ["c"], name="/conv/Conv", pads=[1, 1, 1, 1]), n("Relu", ["c"], ["r"], name="/conv/Relu"),
+        n("MaxPool", ["r"], ["p"], name="/pool", kernel_shape=[2, 2], strides=[2, 2]), n("Reshape", ["p", "shape"], ["f"], name="/flatten"),
+        n("MatMul", ["f", "fc/W"], ["mm"], name="/fc/MatMul"), n("Add", ["mm", "fc/B"], ["h"], name="/fc/Add"),
+        n("Div", ["h", "sqrt2"], ["g1"], name="/gelu/Div"), n("Erf", ["g1"], ["g2"], name="/gelu/Erf"),
+        n("Add", ["g2", "one"], ["g3"], name="/gelu/Add"), n("Mul", ["h", "g3"], ["g4"], name="/gelu/Mul"),
+        n("Mul", ["g4", "half"], ["g"], name="/gelu/Mul_1"),
+        n("ReduceMean", ["g"], ["m"], name="/ln/ReduceMean", axes=[-1]), n("Sub", ["g", "m"], ["d"], name="/ln/Sub"),
+        n("Pow", ["d", "two"], ["sq"], name="/ln/Pow"), n("ReduceMean", ["sq"], ["v"], name="/ln/ReduceMean_1", axes=[-1]),
+        n("Add", ["v", "eps"], ["ve"], name="/ln/Add"), n("Sqrt", ["ve"], ["s"], name="/ln/Sqrt"),
+        n("Div", ["d", "s"], ["nrm"], name="/ln/Div"), n("Mul", ["nrm", "ln/g"], ["sc"], name="/ln/Mul"),
+        n("Add", ["sc", "ln/b"], ["y"], name="/ln/Add_1"),
+    ]
+    graph = helper.make_graph(nodes, "fusions", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])], init)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 16)], ir_version=8)
+
+
+def test_the_deployed_graph_maps_each_fused_kernel_to_its_original_nodes():
+    graph = ModelGraph(_fusion_model())
+    runner = make_runner(graph, "ort:cpu:fp32@graph_optimization_level=extended")
+    deployed = map_deployed(graph, kernels_of_onnx(runner.optimized_model()), "ort:cpu:fp32")
+    fused = {k.op_type.split("::")[-1]: set(k.originals) for k in deployed.fused}
+    assert fused["FusedConv"] == {"/conv/Conv", "/conv/Relu"}
+    assert fused["Gemm"] == {"/fc/MatMul", "/fc/Add"}
+    assert fused["Gelu"] == {"/gelu/Div", "/gelu/Erf", "/gelu/Add", "/gelu/Mul", "/gelu/Mul_1"}
+    assert len(fused["LayerNormalization"]) == 9 and "/ln/Pow" in fused["LayerNormalization"]
+    assert "sq" not in deployed.boundaries and "y" in deployed.boundaries  # the square exists only inside the kernel
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return ModelGraph(tiny_vit()), example_inputs()
+
+
+def test_capture_inside_a_fusion_is_labelled_not_blamed(vit):
+    graph, feeds = vit
+    unfused = compare(graph, target="emu:fp16", feeds=feeds)  # a runtime that does not fuse: the Pow overflows
+    assert unfused.first_divergent.node == "/blocks.0/norm1/Pow" and unfused.first_divergent.new_nonfinite
+    deployed = compare(graph, target="emu:fp16@fusions=ort", feeds=feeds)  # what a fusing runtime deploys
+    assert deployed.capture == "boundaries" and deployed.first_divergent is None and not deployed.perturbed
+    assert any("/blocks.0/norm1/Pow" in k.originals for k in deployed.kernels)
+    assert "/blocks.0/norm1/Pow_output_0" in deployed.absorbed
+    # and the user learns what the safety depends on, before switching runtime or version
+    assert any(n.startswith("safe only because of a fusion") and "LayerNormalization" in n and "/blocks.0/norm1/Pow" in n
+               for n in deployed.notes)
+    probed = compare(graph, target="emu:fp16@fusions=ort,capture=all", feeds=feeds)  # capturing everything unfuses
+    assert probed.first_divergent is None, probed.verdict()  # never the target's divergence...
+    assert probed.perturbed and any(t.tensor == "/blocks.0/norm1/Pow_output_0" and t.diverges for t in probed.perturbed)
+    assert "labelled, not blamed" in probed.verdict()  # ...but said, with what it would compute unfused
+
+
+@pytest.mark.parametrize("strategy", ["all", "frontier", "isolate"])
+def test_bisect_agrees_on_the_deployed_graph(vit, strategy):
+    graph, feeds = vit
+    result = bisect(graph, target="emu:fp16@fusions=ort", feeds=feeds, strategy=strategy)
+    assert not result.diverged and result.failed == ""
+    assert not any(p.perturbed for p in result.probes)
+
+
+def test_a_fault_inside_a_fused_kernel_is_localised_to_that_kernel(vit, tmp_path):
+    graph, feeds = vit
+    edited = onnx.ModelProto()
+    edited.CopyFrom(graph.model)
+    gamma = next(t for t in edited.graph.initializer if t.name == "/blocks.1/norm2.weight")
+    gamma.CopyFrom(nh.from_array(nh.to_array(gamma) * 1.5, gamma.name))
+    result = compare(graph, target="emu:fp16@fusions=ort", target_model=ModelGraph(edited), feeds=feeds)
+    first = result.first_divergent
+    kernel = next(k for k in result.kernels if k.name == first.kernel)
+    assert kernel.op_type == "LayerNormalization" and "/blocks.1/norm2/Mul" in kernel.originals
+    assert "fused kernel LayerNormalization" in result.verdict()
