@@ -70,3 +70,18 @@ def random_feeds(graph, seed=0):
 
 def np_close(a, b, tol=1e-5):
     return np.allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), atol=tol, rtol=tol)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """``aligner demo`` run once for the session: (exit code, what it printed, its folder)."""
+    import contextlib
+    import io
+
+    from aligner.cli.main import main
+
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(["demo", "--out", str(out)])
+    return code, printed.getvalue(), out

@@ -48,10 +48,10 @@ def test_inspect_lists_fp16_risks(capsys, vit_path):
     assert "opset 16" in out and "ReduceMean" in out and "/blocks.0/norm1/Pow" in out
 
 
-def test_demo_runs_and_refuses_foreign_folder(capsys, tmp_path):
-    code, out, _ = _run(capsys, "demo", "--out", tmp_path / "d")
-    assert code == 0 and "/stem_norm/Pow" in out and (tmp_path / "d" / "compare.json").exists()
-    assert "emu:fp16+plan" in out and (tmp_path / "d" / "report.html").exists()
+def test_demo_runs_and_refuses_foreign_folder(capsys, tmp_path, demo_run):
+    code, out, folder = demo_run
+    assert code == 0 and "/stem_norm/Pow" in out and (folder / "compare.json").exists()
+    assert "emu:fp16+plan" in out and (folder / "report.html").exists()
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "thesis.txt").write_text("do not touch")

@@ -36,10 +36,10 @@ def _console_messages(stderr: str) -> list[str]:
 
 
 @needs_chromium
-def test_demo_report_renders_in_headless_chromium(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
-    capsys.readouterr()
-    page = (tmp_path / "demo" / "report.html").resolve()
+def test_demo_report_renders_in_headless_chromium(tmp_path, demo_run):
+    code, _, folder = demo_run
+    assert code == 0
+    page = (folder / "report.html").resolve()
     html = page.read_text()
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", html) and "<link" not in html  # nothing fetched
     dom = _chromium(tmp_path, page.as_uri(), "--dump-dom")
