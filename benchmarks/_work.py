@@ -6,7 +6,6 @@ models they build come from :mod:`aligner.examples.testmodels` (the tests' model
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
@@ -19,10 +18,3 @@ def work_dir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir=WORK))
 
 
-def use_test_helpers() -> None:
-    """Put ``tests/`` on ``sys.path`` for the helpers a few benchmarks still share with the tests:
-    the fault injectors (``tests/faults.py``) and the plugin test graphs (``tests/test_plugins.py``).
-    The models come from the package; these two stay with the tests that own them."""
-    tests = str(WORK.parents[1] / "tests")
-    if tests not in sys.path:
-        sys.path.append(tests)

@@ -18,10 +18,9 @@ import traceback
 from pathlib import Path
 
 import numpy as np
-from _work import use_test_helpers, work_dir
+from _work import work_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-use_test_helpers()
 
 import torch  # noqa: E402
 
@@ -106,7 +105,7 @@ from aligner.graph.model import ModelGraph  # noqa: E402
 
 trt = load_tensorrt()
 print(f"{trt.__name__} {trt.__version__}")
-from test_plugins import _roi_model  # noqa: E402
+from aligner.examples.plugin_models import roi_model as _roi_model  # noqa: E402
 
 cases = [("box head with aligner::RoIAlign", ModelGraph(_roi_model(plugin=True)), {})]
 try:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from _work import use_test_helpers, work_dir
+from _work import work_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -45,8 +45,7 @@ def detr_r50(size: int = 800) -> tuple:
     from aligner.graph.model import ModelGraph
     from aligner.inputs import make_inputs
 
-    use_test_helpers()
-    from faults import inject_overflow_site
+    from aligner.examples.faults import inject_overflow_site
 
     path = work_dir("precision-latency-") / "detr_r50.onnx"
     config = DetrConfig(use_timm_backbone=False, backbone_config=ResNetConfig(), use_pretrained_backbone=False)

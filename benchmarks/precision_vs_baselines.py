@@ -24,7 +24,7 @@ import random
 import time
 
 import numpy as np
-from _work import use_test_helpers, work_dir
+from _work import work_dir
 
 from aligner.backends import make_runner, reference_runner
 from aligner.compare.metrics import rel_l2
@@ -157,8 +157,7 @@ def models() -> dict:
     from aligner.examples.testmodels import build_cnn, export_detr
     from aligner.examples.testmodels import export_onnx as _export
 
-    use_test_helpers()
-    from faults import inject_overflow_site
+    from aligner.examples.faults import inject_overflow_site
 
     work = work_dir("precision-baselines-")
     out = {"tiny_vit (built-in, 5 LayerNorms)": (ModelGraph(tiny_vit()), example_inputs())}

@@ -6,12 +6,11 @@
 import sys
 from pathlib import Path
 
-from _work import use_test_helpers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-use_test_helpers()
 
-from test_plugins import _attention, _roi_model  # noqa: E402
+from aligner.examples.plugin_models import masked_attention as _attention  # noqa: E402
+from aligner.examples.plugin_models import roi_model as _roi_model  # noqa: E402
 
 from aligner.backends.tensorrt import build_engine  # noqa: E402
 from aligner.graph.model import ModelGraph  # noqa: E402

@@ -19,7 +19,7 @@ from aligner.backends import reference_runner
 from aligner.graph.model import ModelGraph
 from aligner.inputs import make_inputs
 from conftest import _export, build_cnn, build_deep_mlp, export_detr
-from faults import edit_constant, inject_overflow_site
+from aligner.examples.faults import edit_constant, inject_overflow_site
 
 FP16_MAX = float(np.finfo(np.float16).max)
 

@@ -15,7 +15,7 @@ from aligner.inputs import load_inputs, make_inputs
 from aligner.search import bisect, bisect_cuts, frontier, spans
 from aligner.compare import compare
 from conftest import _export, build_cnn, build_deep_mlp, build_detector, export_detr
-from faults import change_attribute, change_gather_index, edit_constant, scale_weight
+from aligner.examples.faults import change_attribute, change_gather_index, edit_constant, scale_weight
 
 STRATEGIES = ("all", "frontier", "isolate")
 

@@ -10,7 +10,7 @@ from aligner.backends import reference_runner
 from aligner.compare import compare
 from aligner.graph.model import ModelGraph
 from aligner.inputs import make_inputs
-from faults import change_gather_index
+from aligner.examples.faults import change_gather_index
 
 
 def test_clean_models_do_not_diverge_in_fp16(cnn_path, detr_path):

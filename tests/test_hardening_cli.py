@@ -8,7 +8,6 @@ escapes ``main`` is a traceback a user would see).
 import json
 
 import numpy as np
-import pytest
 
 from aligner.cli.main import main
 from aligner.examples import shapes_detector_path

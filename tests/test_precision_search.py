@@ -16,7 +16,7 @@ from aligner.inputs import make_inputs
 from aligner.search.pins import Trial, minimize, search_pins
 from aligner.search.precision import Acceptance, search_precision
 from conftest import _export, build_cnn, export_detr
-from faults import inject_overflow_site, overflowing_nodes
+from aligner.examples.faults import inject_overflow_site, overflowing_nodes
 
 
 # ---- the search over a check, without a runtime --------------------------------------------------

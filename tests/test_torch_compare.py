@@ -9,7 +9,7 @@ import pytest
 from aligner.compare.torch_compare import compare_torch, export_onnx
 from aligner.errors import InputError, TargetError
 from conftest import build_cnn, build_detr
-from faults import edit_constant
+from aligner.examples.faults import edit_constant
 
 
 def _detr_r50():

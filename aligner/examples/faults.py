@@ -1,4 +1,5 @@
-"""Fault injection for the tests: edits whose location is known, on real exported models."""
+"""Fault injection: edits whose location is known, on real exported models (the tests' and the
+benchmarks' ground truth; also a way for users to check aligner on their own models)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import pytest
 from onnx import helper, numpy_helper
 
 from aligner.backends import reference_runner
@@ -48,7 +48,7 @@ def change_gather_index(path: Path, tmp_path: Path) -> tuple[Path, str]:
                 path_out = tmp_path / "edited.onnx"
                 onnx.save(edited.model, str(path_out))
                 return path_out, node.name
-    pytest.fail("no Gather index could be changed without breaking the model")
+    raise ValueError("no Gather index could be changed without breaking the model")
 
 
 def _save(graph: ModelGraph, path: Path) -> Path:
