@@ -50,7 +50,7 @@ class FusedEmuRunner:
         self._every = frozenset(graph.activations()) | set(self.input_names)
         self.capture_policy = capture_policy(target)
         self.capturable = self._every - absorbed if self.capture_policy == "boundaries" else self._every
-        self._runners: dict[frozenset[int], object] = {}
+        self._current: tuple[frozenset[int], object] | None = None  # (kernels kept fused, their runner): one at a time, for memory
 
     def optimized_model(self) -> onnx.ModelProto:
         """The graph whose kernels are emulated (ONNX Runtime's optimized FP32 model)."""
@@ -61,12 +61,12 @@ class FusedEmuRunner:
 
         captured = set(capture)
         kept = frozenset(i for i, inside in enumerate(self._inside) if not (inside & captured))  # a captured inner tensor unfuses
-        if kept not in self._runners:
+        if self._current is None or self._current[0] != kept:
             model = emulate_model(self.graph, self.target.pins, self.target.precision, self.keep_io, [self.kernels[i] for i in sorted(kept)])
             options = {k: v for k, v in self.target.options if k not in ("fusions", "capture")}
             base = Target.parse(self.target.base, pins=self.target.pins, options=options)
-            self._runners = {kept: OrtRunner(model.model, base, optimize=False, label=self.label)}  # one at a time: memory
-        return self._runners[kept]
+            self._current = (kept, OrtRunner(model.model, base, optimize=False, label=self.label))
+        return self._current[1]
 
     def run(self, feeds: dict[str, np.ndarray], capture: Sequence[str] = ()) -> dict[str, np.ndarray]:
         capture = check_capture(capture, self._every)

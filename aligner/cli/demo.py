@@ -18,6 +18,7 @@ from rich.markup import escape
 
 from aligner.backends import reference_runner
 from aligner.backends.target import REFERENCE, Target
+from aligner.cli.common import OutputDir, check_writable
 from aligner.cli.bisect import print_result as print_bisect
 from aligner.cli.compare import print_result
 from aligner.cli.eval import print_eval
@@ -47,9 +48,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    blocker = next((q for q in (out, *out.parents) if q.exists() and not q.is_dir()), None)
-    if blocker is not None:
-        raise InputError(f"--out {out}: {blocker} is a file; give a directory for the demo's outputs.")
+    check_writable([OutputDir(out)], force=True)  # a file in the way is refused; a demo folder is checked below
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
         raise InputError(f"{out} exists and was not made by aligner demo; choose another --out.")
     start = time.perf_counter()

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 import numpy as np
 
 from aligner.backends.base import POLICIES, CapturePolicy, capture_policy
@@ -103,15 +104,13 @@ class Observer:
     def fused(self) -> list:
         return self.deployed.fused if self.deployed is not None else []
 
-    @property
+    @cached_property
     def absorbed(self) -> frozenset[str]:
+        """Tensors that exist only inside fused kernels (computed once: callers test membership per tensor)."""
         if self.deployed is None:
             return frozenset()
-        return frozenset(o for k in self.deployed.fused for n in k.originals for o in self._outputs.get(n, ()) if o not in self.deployed.boundaries)
-
-    @property
-    def _outputs(self) -> dict:
-        return self.deployed.node_outputs if self.deployed is not None else {}
+        outputs, kept = self.deployed.node_outputs, self.deployed.boundaries
+        return frozenset(o for k in self.deployed.fused for n in k.originals for o in outputs.get(n, ()) if o not in kept)
 
     def notes(self, unmatched: list[str]) -> list[str]:
         if self.deployed is None:
