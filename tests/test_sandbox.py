@@ -5,6 +5,7 @@ detector's FP16 graph when only its output is fetched (issue 20). If a future ON
 crashing there, the first test says so and must be replaced by another crashing model.
 """
 
+import json
 import subprocess
 import sys
 
@@ -13,7 +14,9 @@ import pytest
 from aligner import bisect, make_inputs, make_runner
 from aligner.errors import TargetRunError
 from aligner.examples import shapes_detector_path
-from aligner.graph.model import ModelGraph
+from aligner.graph.model import ModelGraph, _node_inputs
+from aligner.search.crash import prefix_model
+from aligner.search.frontier import spans
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +39,27 @@ def test_bisect_reports_the_crash_with_exit_3(detector, tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "crashed" in proc.stdout and "Traceback" not in proc.stderr
-    result = bisect(detector, target="ort:cpu:fp16", strategy="frontier", feeds=make_inputs(detector, {"pixels": (1, 3, 128, 128)}))
-    assert result.failed and not result.diverged and result.probes[-1].status == "failed"
+    assert json.loads((tmp_path / "v.json").read_text())["failure_site"]["node"] in proc.stdout.replace("\n", "")
+
+
+def test_bisect_names_the_node_whose_presence_crashes_the_runtime(detector, tmp_path):
+    feeds = make_inputs(detector, {"pixels": (1, 3, 128, 128)})
+    result = bisect(detector, target="ort:cpu:fp16", strategy="frontier", feeds=feeds, save_repro=tmp_path / "repro")
+    assert result.failed and not result.diverged and result.probes[0].status == "failed"
+    site = result.failure_site
+    assert site is not None and site.node in result.explanation
+    # checked independently: the saved prefix ending at the named node crashes, one node fewer runs
+    order = [n.name for n in detector.nodes if n.op_type != "Constant"]
+    assert order[site.index] == site.node and site.prefix_nodes == site.index + 1
+    with pytest.raises(TargetRunError, match="crashed"):
+        make_runner(ModelGraph.load(site.repro), "ort:cpu:fp16").run(feeds)
+    lives = spans([(sorted(_node_inputs(detector.node(x))), list(detector.node(x).output)) for x in order], detector.output_names)
+    shorter = ModelGraph(prefix_model(detector, order, lives, site.index))
+    assert make_runner(shorter, "ort:cpu:fp16").run(feeds)
+    # the workaround it reports does run the whole model
+    assert site.fixes and all(f.startswith("--") for f in site.fixes)
+    if "--target-option graph_optimization_level=basic" in site.fixes:
+        assert make_runner(detector, "ort:cpu:fp16@graph_optimization_level=basic").run(feeds)["detections"].shape[0] == 1
 
 
 def test_sandbox_can_be_turned_off_and_gives_the_same_numbers(detector):

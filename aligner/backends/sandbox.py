@@ -116,7 +116,7 @@ class Sandbox:
                 code = self._proc.wait(10)
                 self._proc = None
                 raise TargetRunError(f"{label}: ONNX Runtime crashed ({_describe(code)}) while building or running the model "
-                                     f"with {len(fetch)} output(s) ({', '.join(list(fetch)[:3])}{', ...' if len(fetch) > 3 else ''}). "
+                                     f"{_fetched(fetch)}. "
                                      "The runtime died, not aligner: nothing was judged on this run. Which tensors are graph outputs changes what "
                                      "ONNX Runtime optimizes, so another capture set may run (try another --strategy); or a lower optimization level "
                                      "(--target-option graph_optimization_level=basic), or report it to ONNX Runtime with the model.") from None
@@ -138,6 +138,12 @@ class Sandbox:
                     self._proc.kill()
                 self._replies.close()
             self._proc = None
+
+
+def _fetched(fetch: Sequence[str]) -> str:
+    if not fetch:
+        return "fetching its graph outputs"
+    return f"with {len(fetch)} output(s) ({', '.join(list(fetch)[:3])}{', ...' if len(fetch) > 3 else ''})"
 
 
 def _describe(code: int | None) -> str:

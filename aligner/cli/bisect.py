@@ -43,6 +43,11 @@ examples:
   aligner bisect model.onnx --target ort:cuda:fp16 --strategy frontier --json verdict.json
   aligner bisect model.onnx --target-model edited.onnx --save-repro culprit/
 
+when the target cannot build or run the model at all (a crash, or a refused model), bisect runs
+prefixes of the graph instead and names the first node whose presence makes it fail (the smallest
+failing prefix is saved under --save-repro), runs that node alone, and tries the whole model with
+the node kept FP32 and with a lower optimization level, saying which of these fixes it.
+
 exit status: 0 no divergence, 1 divergence found, 2 usage or input error, 3 target failed to build or run
 """
 
@@ -114,6 +119,10 @@ def print_result(result: BisectResult, console: Console | None = None) -> None:
     shown = [e for e in result.local_errors if e.metrics][:5]
     if shown and (cause is None or cause.kind == "inherited"):
         console.print("largest local errors: " + "; ".join(f"{escape(e.node)} ({escape(e.op_type)}) {', '.join(f'{k} {v:.2g}' for k, v in e.metrics.items() if k in ('rel_l2', 'max_abs'))}" for e in shown))
+    if result.failure_site is not None:
+        f = result.failure_site
+        console.print(f"fails from:      [bold]{escape(f.node)}[/] ({escape(f.op_type)}, #{f.index}): the first {f.index} nodes run, "
+                      f"{f.prefix_nodes} fail{'' if f.repro is None else '; prefix saved as ' + escape(f.repro)}")
     if result.repro is not None:
         r = result.repro
         console.print(f"repro: {escape(r.model)} ({'reproduces' if r.reproduces else '[red]does not reproduce[/]'} on its own): {escape(r.command)}")

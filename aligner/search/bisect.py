@@ -118,11 +118,8 @@ def bisect(
     try:
         observer = Observer.of(tgt_runner, other, feeds)
     except TargetRunError as exc:  # the uncaptured runs (or the deployed graph) already fail
-        failed = Probe("uncaptured", len(other.output_names), status="failed", error=str(exc))
-        return BisectResult(model=str(graph.path or "<in-memory>"), target=str(tgt_target), reference=str(ref_target), strategy=strategy,
-                            strategy_used=strategy, nodes=len(graph.nodes), tolerance=tol, first_divergent=None, root_cause=None,
-                            nonfinite_origin=None, local_errors=(), probes=(failed,), outputs_diverge=False, failed=str(exc),
-                            explanation=f"The target failed, so nothing was judged: {exc}")
+        return _failed(graph, other, feeds, tgt_target, ref_target, strategy, tol, exc, progress,
+                       None if save_repro is None else Path(save_repro))
     run = _Run(graph, other, feeds, tgt_target, tol, reference_runner(graph, ref_target), tgt_runner,
                [n.name for n in graph.nodes if n.op_type != "Constant"], progress, observer)
     sizes = estimate_sizes(graph, feeds)
@@ -159,6 +156,28 @@ def bisect(
 
         result = replace(result, repro=write_repro(run, cause, locals_, Path(save_repro), list(tgt_target.pins)))
     return replace(result, explanation=explain(result, tol))
+
+
+def _failed(graph: ModelGraph, other: ModelGraph, feeds: Feeds, target: Target, reference: Target, strategy: str, tol: Tolerance,
+            exc: TargetRunError, progress: Progress | None, save: Path | None) -> BisectResult:
+    """The target cannot run the model at all: find the node whose presence makes it fail."""
+    from aligner.search.crash import locate_failure
+
+    failed = Probe("uncaptured", len(other.output_names), status="failed", error=str(exc))
+    site = None
+    try:
+        site = locate_failure(other, target, feeds, reference_runner(graph, reference), progress, save)
+    except TargetRunError as again:  # the reference itself fails on a piece: say so, keep the first answer
+        log.warning("could not localise the failure: %s", again)
+    explanation = f"The target failed, so nothing was judged: {exc}"
+    if site is not None:
+        explanation += " " + site.describe()
+        if site.repro:
+            explanation += f" The smallest failing prefix is saved as {site.repro}."
+    return BisectResult(model=str(graph.path or "<in-memory>"), target=str(target), reference=str(reference), strategy=strategy,
+                        strategy_used=strategy, nodes=len(graph.nodes), tolerance=tol, first_divergent=None, root_cause=None,
+                        nonfinite_origin=None, local_errors=(), probes=(failed,), outputs_diverge=False, failed=str(exc),
+                        explanation=explanation, failure_site=site)
 
 
 def _resolve(strategy: str, target: Target, graph: ModelGraph, sizes: dict[str, int], budget: int) -> str:

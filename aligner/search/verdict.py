@@ -134,6 +134,37 @@ class Repro:
 
 
 @dataclass(frozen=True)
+class FailureSite:
+    """The first node (in topological order) whose presence makes the target fail."""
+
+    node: str
+    op_type: str
+    index: int  # position among the compute nodes searched
+    prefix_nodes: int  # nodes in the smallest failing prefix (the suspect is its last)
+    message: str  # how the smallest failing prefix failed
+    alone: bool | None  # the suspect alone, on reference inputs, fails too (None: not checked)
+    runs: int  # target runs the search made
+    repro: str | None = None  # the smallest failing prefix, saved as ONNX
+    fixes: tuple[str, ...] = ()  # options tried on the whole model with which the target runs
+    not_fixes: tuple[str, ...] = ()  # options tried with which it still fails
+
+    def to_dict(self) -> dict:
+        return {"node": self.node, "op_type": self.op_type, "index": self.index, "prefix_nodes": self.prefix_nodes,
+                "message": self.message, "fails_alone": self.alone, "runs": self.runs, "repro": self.repro,
+                "fixes": list(self.fixes), "not_fixes": list(self.not_fixes)}
+
+    def describe(self) -> str:
+        alone = {True: "it fails on its own too (inputs from the reference)",
+                 False: "on its own (inputs from the reference) it runs: the failure needs its context, "
+                        "e.g. a fusion or optimizer pass over it and its neighbours",
+                 None: "it was not run on its own"}[self.alone]
+        return (f"The target fails once node {self.node!r} ({self.op_type}, #{self.index}) is in the graph: the first "
+                f"{self.prefix_nodes - 1} nodes run, the first {self.prefix_nodes} fail ({self.runs} target runs); {alone}."
+                + (f" The whole model runs with {' or with '.join(self.fixes)}." if self.fixes else "")
+                + (f" Tried without success: {', '.join(self.not_fixes)}." if self.not_fixes else ""))
+
+
+@dataclass(frozen=True)
 class BisectResult:
     model: str
     target: str
@@ -153,6 +184,7 @@ class BisectResult:
     repro: Repro | None = None
     failed: str = ""  # the target failed to build or run: the message
     notes: tuple[str, ...] = field(default_factory=tuple)
+    failure_site: FailureSite | None = None  # when the target failed: the node whose presence makes it fail
 
     @property
     def target_runs(self) -> int:
@@ -180,6 +212,7 @@ class BisectResult:
             "probes": [p.to_dict() for p in self.probes],
             "repro": None if self.repro is None else self.repro.to_dict(),
             "failed": self.failed or None,
+            "failure_site": None if self.failure_site is None else self.failure_site.to_dict(),
             "explanation": self.explanation,
             "notes": list(self.notes),
         }
@@ -231,4 +264,4 @@ def nonfinite_reason(op_type: str, inputs: tuple[ValueRange, ...], output: Value
     return f"{op_type} produces NaN/inf on the target from finite inputs (inputs max |x| {top:.3g}, output max |x| {out_max:.3g} on the reference)"
 
 
-__all__ = ["BisectResult", "DISCRETE_OPS", "Kind", "LocalError", "NonfiniteOrigin", "Probe", "Repro", "RootCause", "ValueRange", "classify", "nonfinite_reason"]
+__all__ = ["BisectResult", "DISCRETE_OPS", "FailureSite", "Kind", "LocalError", "NonfiniteOrigin", "Probe", "Repro", "RootCause", "ValueRange", "classify", "nonfinite_reason"]
