@@ -12,6 +12,7 @@ from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
 
 from aligner import bisect, compare, make_runner
+from aligner.search.precision import search_precision
 from aligner.examples import example_inputs, tiny_vit
 from aligner.graph.deployed import kernels_of_onnx, map_deployed
 from aligner.graph.model import ModelGraph
@@ -101,3 +102,18 @@ def test_a_fault_inside_a_fused_kernel_is_localised_to_that_kernel(vit, tmp_path
     kernel = next(k for k in result.kernels if k.name == first.kernel)
     assert kernel.op_type == "LayerNormalization" and "/blocks.1/norm2/Mul" in kernel.originals
     assert "fused kernel LayerNormalization" in result.verdict()
+
+
+def test_a_plan_that_is_safe_only_because_of_a_fusion_says_which(vit):
+    """The issue's case on CPU: on the fusing runtime the FP16 plan is empty; a runtime that does
+    not fuse the final LayerNorm needs FP32 pins there, and the empty plan says so and which fusion."""
+    graph, feeds = vit
+    fused = search_precision(graph, target="emu:fp16@fusions=ort", samples=[feeds])
+    plain = search_precision(graph, target="emu:fp16", samples=[feeds])
+    assert fused.passed and fused.pins == () and plain.passed and plain.pins and not plain.fusion_dependence
+    said = fused.fusion_dependence
+    assert said.startswith("safe only because of a fusion") and fused.to_dict()["fusion_dependence"] == said
+    assert all(p.node in said for p in plain.pins)  # the pins a non-fusing runtime needs, by name
+    kernel = next(k for k in make_runner(graph, "emu:fp16@fusions=ort").optimized_model().graph.node
+                  if plain.pins[0].node in said and k.name in said)
+    assert "LayerNorm" in kernel.op_type  # the fusion named is the normalization kernel holding those pins

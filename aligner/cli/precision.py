@@ -128,6 +128,8 @@ def print_plan(plan: PrecisionPlan, console: Console | None = None) -> None:
                   f"accept: {escape('; '.join(plan.accept))}" + (f"; final {metrics}" if metrics else ""))
     for note in plan.notes:
         console.print(f"note: {escape(note)}")
+    if plan.fusion_dependence:
+        console.print(f"[bold yellow]fusion:[/] {escape(plan.fusion_dependence)}")
     if not plan.passed:
         console.print(f"Tried pure {plan.precision}, the {len(plan.seeds)} seed(s) from the value ranges, and growing by "
                       "each failing trial's NaN/inf origin; see the trials log for each attempt.")

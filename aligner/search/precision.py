@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -301,6 +301,10 @@ def search_precision(
         fp16_flop_fraction=flop_fraction(graph, pins, {k: v.shape for k, v in samples[0].items()}),
         auto_pinned=auto_pinned(graph, typing), seeds=tuple(seeds), notes=tuple(notes),
     )
+    if plan.passed:
+        from aligner.search.fusion import plan_fusion_dependence
+
+        plan = replace(plan, fusion_dependence=plan_fusion_dependence(graph, target, pins, samples, accept))
     if save_model is not None and plan.passed:
         mixed = rewrite_precision(graph, pins, target.precision).model
         write_atomic(Path(save_model), mixed.SerializeToString())
