@@ -5,6 +5,8 @@ the LayerNorm's inner tensors makes them graph outputs, stops the fusion and the
 overflows. The fusion-emulating emulator (``emu:fp16@fusions=ort``) reproduces that on any CPU.
 """
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -117,3 +119,44 @@ def test_a_plan_that_is_safe_only_because_of_a_fusion_says_which(vit):
     kernel = next(k for k in make_runner(graph, "emu:fp16@fusions=ort").optimized_model().graph.node
                   if plain.pins[0].node in said and k.name in said)
     assert "LayerNorm" in kernel.op_type  # the fusion named is the normalization kernel holding those pins
+
+
+def _trt_layer_information(graph: ModelGraph) -> dict:
+    """What TensorRT's engine inspector writes for the fusion model (ProfilingVerbosity.DETAILED,
+    LayerInformationFormat.JSON): a fused conv+relu, a pooling layer whose metadata is empty, a
+    reformat layer, and a Myelin region swallowing the rest (separators vary between versions)."""
+    tail = [n.name for n in graph.nodes][3:]
+    tensor = lambda name: {"Name": name, "Location": "Device", "Dimensions": [1], "Format/Datatype": "Half"}  # noqa: E731
+    return {"Layers": [
+        {"Name": "/conv/Conv + /conv/Relu", "LayerType": "CaskConvolution", "Inputs": [tensor("x")], "Outputs": [tensor("r")],
+         "Metadata": "[ONNX Layer: /conv/Conv]\x1f[ONNX Layer: /conv/Relu]", "TacticName": "sm90_xmma_fprop"},
+        {"Name": "/pool", "LayerType": "CaskPooling", "Inputs": [tensor("r")], "Outputs": [tensor("p")], "Metadata": ""},
+        {"Name": "Reformatting CopyNode for Input Tensor 0 to {ForeignNode[/flatten.../ln/Add_1]}", "LayerType": "Reformat",
+         "Inputs": [tensor("p")], "Outputs": [tensor("Reformatted Input Tensor 0 to {ForeignNode[/flatten.../ln/Add_1]}")]},
+        {"Name": "{ForeignNode[/flatten.../ln/Add_1]}", "LayerType": "Myelin", "Inputs": [tensor("p")], "Outputs": [tensor("y")],
+         "Metadata": "\x1e".join(f"[ONNX Layer: {n}]" for n in tail)},
+    ], "Bindings": ["x", "y"]}
+
+
+def test_tensorrt_layer_information_maps_layers_to_their_onnx_nodes():
+    from aligner.errors import InputError
+    from aligner.graph.deployed import kernels_of_trt
+
+    graph = ModelGraph(_fusion_model())
+    info = _trt_layer_information(graph)
+    deployed = map_deployed(graph, kernels_of_trt(json.dumps(info)), "trt:fp16")
+    fused = {k.name: k for k in deployed.fused}
+    assert set(fused["/conv/Conv + /conv/Relu"].originals) == {"/conv/Conv", "/conv/Relu"}
+    myelin = fused["{ForeignNode[/flatten.../ln/Add_1]}"]
+    assert myelin.originals[0] == "/flatten" and "/ln/Pow" in myelin.originals and len(myelin.originals) == 17
+    assert deployed.kernel_of["/pool"] == "/pool"  # no metadata: the tensor it writes decides
+    assert {"r", "p", "y"} <= deployed.boundaries and "sq" not in deployed.boundaries and "h" not in deployed.boundaries
+    # an engine built without detailed verbosity lists bare names: a clear error, not a wrong map
+    with pytest.raises(InputError, match="ProfilingVerbosity.DETAILED"):
+        kernels_of_trt({"Layers": ["/conv/Conv + /conv/Relu", "/pool"]})
+    with pytest.raises(InputError, match="not JSON"):
+        kernels_of_trt("{Layers")
+    # Myelin metadata written as one bracket per node after a single prefix
+    merged = kernels_of_trt({"Layers": [{"Name": "mha", "LayerType": "kgen", "Outputs": [],
+                                          "Metadata": "[ONNX Layer: /a/Softmax][/a/MatMul][/a/MatMul_1]"}]})
+    assert merged[0][3] == ["/a/Softmax", "/a/MatMul", "/a/MatMul_1"]

@@ -94,9 +94,10 @@ POLICIES = ("boundaries", "all", "outputs")
 
 
 def capture_policy(target: Target) -> CapturePolicy:
-    """The target's ``capture`` option, or its default: ``outputs`` on TensorRT (marking undoes its
-    fusions), ``boundaries`` on ONNX Runtime in FP16/BF16 or on CUDA (where fusions change the
-    numbers) and on the emulator emulating fusions, ``all`` elsewhere (the reference, the plain
+    """The target's ``capture`` option, or its default: ``boundaries`` on TensorRT (the tensors its
+    engine's layers write, from the layer information; marking others undoes its fusions), on ONNX
+    Runtime in FP16/BF16 or on CUDA (where fusions change the numbers) and on the emulator emulating
+    fusions, ``all`` elsewhere (the reference, the plain
     emulator, ORT CPU FP32)."""
     chosen = target.option_dict.get("capture")
     if chosen is not None:
@@ -104,7 +105,7 @@ def capture_policy(target: Target) -> CapturePolicy:
             raise TargetError(f"Target {target}: capture={chosen!r}; choose one of {', '.join(POLICIES)}.")
         return chosen  # type: ignore[return-value]
     if target.runtime == "trt":
-        return "outputs"
+        return "boundaries"
     if target.runtime == "emu" and "fusions" in target.option_dict:
         return "boundaries"
     if target.runtime == "ort" and (target.is_low_precision or target.device == "cuda"):

@@ -141,6 +141,8 @@ def build_engine(graph: ModelGraph, precision: str = "fp32", fp32_nodes: Iterabl
     trt, builder, network, _parser, _logger = parse(model, trt, strongly_typed=not layer_precision)
     _, missing = mark_outputs(network, mark)
     config = builder.create_builder_config()
+    if hasattr(trt, "ProfilingVerbosity"):  # layer information names each layer's ONNX nodes and tensors
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     _apply_options(trt, config, options)
     unmatched: list[str] = []
     if layer_precision and precision != "fp32":
@@ -170,6 +172,19 @@ def build_engine(graph: ModelGraph, precision: str = "fp32", fp32_nodes: Iterabl
         write_atomic(Path(timing_cache), bytes(cache.serialize()))
     outputs = tuple(network.get_output(i).name for i in range(network.num_outputs))
     return Engine(bytes(data), trt.__name__, trt.__version__, outputs, tuple(missing), tuple(unmatched))
+
+
+def layer_information(trt, engine, context=None) -> dict | None:
+    """The engine inspector's layer information as a dict (None if this TensorRT cannot say)."""
+    import json
+
+    try:
+        inspector = engine.create_engine_inspector()
+        if context is not None:
+            inspector.execution_context = context
+        return json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+    except (AttributeError, ValueError, RuntimeError, TypeError):
+        return None
 
 
 def _load_plugins(trt, graph: ModelGraph, plugins: Iterable[str]) -> None:
@@ -228,4 +243,4 @@ def layer_precision_constraints(trt, network, config, precision: str, fp32_nodes
     return sorted(pins - matched)
 
 
-__all__ = ["TRT_OPTIONS", "Engine", "ParseFailure", "build_engine", "layer_precision_constraints", "load_tensorrt", "mark_outputs", "parse"]
+__all__ = ["TRT_OPTIONS", "Engine", "ParseFailure", "build_engine", "layer_information", "layer_precision_constraints", "load_tensorrt", "mark_outputs", "parse"]

@@ -6,6 +6,11 @@ defeat TensorRT's fusions (``compare --target trt:*`` compares the outputs unles
 names some). A captured tensor that TensorRT fused away has no counterpart and is reported as
 such. Buffers are torch CUDA tensors; execution is ``execute_async_v3`` on a torch stream.
 
+Engines are built with detailed profiling verbosity, so the uncaptured engine's layer information
+(engine inspector, JSON) says which ONNX nodes each layer computes and which tensors it writes:
+the ``boundaries`` capture policy (the default) captures only those tensors, so probes keep the
+engine's fusions (:func:`aligner.graph.deployed.kernels_of_trt`).
+
 What ran where: the build and the refusal to deserialize on compute capability 9.0 (TensorRT-RTX,
 H200) are verified; the execution path after deserialization could not be run on these machines
 (README).
@@ -17,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from aligner.backends.base import InputInfo, check_capture, check_options, describe_model_inputs
+from aligner.backends.base import InputInfo, capture_policy, check_capture, check_options, describe_model_inputs
 from aligner.backends.target import Target
 from aligner.errors import TargetRunError
 from aligner.graph.model import ModelGraph
@@ -35,10 +40,34 @@ class TrtRunner:
         self.trt = load_tensorrt()
         self.input_names = list(graph.input_names)
         self.output_names = list(graph.output_names)
-        produced = {o for n in graph.nodes for o in n.output if o}
-        self.capturable = frozenset(produced | set(self.input_names))
+        self._every = frozenset({o for n in graph.nodes for o in n.output if o} | set(self.input_names))
+        self.fuses = True  # TensorRT fuses layers: captures are checked against an uncaptured run
+        self.capture_policy = capture_policy(target)
+        self._layers: dict | None = None  # the uncaptured engine's layer information (inspector JSON)
         self._key: tuple[str, ...] | None = None
         self._engine = self._context = None
+
+    @property
+    def capturable(self) -> frozenset[str]:
+        """``boundaries`` (default): the tensors the uncaptured engine's layers write, once its layer
+        information has been read (:meth:`layer_information`); ``outputs``; ``all``: every tensor
+        (marking them undoes TensorRT's fusions; the perturbation check says so)."""
+        if self.capture_policy == "all":
+            return self._every
+        if self.capture_policy == "boundaries" and self._layers is not None:
+            from aligner.graph.deployed import kernels_of_trt
+
+            written = {t for _, _, outs, _ in kernels_of_trt(self._layers) for t in outs}
+            return self._every & (written | set(self.output_names) | set(self.input_names))
+        return frozenset(self.output_names) | set(self.input_names)
+
+    def layer_information(self, feeds: dict[str, np.ndarray]) -> dict:
+        """The uncaptured engine's layer information: TensorRT's engine inspector, JSON format, from
+        an engine built with detailed profiling verbosity (every layer, its ONNX nodes, its tensors)."""
+        self._prepare((), feeds)
+        if self._layers is None:
+            raise TargetRunError(f"{self.label}: {self.trt.__name__} {self.trt.__version__} gave no layer information for the engine")
+        return self._layers
 
     def _prepare(self, capture: tuple[str, ...], feeds: dict[str, np.ndarray]) -> None:
         key = (capture, tuple(sorted((k, tuple(np.shape(v))) for k, v in feeds.items())))
@@ -58,12 +87,16 @@ class TrtRunner:
         self._context = self._engine.create_execution_context()
         if self._context is None:
             raise TargetRunError(f"{self.label}: could not create an execution context: {'; '.join(logger.messages[-2:])}")
+        if not capture and self._layers is None:
+            from aligner.backends.tensorrt import layer_information
+
+            self._layers = layer_information(self.trt, self._engine, self._context)
         self._key = key
 
     def run(self, feeds: dict[str, np.ndarray], capture: Sequence[str] = ()) -> dict[str, np.ndarray]:
         import torch
 
-        capture = check_capture(capture, self.capturable)
+        capture = check_capture(capture, self._every)
         wanted = [c for c in capture if c not in self.input_names] if capture else self.output_names
         self._prepare(tuple(c for c in wanted if c not in self.output_names), feeds)
         missing = [c for c in wanted if c in self.unmarked]

@@ -18,11 +18,15 @@ from functools import cached_property
 import numpy as np
 
 from aligner.backends.base import POLICIES, CapturePolicy, capture_policy
-from aligner.graph.deployed import DeployedGraph, fp32_fallback, kernels_of_onnx, map_deployed
+from aligner.graph.deployed import DeployedGraph, fp32_fallback, kernels_of_onnx, kernels_of_trt, map_deployed
 from aligner.graph.model import ModelGraph
 
-def deployed_graph(runner, graph: ModelGraph) -> DeployedGraph | None:
-    """The deployed graph of ``runner`` mapped onto ``graph`` (None where the runner cannot say)."""
+def deployed_graph(runner, graph: ModelGraph, feeds: Mapping[str, np.ndarray] | None = None) -> DeployedGraph | None:
+    """The deployed graph of ``runner`` mapped onto ``graph`` (None where the runner cannot say):
+    ONNX Runtime's optimized model, or TensorRT's layer information (its engine needs ``feeds``)."""
+    layers = getattr(runner, "layer_information", None)
+    if layers is not None and feeds is not None:
+        return map_deployed(graph, kernels_of_trt(layers(dict(feeds))), str(runner.target))
     optimized = getattr(runner, "optimized_model", None)
     if optimized is None:
         return None
@@ -97,7 +101,7 @@ class Observer:
     @classmethod
     def of(cls, runner, graph: ModelGraph, feeds: Mapping[str, np.ndarray]) -> "Observer":
         policy = getattr(runner, "capture_policy", "all")
-        deployed = deployed_graph(runner, graph) if policy == "boundaries" else None
+        deployed = deployed_graph(runner, graph, feeds) if policy == "boundaries" else None
         return cls(policy, deployed, capture_check(runner, feeds))
 
     @property

@@ -112,15 +112,15 @@ def compare(
     ref_runner = reference_runner(graph, ref_target)
     tgt_runner: Runner = make_runner(other, tgt_target)
     notes = []
-    if tgt_target.runtime == "trt" and tensors is None:  # marking every tensor would undo TensorRT's fusions
-        tensors = graph.output_names
-        notes.append("TensorRT target: the outputs are compared (name tensors with --tensors, or localize with aligner bisect, "
-                     "which marks a few tensors per probe)")
+    # the observer first: on TensorRT its layer information decides what is capturable
+    observer = Observer.of(tgt_runner, other if target_model is not None else graph, feeds)
+    if tgt_target.runtime == "trt" and tensors is None and observer.policy == "outputs":
+        notes.append("TensorRT target with capture=outputs: the outputs are compared (capture=boundaries compares every "
+                     "tensor its layers write)")
     names, unmatched = _select(graph, other, tgt_runner, tensors)
     sizes = estimate_sizes(graph, feeds)
     groups = plan_groups(names, sizes, int(capture_budget_mb * 2**20) // 2)  # half per side
     log.info("comparing %d tensors in %d capture group(s)", len(names), len(groups))
-    observer = Observer.of(tgt_runner, other if target_model is not None else graph, feeds)
     notes += observer.notes(unmatched)
 
     # Interleaved: each group is captured on the reference, then on the target, diffed and
