@@ -19,6 +19,7 @@ from aligner.inputs import load_inputs, make_inputs, save_inputs
 from aligner.search import BisectResult, bisect
 from aligner.search.plan import PrecisionPlan
 from aligner.search.precision import Acceptance, search_precision
+from aligner.tune import TuneResult, TuneSettings, tune
 
 __version__ = "0.1.0"
 
@@ -27,5 +28,6 @@ __all__ = [
     "InputInfo", "MissingDependencyError", "ModelGraph", "ModelLoadError", "PrecisionPlan", "RewriteResult", "Runner", "Target",
     "TargetError", "TargetRunError", "TensorDiff", "Tolerance", "TorchCompareResult",
     "bench", "bisect", "build", "compare", "compare_torch", "extract_subgraph", "load_inputs", "load_model", "make_inputs", "make_runner",
-    "parse_target", "reference_runner", "rewrite_precision", "save_inputs", "search_precision", "with_outputs",
+    "parse_target", "reference_runner", "rewrite_precision", "save_inputs", "search_precision", "tune", "with_outputs",
+    "TuneResult", "TuneSettings",
 ]

@@ -6,12 +6,16 @@ and PyTorch eager (``torch:*``, given the module). Warm-up, then timed runs; on 
 and outputs stay on the GPU and each run is synchronised before the clock is read. Reports
 median / p90 / p99 latency, throughput (items/s) and the GPU memory in use (NVML, when present).
 Each row names its target in full: plan file and runtime options included.
+
+A **precision inversion** — a lower precision (fp16/bf16 below tf32 below fp32) slower than a
+higher one of the same runtime and device at the same batch, by more than the tuner's noise band
+— is reported with both medians and the option to try (:func:`precision_inversions`).
 """
 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +26,7 @@ from aligner.backends.target import Target
 from aligner.errors import InputError
 from aligner.graph.model import ModelGraph
 from aligner.inputs import make_inputs
+from aligner.tune import NOISE
 
 TIMED_RUNTIMES = ("ort", "trt", "torch")
 
@@ -40,14 +45,74 @@ class BenchRow:
 
 
 @dataclass(frozen=True)
+class Inversion:
+    """A lower precision measured slower than a higher one (same runtime, device and batch)."""
+
+    batch: int
+    lower: str  # the lower-precision target, in full
+    lower_ms: float  # its median latency
+    higher: str  # the fastest higher-precision target that beat it
+    higher_ms: float
+    advice: str
+
+    @property
+    def message(self) -> str:
+        return (f"precision inversion at batch {self.batch}: {self.lower} takes {self.lower_ms:.3f} ms, slower than "
+                f"{self.higher} at {self.higher_ms:.3f} ms ({self.lower_ms / self.higher_ms:.2f}x); {self.advice}")
+
+    def to_dict(self) -> dict:
+        return {"batch": self.batch, "lower": self.lower, "lower_ms": self.lower_ms, "higher": self.higher,
+                "higher_ms": self.higher_ms, "slowdown": self.lower_ms / self.higher_ms, "advice": self.advice, "message": self.message}
+
+
+@dataclass(frozen=True)
 class BenchResult:
     device: str
     model: str
     rows: tuple[BenchRow, ...]
     notes: tuple[str, ...] = ()
+    inversions: tuple[Inversion, ...] = ()
 
     def to_dict(self) -> dict:
-        return {"device": self.device, "model": self.model, "rows": [r.to_dict() for r in self.rows], "notes": list(self.notes)}
+        return {"device": self.device, "model": self.model, "rows": [r.to_dict() for r in self.rows], "notes": list(self.notes),
+                "inversions": [i.to_dict() for i in self.inversions]}
+
+
+PRECISION_RANK = {"fp32": 0, "tf32": 1, "fp16": 2, "bf16": 2, "autocast": 2, "int8": 3}  # higher is lower precision
+
+
+def precision_inversions(rows: Sequence[BenchRow], targets: Mapping[str, Target], noise: float = NOISE) -> tuple[Inversion, ...]:
+    """Each row slower by more than ``noise`` than a higher-precision row of the same runtime, device
+    and batch, against the fastest such row; ``targets`` maps each row's ``target`` to its Target."""
+    found = []
+    for row in rows:
+        low = targets[row.target]
+        faster = [r for r in rows if r.batch == row.batch and (targets[r.target].runtime, targets[r.target].device) == (low.runtime, low.device)
+                  and PRECISION_RANK.get(targets[r.target].precision, 0) < PRECISION_RANK.get(low.precision, 0)
+                  and row.latency_ms["median"] > r.latency_ms["median"] * (1 + noise)]
+        if faster:
+            best = min(faster, key=lambda r: r.latency_ms["median"])
+            found.append(Inversion(row.batch, row.target, row.latency_ms["median"], best.target, best.latency_ms["median"], _advice(low)))
+    return tuple(found)
+
+
+def _advice(target: Target) -> str:
+    """The option to try when ``target`` is slower than a higher precision."""
+    tune = f"or measure the candidates with: aligner build MODEL --target {target.base} --tune"
+    if target.precision == "int8":
+        return ("INT8 does not pay on this hardware as quantized (few integer kernels, or Q/DQ pairs around float "
+                "fallbacks): try @reduce_range or another types= setting, fewer float nodes, or ship the faster precision")
+    if target.runtime == "ort" and target.device == "cuda":
+        if target.is_low_precision and target.option_dict.get("cudnn_conv_algo_search", "").upper() != "HEURISTIC":
+            return (f"try {target.base}@cudnn_conv_algo_search=HEURISTIC (the default EXHAUSTIVE search can pick slow "
+                    f"low-precision convolutions), {tune}")
+        return f"try {tune[3:]}"
+    if target.runtime == "ort":
+        return (f"ONNX Runtime's CPU provider has few {target.precision.upper()} kernels and casts around the rest: keep FP32 "
+                f"on the CPU, {tune}")
+    if target.runtime == "trt":
+        return "try @builder_optimization_level=5 (a longer tactic search), and check the plan's Casts between FP32 islands"
+    return "try @cudnn_benchmark=1 or @channels_last=1"
 
 
 def bench(model: ModelGraph | str | Path, targets: Iterable[str | Target], batches: Iterable[int] = (1,),
@@ -79,7 +144,8 @@ def bench(model: ModelGraph | str | Path, targets: Iterable[str | Target], batch
             if progress:
                 progress(str(target), len(rows), total)
     device = "cuda" if any(t.device == "cuda" for t in parsed) else "cpu"
-    return BenchResult(_device_name(device), str(graph.path or "<in-memory>"), tuple(rows), tuple(notes))
+    inversions = precision_inversions(rows, {str(t): t for t in parsed})
+    return BenchResult(_device_name(device), str(graph.path or "<in-memory>"), tuple(rows), tuple(notes), inversions)
 
 
 def _batches(graph: ModelGraph, batches: Iterable[int]) -> tuple[list[int], list[str]]:
@@ -157,4 +223,4 @@ def _device_name(device: str) -> str:
     return f"cpu ({platform.processor() or platform.machine()})"
 
 
-__all__ = ["BenchResult", "BenchRow", "TIMED_RUNTIMES", "bench"]
+__all__ = ["BenchResult", "BenchRow", "Inversion", "PRECISION_RANK", "TIMED_RUNTIMES", "bench", "precision_inversions"]

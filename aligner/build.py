@@ -8,9 +8,17 @@ or a TensorRT engine (``trt:*``) — checked before it is written, with a sideca
    checked against the FP32 model on the emulator with the same pins (outputs finite and within
    the precision's tolerance, :func:`~aligner.compare.tolerance.tolerance_for`). A build that fails
    the check is not written unless ``write_anyway``; ``force`` only allows overwriting files.
-3. The model or engine, and ``<output>.json`` beside it: the target in full (plan file, runtime
-   options), the check, the passes, the engine's build settings. ``ort_optimized`` also writes
-   ONNX Runtime's optimized graph for the target's provider and options.
+3. ``tuning`` (ort:* targets): the runtime options are measured on the built model
+   (:func:`aligner.tune.tune`: the candidates side by side, the fastest that passes the accuracy
+   check kept) and the target carries the winners.
+4. The model or engine, and ``<output>.json`` beside it (the **sidecar**): the target in full (plan
+   file, runtime options, tuned ones included), the check, the tuning (every candidate: options,
+   median ms, spread, status and reason), the passes, the engine's build settings. A low-precision
+   ONNX build is stamped (metadata ``aligner.precision``) so runners take it as built.
+   ``ort_optimized`` also writes ONNX Runtime's optimized graph for the target's provider and options.
+
+:func:`read_sidecar` reads a sidecar back (given the model or the JSON): bench, eval, compare and
+bisect run a built model with the options it was built with.
 """
 
 from __future__ import annotations
@@ -28,10 +36,11 @@ from aligner.backends import check_target
 from aligner.backends.target import REFERENCE, Target
 from aligner.compare import compare
 from aligner.compare.tolerance import Tolerance
-from aligner.errors import InputError
+from aligner.errors import AlignerError, InputError
 from aligner.graph.model import ModelGraph
-from aligner.graph.precision import Overflow, rewrite_precision
+from aligner.graph.precision import BUILT_PRECISION, Overflow, rewrite_precision
 from aligner.inputs import make_inputs, validate_feeds, write_atomic
+from aligner.tune import Progress, TuneResult, TuneSettings, check_tunable, tune
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,7 @@ class BuildResult:
     engine: Mapping | None = None  # trt: module, version, bytes, strongly_typed, outputs
     unmatched_pins: tuple[str, ...] = ()  # trt --layer-precision: pins no layer carries
     notes: tuple[str, ...] = ()
+    tuning: TuneResult | None = None  # the runtime options measured (build --tune); target carries the chosen ones
 
     @property
     def passed(self) -> bool:
@@ -92,12 +102,49 @@ class BuildResult:
                 "auto_pinned": self.auto_pinned, "casts_inserted": self.casts_inserted,
                 "overflows": [{"tensor": o.tensor, "max_abs": o.max_abs, "count": o.count} for o in self.overflows],
                 "ort_optimized": self.ort_optimized, "engine": dict(self.engine) if self.engine else None,
-                "unmatched_pins": list(self.unmatched_pins), "notes": list(self.notes)}
+                "unmatched_pins": list(self.unmatched_pins), "notes": list(self.notes),
+                "tuning": self.tuning.to_dict() if self.tuning else None}
 
 
 def sidecar_path(output: str | Path) -> Path:
     """Where a build's sidecar JSON goes: beside the output, ``.json`` appended."""
     return Path(str(output) + ".json")
+
+
+@dataclass(frozen=True)
+class Sidecar:
+    """A build's sidecar read back: where it is, the model it describes, the target it was built for."""
+
+    path: Path  # the JSON
+    model: Path  # the built model beside it
+    target: Target  # as built: pins, plan name and runtime options (tuned ones included)
+    kind: str  # "onnx" or "engine"
+
+
+def read_sidecar(path: str | Path) -> Sidecar | None:
+    """The sidecar of a built model: ``path`` is the model (``<path>.json`` beside it) or the sidecar
+    itself. None for a model without one; a JSON given directly that is not a sidecar is an error."""
+    path = Path(path)
+    given = path.suffix.lower() == ".json"
+    json_path = path if given else sidecar_path(path)
+    if not json_path.is_file():
+        if given:
+            raise InputError(f"{path}: no such file. Give the built model or its sidecar (written by aligner build -o MODEL).")
+        return None
+    try:
+        doc = json.loads(json_path.read_text())
+        t = doc["target"]
+        target = Target(t["runtime"], t["device"], t["precision"], tuple(t.get("fp32_nodes") or ()), t.get("plan"),
+                        tuple(sorted((str(k), str(v)) for k, v in (t.get("options") or {}).items())))
+        kind = doc["kind"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError, AlignerError) as exc:
+        if given:
+            raise InputError(f"{path}: not a sidecar written by aligner build ({type(exc).__name__}: {exc}).") from None
+        return None  # a JSON of the user's own beside the model: not ours
+    model = json_path.with_name(json_path.name[: -len(".json")]) if json_path.name.endswith(".json") else json_path
+    if given and not model.is_file():
+        raise InputError(f"{path}: the model it describes, {model}, is not beside it.")
+    return Sidecar(json_path, model, target, kind)
 
 
 def build_outputs(output: str | Path, ort_optimized: str | Path | None = None) -> list[Path]:
@@ -111,6 +158,10 @@ def build_target(target: str | Target, plan: str | Path | None = None) -> Target
     target = check_target(Target.parse(target, plan=plan))
     if target.runtime not in ("ort", "trt"):
         raise InputError(f"Target {target}: aligner build writes models for ONNX Runtime (ort:*) or engines (trt:*).")
+    if target.runtime == "ort":
+        from aligner.backends.onnxruntime import session_options
+
+        session_options(target, optimize=True)  # option values too (threads=x), before any work
     if target.runtime == "trt":
         from aligner.backends.tensorrt import load_tensorrt
 
@@ -121,16 +172,20 @@ def build_target(target: str | Target, plan: str | Path | None = None) -> Target
 def build(model: ModelGraph | str | Path, target: str | Target, output: str | Path, *, plan: str | Path | None = None,
           fuse: Iterable[str] = (), check_inputs: Mapping[str, np.ndarray] | None = None,
           input_shapes: Mapping[str, tuple[int, ...]] | None = None, write_anyway: bool = False, force: bool = False,
-          ort_optimized: str | Path | None = None, plugins: Sequence[str] = (), layer_precision: bool = False) -> BuildResult:
+          ort_optimized: str | Path | None = None, plugins: Sequence[str] = (), layer_precision: bool = False,
+          tuning: TuneSettings | None = None, progress: Progress | None = None) -> BuildResult:
     """Build ``model`` for ``target`` into ``output`` (see the module docstring).
 
     ``plan`` is the file a ``+plan`` target refers to; ``check_inputs`` the inputs of the checks
     (default: generated, with ``input_shapes`` for symbolic dims — real data reaches the ranges that
     overflow, random data may not); ``input_shapes`` also fixes a TensorRT engine's dynamic inputs;
     ``plugins`` are TensorRT plugin libraries; ``layer_precision`` takes TensorRT <= 10's per-layer
-    precision path. ``result.written`` says whether the files were written, ``result.passed``
-    whether the check passed."""
+    precision path; ``tuning`` measures the runtime options (ort:* targets, :mod:`aligner.tune`;
+    ``progress`` gets its lines). ``result.written`` says whether the files were written,
+    ``result.passed`` whether the check passed."""
     target = build_target(target, plan)
+    if tuning is not None:
+        check_tunable(target)
     if target.runtime == "ort" and (layer_precision or plugins):
         raise InputError(f"Target {target}: --layer-precision and --plugins are TensorRT build settings (trt:* targets).")
     if ort_optimized and target.runtime != "ort":
@@ -141,10 +196,11 @@ def build(model: ModelGraph | str | Path, target: str | Target, output: str | Pa
     graph, fused, notes = _fused(graph, list(fuse), feeds)
     if target.runtime == "trt":
         return _build_engine(graph, target, Path(output), feeds, fused, notes, input_shapes, plugins, layer_precision, write_anyway)
-    return _build_onnx(graph, target, Path(output), feeds, fused, notes, ort_optimized, write_anyway)
+    return _build_onnx(graph, target, Path(output), feeds, fused, notes, ort_optimized, write_anyway, tuning, progress)
 
 
-def _build_onnx(graph: ModelGraph, target: Target, output: Path, feeds, fused, notes, ort_optimized, write_anyway: bool) -> BuildResult:
+def _build_onnx(graph: ModelGraph, target: Target, output: Path, feeds, fused, notes, ort_optimized, write_anyway: bool,
+                tuning: TuneSettings | None = None, progress: Progress | None = None) -> BuildResult:
     base = BuildResult(target, str(output), "onnx", False, fused=fused, notes=tuple(notes))
     if target.precision in ("fp32", "tf32"):
         model, result = graph.model, base
@@ -154,6 +210,11 @@ def _build_onnx(graph: ModelGraph, target: Target, output: Path, feeds, fused, n
         model = rewrite.model
         if not result.passed and not write_anyway:
             return result
+        model.metadata_props.add(key=BUILT_PRECISION, value=target.precision)  # runners take it as built
+    if tuning is not None:
+        tuned = tune(ModelGraph(model, graph.path), target, reference=graph, feeds=feeds, settings=tuning, progress=progress)
+        target = tuned.target
+        result = replace(result, target=target, tuning=tuned)
     from aligner.plugin import has_plugins
 
     if ort_optimized and has_plugins(model):
@@ -243,4 +304,5 @@ def _num(value: float):
     return value if np.isfinite(value) else None
 
 
-__all__ = ["BuildCheck", "BuildResult", "FuseStep", "build", "build_outputs", "build_target", "check_build", "sidecar_path"]
+__all__ = ["BuildCheck", "BuildResult", "FuseStep", "Sidecar", "build", "build_outputs", "build_target", "check_build", "read_sidecar",
+           "sidecar_path"]

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from aligner.bench import BenchResult, bench
-from aligner.cli.common import add_model_arguments, add_report_arguments, check_writable, emit_run, report_paths
+from aligner.cli.common import add_model_arguments, add_report_arguments, check_writable, emit_run, model_sidecar, report_paths, resolve_targets
 from aligner.errors import InputError
 from aligner.graph.model import ModelGraph
 from aligner.inputs import write_atomic
@@ -26,7 +26,14 @@ Targets are ONNX Runtime targets (ort:cpu:fp32|fp16|bf16, ort:cuda:fp32|tf32|fp1
 inter_op_num_threads, execution_mode; ort:cuda: CUDA provider options such as
 cudnn_conv_algo_search=HEURISTIC, use_tf32, prefer_nhwc; torch: cudnn_benchmark, channels_last;
 trt: builder_optimization_level, workspace_mb, timing_cache). Each row names its target in full,
-options included. On CUDA, inputs and outputs stay on the GPU (I/O binding) and each run is
+options included.
+
+A built model (aligner build -o MODEL) runs with the options of its sidecar MODEL.json (give the
+model or the JSON): with no --target, the target it was built for; targets of the same runtime and
+device take its options, explicit @key=value win. A lower precision measured slower than a higher
+one (fp16/bf16 < tf32 < fp32, same runtime, device and batch, beyond a 3% noise band) is flagged with
+both medians and the option to try (ort:cuda: @cudnn_conv_algo_search=HEURISTIC, or build --tune);
+the JSON lists it under "inversions". On CUDA, inputs and outputs stay on the GPU (I/O binding) and each run is
 synchronised before the clock is read; the first --warmup runs are not timed. Latency: median /
 p90 / p99 of --runs runs; throughput = batch / median latency.
 
@@ -34,6 +41,7 @@ examples:
   aligner bench model.onnx --target ort:cuda:fp16 --batch 1,2,4,8,16 --json bench.json
   aligner bench model.onnx --target ort:cuda:fp32,ort:cuda:fp16,ort:cuda:fp16+plan --plan plan.json --batch 1,8 --report bench.html
   aligner bench model.onnx --target ort:cuda:fp16,ort:cuda:fp16@cudnn_conv_algo_search=HEURISTIC --batch 8
+  aligner bench model.fp16.onnx --batch 1,8            # a build: its sidecar's target and tuned options
 
 exit status: 0 measured, 2 usage or input error, 3 a target failed to build or run
 """
@@ -44,7 +52,7 @@ def add_parser(sub) -> None:
                        description="Time the model on one or more ONNX Runtime targets and batch sizes, side by side in one run.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
-    p.add_argument("--target", default="ort:cpu:fp32", help="comma-separated targets (default ort:cpu:fp32); "
+    p.add_argument("--target", help="comma-separated targets (default: a built model's own target, else ort:cpu:fp32); "
                    "a target's own @key=value,... options stay with it")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
     p.add_argument("--plan", metavar="PLAN.json", help="precision plan for the +plan targets")
@@ -62,8 +70,9 @@ def run(args: argparse.Namespace) -> int:
         batches = [int(b) for b in args.batch.split(",")]
     except ValueError:
         raise InputError(f"--batch {args.batch!r}: write comma-separated integers, e.g. 1,2,4,8.") from None
+    specs = split_targets(args.target) if args.target else None
+    targets = resolve_targets(args, specs if specs or model_sidecar(args) else ["ort:cpu:fp32"])  # a built model: its sidecar
     graph = ModelGraph.load(args.model, check=not args.no_check)
-    targets = split_targets(args.target)
     module = None
     if args.torch:
         from aligner.cli.common import load_torch_factory
@@ -108,3 +117,5 @@ def print_bench(result: BenchResult, console: Console | None = None) -> None:
     console.print(table)
     for note in result.notes:
         console.print(f"note: {escape(note)}")
+    for inversion in result.inversions:
+        console.print(f"[bold yellow]warning[/]: {escape(inversion.message)}")

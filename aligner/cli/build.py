@@ -6,11 +6,13 @@ import argparse
 
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
 from aligner.build import BuildResult, build, build_outputs, build_target
-from aligner.cli.common import add_input_arguments, add_model_arguments, check_writable, resolve_feeds, resolve_target
+from aligner.cli.common import add_input_arguments, add_model_arguments, check_writable, positive_int, resolve_feeds, resolve_target
 from aligner.graph.model import ModelGraph
 from aligner.inputs import parse_input_shapes
+from aligner.tune import TuneResult, TuneSettings, check_tunable
 
 EPILOG = """\
 The built model carries explicit Casts at every FP32/low-precision boundary: the same rewrite the
@@ -30,6 +32,21 @@ into a strongly typed network and serialized; parser failures name each node (op
 Runtime options ride on the target (@key=value or --target-option): ort:cuda CUDA provider options
 for --ort-optimized, trt builder settings builder_optimization_level, workspace_mb, timing_cache.
 
+--tune (ort:* targets) measures the runtime options on the built model before writing it: each
+candidate is built and run once, rejected when ONNX Runtime fails (e.g. cuDNN "No execution
+plans") or when its outputs diverge from the FP32 model on ort:cpu:fp32 beyond the target's
+tolerance, and the rest are timed side by side (--tune-rounds interleaved rounds of --tune-runs
+runs after warm-up; medians). Candidates within 3% of the fastest are ties, won by the one that
+changes fewest options (the defaults first). One change at a time, then the best combination:
+  ort:cuda  cudnn_conv_algo_search=HEURISTIC|DEFAULT (default EXHAUSTIVE), prefer_nhwc=1,
+            cudnn_conv_use_max_workspace=0, use_tf32=1 (fp16/bf16: the FP32 parts),
+            enable_cuda_graph=1 (static input shapes only)
+  ort:cpu   intra_op_num_threads=1|<cores>, graph_optimization_level=extended|basic
+Options given with the target (@key=value) are fixed. The inputs (--inputs / --input-shapes) set
+the batch it is tuned at. The winners go into the target recorded in OUTPUT.json with every
+candidate's median ms, spread and status; aligner bench, eval, compare and bisect given the built
+model (or OUTPUT.json) run it with those options.
+
 Graph passes first (--fuse; aligner plugins list): the fused model is checked against the original
 on ORT CPU FP32 and nothing is written if an output moved. --layer-precision takes TensorRT <= 10's
 legacy path (FP16 flag + per-layer FP32 constraints on the plan's nodes) for engines that must be
@@ -42,6 +59,8 @@ examples:
   aligner build model.onnx --target trt:fp16@builder_optimization_level=5 --plan plan.json -o model.engine \\
       --input-shapes pixels:1x3x128x128
   aligner build model.onnx --target ort:cuda:bf16 -o model.bf16.onnx          # no plan: pure BF16
+  aligner build model.onnx --target ort:cuda:fp16 --plan plan.json --tune -o model.fp16.onnx --input-shapes images:8x3x480x640
+  aligner bench model.fp16.onnx --batch 1,8                                  # runs with the tuned options
 
 exit status: 0 written (check passed), 1 the check found diverging outputs (written only with
 --write-anyway), 2 usage or input error, 3 the target failed to build
@@ -72,6 +91,11 @@ def add_parser(sub) -> None:
     p.add_argument("--layer-precision", action="store_true", help="trt (TensorRT <= 10 only): per-layer precision constraints on the "
                    "FP32 graph instead of the strongly typed rewrite (the flags are gone in TensorRT 11 and TensorRT-RTX)")
     p.add_argument("--ort-optimized", metavar="ONNX", help="ort: also write ONNX Runtime's optimized model for the target's provider")
+    t = p.add_argument_group("tuning (ort:* targets; see below)")
+    t.add_argument("--tune", action="store_true", help="measure the candidate runtime options on the built model and keep the "
+                   "fastest that passes the accuracy check (recorded in OUTPUT.json)")
+    t.add_argument("--tune-rounds", type=positive_int, default=TuneSettings.rounds, help=f"interleaved timing rounds (default {TuneSettings.rounds})")
+    t.add_argument("--tune-runs", type=positive_int, default=TuneSettings.runs, help=f"timed runs per candidate per round (default {TuneSettings.runs})")
     add_input_arguments(p)
 
 
@@ -81,11 +105,16 @@ def run(args: argparse.Namespace) -> int:
     if args.timing_cache:
         target = target.with_options({"timing_cache": args.timing_cache})
     target = build_target(target)  # checked before the model is loaded
+    if args.tune:
+        check_tunable(target)
     graph = ModelGraph.load(args.model, check=not args.no_check)
     fuse = [n.strip() for n in (args.fuse or "").split(",") if n.strip()]
+    tuning = TuneSettings(rounds=args.tune_rounds, runs=args.tune_runs) if args.tune else None
+    errors = Console(stderr=True, highlight=False)
     result = build(graph, target, args.output, fuse=fuse, check_inputs=resolve_feeds(graph, args),
                    input_shapes=parse_input_shapes(args.input_shapes), write_anyway=args.write_anyway, force=args.force,
-                   ort_optimized=args.ort_optimized, plugins=args.plugins or [], layer_precision=args.layer_precision)
+                   ort_optimized=args.ort_optimized, plugins=args.plugins or [], layer_precision=args.layer_precision,
+                   tuning=tuning, progress=lambda line: errors.print(f"tune: {escape(line)}"))
     print_build(result)
     return 0 if result.passed else 1
 
@@ -107,6 +136,8 @@ def print_build(result: BuildResult, console: Console | None = None) -> None:
         console.print(f"[yellow]warning[/]: weight {escape(o.tensor)}: {o.count} value(s) up to {o.max_abs:.3g} become inf in {precision}")
     for pin in result.unmatched_pins:
         console.print(f"[yellow]warning[/]: plan node {escape(pin)} matches no TensorRT layer (fused or renamed): its precision is not constrained")
+    if result.tuning is not None:
+        print_tuning(result.tuning, console)
     if not result.written:
         console.print("[bold red]not written[/]: the built model's outputs diverge from FP32 on these inputs; run `aligner precision` "
                       "for a plan (then --plan plan.json), or pass --write-anyway.")
@@ -119,3 +150,20 @@ def print_build(result: BuildResult, console: Console | None = None) -> None:
                   f"{len(result.target.pins)} node(s) FP32; sidecar {escape(str(result.sidecar))}")
     if result.ort_optimized:
         console.print(f"[bold green]wrote[/] {escape(result.ort_optimized)} (ONNX Runtime's optimized graph for {result.target.device})")
+
+
+def print_tuning(tuning: TuneResult, console: Console) -> None:
+    """The candidates side by side, the winner marked, and why it won."""
+    table = Table(title=f"runtime options tuned on {escape(tuning.target.base)} (inputs "
+                  f"{escape(', '.join('x'.join(map(str, s)) for s in tuning.input_shapes.values()))}; ties within {tuning.settings.noise:.0%})",
+                  title_justify="left")
+    for col, justify in (("options", "left"), ("median ms", "right"), ("spread ms", "right"), ("status", "left")):
+        table.add_column(col, justify=justify, overflow="fold")
+    for c in tuning.candidates:
+        won = tuning.chosen is not None and c.options == tuning.chosen and c.status == "ok"
+        status = "[bold green]chosen[/]" if won else ("ok" if c.status == "ok" else f"[red]{c.status}[/]: {escape(c.reason)}")
+        table.add_row(escape(c.label) + (" (combined)" if c.phase == 2 and len(c.options) > 1 else ""),
+                      "-" if c.median_ms is None else f"{c.median_ms:.3f}", "-" if c.spread_ms is None else f"{c.spread_ms:.3f}", status)
+    console.print(table)
+    style = "bold" if tuning.chosen is not None else "bold yellow"
+    console.print(f"[{style}]tuned[/]: {escape(tuning.decision)}")

@@ -271,7 +271,8 @@ class _Rewriter:
             for node in self.new_nodes:
                 node.input[:] = [inner if x == vi.name else x for x in node.input]
                 node.output[:] = [inner if x == vi.name else x for x in node.output]
-            self.new_nodes.append(helper.make_node("Cast", [inner], [vi.name], to=TensorProto.FLOAT, name=f"aligner/cast/{vi.name}->fp32"))
+            # named apart from a read cast of the same tensor (a graph output that an FP32 node also reads)
+            self.new_nodes.append(helper.make_node("Cast", [inner], [vi.name], to=TensorProto.FLOAT, name=f"aligner/cast/{vi.name}->fp32 (output)"))
 
     def _finish(self) -> RewriteResult:
         graph = self.g.model.graph
@@ -308,3 +309,12 @@ def rewrite_precision(
     pinned = check_nodes(graph, fp32_nodes)
     work = ModelGraph(graph.model, graph.path)  # a private copy: the rewrite edits nodes in place
     return _Rewriter(work, pinned, precision, keep_io_types).run()
+
+
+BUILT_PRECISION = "aligner.precision"  # metadata key aligner build stamps on a rewritten model
+
+
+def built_precision(model: onnx.ModelProto) -> str | None:
+    """The precision ``aligner build`` rewrote ``model`` to (its metadata), or None: runners take
+    such a model as it is instead of rewriting it again (a second rewrite would undo its FP32 pins)."""
+    return next((p.value for p in model.metadata_props if p.key == BUILT_PRECISION), None)
