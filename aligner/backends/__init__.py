@@ -15,12 +15,22 @@ from aligner.errors import TargetError
 from aligner.graph.model import ModelGraph
 
 
+def _int8(graph: ModelGraph, target: Target) -> Runner:
+    from aligner.quant.runner import Int8Runner
+
+    return Int8Runner(graph, target)
+
+
 def _ort(graph: ModelGraph, target: Target, keep_io_types: bool, module) -> Runner:
     from aligner.backends.onnxruntime import OrtRunner
 
-    if target.precision in ("fp32", "tf32"):
+    if target.is_quantized:
+        return _int8(graph, target)
+
+    from aligner.graph.precision import built_precision, rewrite_precision
+
+    if target.precision in ("fp32", "tf32") or built_precision(graph.model) == target.precision:  # a build runs as built
         return OrtRunner(graph.model, target, optimize=True)
-    from aligner.graph.precision import rewrite_precision
 
     mixed = rewrite_precision(graph, target.pins, target.precision, keep_io_types)
     return OrtRunner(mixed.model, target, optimize=True)
@@ -30,6 +40,8 @@ def _emu(graph: ModelGraph, target: Target, keep_io_types: bool, module) -> Runn
     from aligner.backends.emulate import emulate_model
     from aligner.backends.onnxruntime import OrtRunner
 
+    if target.is_quantized:
+        return _int8(graph, target)
     if "fusions" in target.option_dict:
         from aligner.backends.emulate_fused import FusedEmuRunner
 
@@ -62,7 +74,20 @@ RUNNERS: dict[str, Callable[..., Runner]] = {"ort": _ort, "emu": _emu, "trt": _t
 def _ort_options(target: Target) -> dict[str, str]:
     from aligner.backends.onnxruntime import check_ort_options
 
+    if target.is_quantized:  # the quantizer's settings, then ONNX Runtime's session options
+        from aligner.quant.quantize import QUANT_OPTIONS, QuantSettings, session_target
+
+        QuantSettings.of(target)
+        session = {k: v for k, v in _session_options(target).items() if k != "fusions"}  # the QDQ model runs as ONNX Runtime runs it
+        check_options(target, {**QUANT_OPTIONS, **session})
+        return check_ort_options(session_target(target)) | {k: v for k, v in target.options if k in QUANT_OPTIONS}
     return check_ort_options(target)
+
+
+def _session_options(target: Target) -> dict[str, str]:
+    from aligner.backends.onnxruntime import known_options
+
+    return known_options(target)
 
 
 def _trt_options(target: Target) -> dict[str, str]:

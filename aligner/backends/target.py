@@ -8,6 +8,8 @@
     trt:fp16                           TensorRT, strongly typed from aligner's rewrite
     torch:cuda:bf16                    PyTorch eager
     ort:cpu:fp16+fp32=/a/Pow,/a/Sqrt   explicit FP32 nodes
+    ort:cpu:int8@calib=calib/          ONNX Runtime's QDQ quantization on its integer kernels (emu:int8: Q/DQ
+                                       evaluated in float); pins are the nodes kept in float (not quantized)
     ort:cuda:fp16@cudnn_conv_algo_search=HEURISTIC   runtime options
 
 ``+plan`` (no path) means "the plan given separately" (``--plan``). ``str()`` gives back a spec
@@ -26,8 +28,8 @@ from aligner.errors import InputError, TargetError
 
 # runtime -> device -> precisions that exist in this version
 SUPPORTED: dict[str, dict[str, tuple[str, ...]]] = {
-    "ort": {"cpu": ("fp32", "fp16", "bf16"), "cuda": ("fp32", "tf32", "fp16", "bf16")},
-    "emu": {"cpu": ("fp16", "bf16")},
+    "ort": {"cpu": ("fp32", "fp16", "bf16", "int8"), "cuda": ("fp32", "tf32", "fp16", "bf16")},
+    "emu": {"cpu": ("fp16", "bf16", "int8")},  # int8: the QDQ model with Q/DQ in float (exact fake-quant)
     "trt": {"cuda": ("fp32", "fp16", "bf16")},  # strongly typed from aligner's rewrite (TensorRT 10/11, TensorRT-RTX)
     "torch": {"cpu": ("fp32",), "cuda": ("fp32", "tf32", "fp16", "bf16", "autocast")},
 }
@@ -44,7 +46,7 @@ class Target:
     runtime: str
     device: str
     precision: str
-    pins: tuple[str, ...] = ()  # nodes kept in FP32 (low-precision targets)
+    pins: tuple[str, ...] = ()  # nodes kept in FP32 (fp16/bf16 targets) or in float, not quantized (int8)
     plan: str | None = None  # the plan file the pins came from, when they did
     options: tuple[tuple[str, str], ...] = field(default=())  # runtime options, sorted by key
 
@@ -52,8 +54,8 @@ class Target:
         devices = SUPPORTED.get(self.runtime)
         if devices is None or self.device not in devices or self.precision not in devices[self.device]:
             raise TargetError(_unknown(f"{self.runtime}:{self.device}:{self.precision}"))
-        if self.pins and self.precision not in ("fp16", "bf16"):
-            raise TargetError(f"Target {self.base}: FP32 pins only apply to fp16/bf16 targets ({len(self.pins)} given).")
+        if self.pins and self.precision not in ("fp16", "bf16", "int8"):
+            raise TargetError(f"Target {self.base}: FP32 pins only apply to fp16/bf16/int8 targets ({len(self.pins)} given).")
 
     @classmethod
     def parse(cls, spec: "str | Target", pins: Iterable[str] = (), plan: str | Path | None = None,
@@ -86,6 +88,11 @@ class Target:
     @property
     def is_low_precision(self) -> bool:
         return self.precision in ("fp16", "bf16", "autocast")
+
+    @property
+    def is_quantized(self) -> bool:
+        """INT8: the model is quantized by ONNX Runtime's quantizer (QDQ); pins stay in float."""
+        return self.precision == "int8"
 
     @property
     def option_dict(self) -> dict[str, str]:
@@ -137,6 +144,8 @@ def _parse(spec: str, plan: str | Path | None) -> Target:
     if rest or precision not in devices[device]:
         raise TargetError(_unknown(spec))
     pins, plan_path = _pins(spec, extra, plan)
+    if precision == "int8" and plan_path is not None:  # the quantizer settings the plan was verified with; explicit options win
+        options = {**read_plan_quantization(plan_path), **options}
     return Target(runtime, device, precision, pins, plan_path, tuple(sorted(options.items())))
 
 
@@ -165,9 +174,23 @@ def read_plan(path: str | Path) -> list[str]:
     return nodes
 
 
+def read_plan_quantization(path: str | Path) -> dict[str, str]:
+    """The quantizer settings an INT8 plan was searched and verified with, as target options ({} for
+    FP16 plans): ``ort:cpu:int8+plan.json`` quantizes as the plan did."""
+    try:
+        settings = json.loads(Path(path).read_text()).get("quantization", {}).get("settings", {})
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return {}
+    out = {k: str(int(v)) if isinstance(v, bool) else str(v) for k, v in settings.items() if k in ("calibrate", "types", "reduce_range", "per_channel")}
+    if settings.get("calibrate") == "percentile":
+        out["percentile"] = f"{settings.get('percentile', 99.999):g}"
+    return out
+
+
 def _unknown(spec: str) -> str:
     return (f"Unknown target {spec!r}. Valid targets: {', '.join(valid_targets())}; written "
-            "runtime[:device][:precision][+plan.json][@key=value], e.g. ort:cuda:fp16+plan.json, emu:fp16, torch:cuda:bf16.")
+            "runtime[:device][:precision][+plan.json][@key=value], e.g. ort:cuda:fp16+plan.json, emu:fp16, ort:cpu:int8@calib=calib/, torch:cuda:bf16.")
 
 
-__all__ = ["DEFAULT_DEVICE", "DEFAULT_PRECISION", "REFERENCE", "SUPPORTED", "Target", "parse_target", "read_plan", "valid_targets"]
+__all__ = ["DEFAULT_DEVICE", "DEFAULT_PRECISION", "REFERENCE", "SUPPORTED", "Target", "parse_target", "read_plan", "read_plan_quantization",
+           "valid_targets"]

@@ -42,6 +42,7 @@ examples:
   aligner bisect model.onnx
   aligner bisect model.onnx --target ort:cuda:fp16 --strategy frontier --json verdict.json
   aligner bisect model.onnx --target-model edited.onnx --save-repro culprit/
+  aligner bisect model.onnx --target ort:cpu:int8 --calib calib/ --strategy isolate   # own quantization error per node
 
 when the target cannot build or run the model at all (a crash, or a refused model), bisect runs
 prefixes of the graph instead and names the first node whose presence makes it fail (the smallest
@@ -112,6 +113,7 @@ def print_result(result: BisectResult, console: Console | None = None) -> None:
         console.print(f"first divergent: [bold]{escape(f.node)}[/] ({escape(f.op_type)}, #{f.index}) tensor {escape(f.tensor)}")
     if cause is not None:
         console.print(f"root cause:      [bold]{escape(cause.node)}[/] ({escape(cause.op_type)}) kind [bold]{cause.kind}[/]")
+    _print_int8_kernels(result, console)
     if result.nonfinite_origin is not None:
         o = result.nonfinite_origin
         ranges = ", ".join(f"{escape(r.tensor)} in [{r.min:.3g}, {r.max:.3g}]" for r in o.inputs)
@@ -128,3 +130,20 @@ def print_result(result: BisectResult, console: Console | None = None) -> None:
         console.print(f"repro: {escape(r.model)} ({'reproduces' if r.reproduces else '[red]does not reproduce[/]'} on its own): {escape(r.command)}")
     head = "[bold red]FAILED[/] " if result.failed else ("[bold red]DIVERGED[/] " if result.diverged else "[bold green]OK[/] ")
     console.print(head + escape(result.explanation))
+
+
+def _print_int8_kernels(result: BisectResult, console: Console) -> None:
+    """INT8 targets: which nodes' own error is the integer kernel's rather than quantization's."""
+    from aligner.search.isolate import kernel_or_quantization
+
+    tol = result.tolerance
+    judged = [(e, kernel_or_quantization(e, tol)) for e in result.local_errors]
+    kernel = [e for e, why in judged if why == "kernel"]
+    quant = [e for e, why in judged if why == "quantization"]
+    key = f"emulated_{tol.metric}"
+    if quant:
+        console.print("quantization error (also with Q/DQ in float): " + ", ".join(
+            f"{escape(e.node)} {tol.metric} {e.metrics[tol.metric]:.2g}" for e in quant[:5]))
+    if kernel:
+        console.print("[bold]integer-kernel error[/] (small with Q/DQ in float, large on the kernel; try reduce_range=1): " + ", ".join(
+            f"{escape(e.node)} {tol.metric} {e.metrics[tol.metric]:.2g} vs emulated {e.metrics[key]:.2g}" for e in kernel[:5]))

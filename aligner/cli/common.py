@@ -47,6 +47,13 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def positive_int(text: str) -> int:
+    value = non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number >= 1")
+    return value
+
+
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="path to the .onnx model (external-data and >2 GiB models work)")
     p.add_argument("--no-check", action="store_true", help="skip the ONNX checker when loading")
@@ -57,7 +64,11 @@ targets: runtime[:device][:precision][+plan.json][@key=value,...]
   ort:cpu:fp32 (the reference: ONNX Runtime CPU, graph optimizations off), ort:cpu:fp16,
   ort:cuda:fp32|tf32|fp16|bf16, emu:fp16|bf16 (the FP16/BF16 emulator on ONNX Runtime CPU: the
   overflow/underflow of a GPU build, deterministic, on any machine), trt:fp32|fp16|bf16 (TensorRT,
-  strongly typed), torch:cpu:fp32, torch:cuda:fp32|tf32|fp16|bf16|autocast (PyTorch eager).
+  strongly typed), torch:cpu:fp32, torch:cuda:fp32|tf32|fp16|bf16|autocast (PyTorch eager),
+  ort:cpu:int8 (ONNX Runtime's QDQ quantization on its integer kernels; calibration from --calib)
+  and emu:int8 (the same QDQ model with Q/DQ evaluated in float: quantization error without the
+  kernels'); quantizer settings as options: @calibrate=minmax|entropy|percentile,types=u8s8|s8s8,
+  reduce_range=0|1,per_channel=1|0. Tensors are compared dequantized, by their original names.
   +plan.json keeps a plan's nodes in FP32 (+plan: the file given with --plan); --fp32-nodes adds
   nodes; @key=value (or --target-option) sets runtime options, e.g. ort:cuda:fp16@cudnn_conv_algo_search=HEURISTIC.
   A target means the same in compare, bisect, precision, eval, bench and build.
@@ -65,7 +76,7 @@ targets: runtime[:device][:precision][+plan.json][@key=value,...]
 tolerance: one rule for every command and strategy. A tensor diverges when its NaN/inf pattern
   differs from the reference, or when --metric (default rel_l2) is beyond --threshold AND max_abs
   exceeds --atol. Defaults by the lower precision of target and reference, also for --target-model
-  comparisons: fp32 1e-4/1e-5, tf32 5e-3/1e-4, fp16 2e-2/1e-3, bf16 1e-1/1e-2 (threshold/atol);
+  comparisons: fp32 1e-4/1e-5, tf32 5e-3/1e-4, fp16 2e-2/1e-3, bf16 1e-1/1e-2, int8 5e-2/1e-2 (threshold/atol);
   giving only --atol or only --threshold keeps the other default. The verdict prints the rule.
 """
 
@@ -81,6 +92,8 @@ def add_target_arguments(p: argparse.ArgumentParser, verb: str) -> None:
     g.add_argument("--plan", metavar="PLAN.json", help="keep a precision plan's nodes in FP32 (same as TARGET+PLAN.json)")
     g.add_argument("--target-option", action="append", metavar="KEY=VALUE", default=[],
                    help="a runtime option of the target (repeatable), e.g. cudnn_conv_algo_search=HEURISTIC")
+    g.add_argument("--calib", metavar="NPZ|DIR", help="INT8 targets: calibration inputs for ONNX Runtime's quantizer (an .npz, or a "
+                   "folder of .npz files); without it the command's inputs are used, which overstates accuracy")
 
 
 def add_input_arguments(p: argparse.ArgumentParser) -> None:
@@ -139,14 +152,71 @@ def add_tolerance_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_target(args: argparse.Namespace) -> Target:
-    """The target of a comparing command: --target (default: the FP16 emulator, or the reference
-    runtime when a second graph is given) with --plan, --fp32-nodes and --target-option folded in."""
-    spec = args.target or (REFERENCE if getattr(args, "target_model", None) else "emu:fp16")
+    """The target of a comparing command: --target (default: the target a built model's sidecar
+    names, else the FP16 emulator, or the reference runtime when a second graph is given) with
+    --plan, --fp32-nodes and --target-option folded in, and the sidecar's options (:func:`resolve_targets`)."""
     plan = getattr(args, "plan", None)
+    pins = [n.strip() for n in (getattr(args, "fp32_nodes", None) or "").split(",") if n.strip()]
+    options = parse_options(getattr(args, "target_option", None) or [])
+    if not args.target and not getattr(args, "target_model", None) and not plan and not pins and model_sidecar(args):
+        return resolve_targets(args, None)[0].with_options(options)
+    spec = args.target or (REFERENCE if getattr(args, "target_model", None) else "emu:fp16")
     if plan and "+" not in spec:
         spec += "+plan"
-    pins = [n.strip() for n in (getattr(args, "fp32_nodes", None) or "").split(",") if n.strip()]
-    return Target.parse(spec, pins=pins, plan=plan, options=parse_options(getattr(args, "target_option", None) or []))
+    target = resolve_targets(args, [Target.parse(spec, pins=pins, plan=plan, options=options)])[0]
+    if target.is_quantized or getattr(args, "calib", None):
+        from aligner.quant.calib import with_calibration
+
+        target = with_calibration(target, getattr(args, "calib", None), getattr(args, "inputs", None))
+    return target
+
+
+def model_sidecar(args: argparse.Namespace):
+    """The sidecar of ``args.model`` when it is a built model (``MODEL.json`` beside it) or the
+    sidecar itself, read once; given the sidecar, ``args.model`` becomes the model it describes."""
+    if not hasattr(args, "_sidecar"):
+        from aligner.build import read_sidecar
+
+        sidecar = read_sidecar(args.model) if getattr(args, "model", None) else None
+        if sidecar is not None:
+            if sidecar.kind != "onnx":
+                raise InputError(f"{sidecar.path} describes a TensorRT engine ({sidecar.model}); this command takes the ONNX model.")
+            args.model = str(sidecar.model)
+        args._sidecar = sidecar
+    return args._sidecar
+
+
+def resolve_targets(args: argparse.Namespace, specs: list[str | Target] | None) -> list[Target]:
+    """The one place a built model's sidecar meets the command line: ``specs`` (None: none given, so
+    the sidecar's target itself) parsed with ``--plan``, each target of the sidecar's runtime and
+    device taking the sidecar's runtime options under its own (explicit @key=value wins); says so
+    on stderr ("options from model.fp16.onnx.json: ...")."""
+    sidecar = model_sidecar(args)
+    plan = getattr(args, "plan", None)
+    if sidecar is None:
+        if specs is None:
+            raise InputError("No target given; pass --target.")
+        return [Target.parse(s, plan=plan) for s in specs]
+    from rich.console import Console
+    from rich.markup import escape
+
+    built = sidecar.target
+    shown = ",".join(f"{k}={v}" for k, v in built.options) or "none"
+    say = Console(stderr=True, highlight=False, soft_wrap=True).print  # specs stay copyable
+    if specs is None:
+        say(f"target from {escape(sidecar.path.name)}: {escape(str(built))} (options: {escape(shown)})")
+        return [built]
+    targets = []
+    for spec in specs:
+        target = Target.parse(spec, plan=plan)
+        if (target.runtime, target.device) == (built.runtime, built.device) and built.options:
+            merged = target.with_options({**built.option_dict, **target.option_dict})
+            overridden = sorted(k for k in built.option_dict if target.option_dict.get(k, built.option_dict[k]) != built.option_dict[k])
+            say(f"options from {escape(sidecar.path.name)}: {escape(shown)} (for {escape(target.base)}"
+                + (f"; overridden on the command line: {escape(', '.join(overridden))}" if overridden else "") + ")")
+            target = merged
+        targets.append(target)
+    return targets
 
 
 def parse_options(items: list[str]) -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""``aligner precision``: the smallest verified set of FP32 nodes for an FP16/BF16 build."""
+"""``aligner precision``: the smallest verified set of FP32 nodes for an FP16/BF16 build, or of nodes
+kept in float for an INT8 build."""
 
 from __future__ import annotations
 
@@ -31,6 +32,17 @@ how it searches:
   3. delta debugging until removing any single pin makes the check fail (1-minimal).
   Every trial is appended to the trials log (JSONL); --resume LOG continues from it.
 
+INT8 (--target ort:cpu:int8, emu:int8): a pin is a node kept in float (excluded from ONNX
+  Runtime's quantizer, nodes_to_exclude). Before the search, --sweep (default on) quantizes the whole
+  model with each calibration method (minmax, entropy, percentile) x reduce_range and keeps the
+  setting with the smallest output error on the target's real kernels. Nodes are ranked by their
+  own quantization error (isolated: Q/DQ, node, Q/DQ fed the reference's inputs; worst channel
+  first), those beyond the INT8 tolerance first; the shortest passing prefix of that ranking is
+  found by doubling then halving, then step 3 makes it 1-minimal. Every trial re-quantizes
+  (calibration is cached) and runs on the target. The plan
+  records the quantizer settings and calibration; --save-model writes the QDQ model with the plan's
+  nodes kept in float; ort:cpu:int8+plan.json runs it in compare, bisect, eval and bench.
+
 acceptance (all must hold on every output of every input sample):
   default            outputs finite where the reference is, rel_l2 within the target's tolerance
   --accept SPEC      METRIC<=VALUE or METRIC>=VALUE, several allowed: rel_l2, max_abs, mean_abs,
@@ -43,14 +55,19 @@ examples:
       --out plan.json --save-model model.mixed.onnx
   aligner precision model.onnx --accept-cmd "python my_eval.py {model}"
   aligner precision model.onnx --out plan.json --resume plan.trials.jsonl
+  aligner precision model.onnx --target ort:cpu:int8 --calib calib/ --accept "rel_l2<=0.02" \\
+      --out plan.json --save-model model.int8.onnx
+  aligner precision model.onnx --target ort:cpu:int8@calibrate=entropy --calib calib/ --no-sweep \\
+      --accept-cmd "python eval.py {model}"
 
 exit status: 0 a plan was found and verified, 1 no passing plan, 2 usage or input error
 """
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("precision", help="smallest verified set of FP32 nodes for an FP16 build",
-                       description="Search the smallest set of nodes to keep in FP32 so that the FP16 (or BF16) build passes an acceptance check; every pin is verified necessary.",
+    p = sub.add_parser("precision", help="smallest verified set of FP32 nodes for an FP16 build (float nodes for INT8)",
+                       description="Search the smallest set of nodes to keep in FP32 so that the FP16 (or BF16) build passes an acceptance check "
+                       "(for INT8 targets: nodes kept in float, not quantized); every pin is verified necessary.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
     p.add_argument("--target", default="emu:fp16", help="low-precision target (default emu:fp16; ort:cuda:fp16 on a GPU), "
@@ -60,6 +77,14 @@ def add_parser(sub) -> None:
     p.add_argument("--accept", action="append", default=[], metavar="SPEC", help="output bound, e.g. 'rel_l2<=5e-3' (repeatable)")
     p.add_argument("--accept-cmd", metavar="CMD", help="external check; {model} is replaced by the mixed model's path; exit 0 = pass")
     p.add_argument("--max-trials", type=int, default=200, help="stop after this many trials (default 200); resume later")
+    p.add_argument("--no-fusion-check", dest="fusion_check", action="store_false",
+                   help="skip checking whether a passing plan relies on the runtime's fusions (on a fusing target the plan is re-run on "
+                        "the plain emulator on CPU, and searched there if it fails: up to 20 more trials on CPU)")
+    q = p.add_argument_group("INT8 targets")
+    q.add_argument("--calib", metavar="NPZ|DIR", help="calibration inputs for ONNX Runtime's quantizer (an .npz, or a folder of .npz "
+                   "files); without it the search's inputs are used, which overstates accuracy")
+    q.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
+                   help="first pick the quantizer setting (calibration method x reduce_range) with the smallest full-INT8 error (default on)")
     add_input_arguments(p)
     p.add_argument("--inputs-dir", metavar="DIR", help="several input samples: every .npz in DIR")
     o = p.add_argument_group("output")
@@ -75,7 +100,12 @@ def run(args: argparse.Namespace) -> int:
     trials = args.trials or (str(Path(args.out).with_suffix("")) + ".trials.jsonl" if args.out else None)
     resuming_same = args.resume and trials and Path(args.resume).resolve() == Path(trials).resolve()
     check_writable([args.out, args.save_model, args.save_inputs] + ([] if resuming_same else [trials]) + report_paths(args), args.force)
-    target = check_target(Target.parse(args.target, options=parse_options(args.target_option)))
+    target = Target.parse(args.target, options=parse_options(args.target_option))
+    if target.is_quantized or args.calib:
+        from aligner.quant.calib import with_calibration
+
+        target = with_calibration(target, args.calib, args.inputs or args.inputs_dir)
+    target = check_target(target)
     graph = ModelGraph.load(args.model, check=not args.no_check)
     samples = _samples(graph, args)
     accept = Acceptance.parse(args.accept, args.accept_cmd) if (args.accept or args.accept_cmd) else None
@@ -87,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
             status.update(f"trial {n + 1}...")
 
         plan = search_precision(graph, target=target, samples=samples, accept=accept, trials_log=trials,
-                                resume=args.resume, max_trials=args.max_trials, save_model=args.save_model, progress=progress)
+                                resume=args.resume, max_trials=args.max_trials, save_model=args.save_model, progress=progress,
+                                sweep=args.sweep and target.is_quantized, fusion_check=args.fusion_check)
     print_plan(plan)
     if args.out:
         write_atomic(Path(args.out), json.dumps(plan.to_dict(), indent=1).encode())
@@ -113,7 +144,8 @@ def _samples(graph: ModelGraph, args: argparse.Namespace) -> list[dict]:
 def print_plan(plan: PrecisionPlan, console: Console | None = None) -> None:
     console = console or Console(highlight=False)
     if plan.pins:
-        table = Table(title=f"{len(plan.pins)} node(s) kept in FP32 ({escape(plan.target)})", title_justify="left")
+        kept = "in float (not quantized)" if plan.precision == "int8" else "in FP32"
+        table = Table(title=f"{len(plan.pins)} node(s) kept {kept} ({escape(plan.target)})", title_justify="left")
         table.add_column("node", overflow="fold", ratio=2)
         table.add_column("op", no_wrap=True)
         table.add_column("why", overflow="fold", ratio=3)
@@ -126,6 +158,8 @@ def print_plan(plan: PrecisionPlan, console: Console | None = None) -> None:
     console.print(f"{head} {len(plan.pins)} pin(s), {plan.trials} trial(s) (+{plan.culprit_runs} target runs locating culprits); "
                   f"{plan.fp16_flop_fraction:.1%} of Conv/MatMul/Gemm FLOPs stay in {plan.precision.upper()}; "
                   f"accept: {escape('; '.join(plan.accept))}" + (f"; final {metrics}" if metrics else ""))
+    if plan.quantization:
+        print_quantization(plan.quantization, console)
     for note in plan.notes:
         console.print(f"note: {escape(note)}")
     if plan.fusion_dependence:
@@ -133,3 +167,22 @@ def print_plan(plan: PrecisionPlan, console: Console | None = None) -> None:
     if not plan.passed:
         console.print(f"Tried pure {plan.precision}, the {len(plan.seeds)} seed(s) from the value ranges, and growing by "
                       "each failing trial's NaN/inf origin; see the trials log for each attempt.")
+
+
+def print_quantization(record: dict, console: Console) -> None:
+    """The quantizer settings a plan was searched with, and the sweep that chose them."""
+    settings = record.get("settings", {})
+    sweep = record.get("sweep", [])
+    if sweep:
+        table = Table(title="quantizer settings sweep (full INT8 on the target's kernels)", title_justify="left")
+        table.add_column("settings")
+        metric = next((k for k in sweep[0] if k not in ("settings", "options", "seconds", "error")), "rel_l2")
+        table.add_column(metric, justify="right")
+        table.add_column("s", justify="right")
+        for point in sweep:
+            value = point.get(metric)
+            table.add_row(escape(point["settings"]), "failed" if value is None else f"{value:.4g}", f"{point['seconds']:.1f}")
+        console.print(table)
+    calib = record.get("calibration", {})
+    console.print("quantizer: " + ", ".join(f"{k}={v}" for k, v in settings.items()) + f"; calibration: {escape(str(calib.get('source')))} "
+                  f"({calib.get('samples')} sample(s))")

@@ -49,8 +49,10 @@ DEFAULT_TOLERANCES = {
     "tf32": Tolerance("rel_l2", 5e-3, 1e-4),
     "fp16": Tolerance("rel_l2", 2e-2, 1e-3),
     "bf16": Tolerance("rel_l2", 1e-1, 1e-2),
+    # INT8 (8-bit uniform steps of a calibrated range): a few % per tensor is normal quantization noise.
+    "int8": Tolerance("rel_l2", 5e-2, 1e-2),
 }
-LOOSENESS = ("fp32", "tf32", "fp16", "bf16")  # autocast computes in FP16: judged as fp16
+LOOSENESS = ("fp32", "tf32", "fp16", "bf16", "int8")  # autocast computes in FP16: judged as fp16
 # Thresholds of the other metrics when only --metric is given (no --threshold).
 METRIC_DEFAULTS = {"cosine": 0.999, "snr_db": 40.0, "max_abs": 1e-3, "mean_abs": 1e-4, "mvre": 1e-2}
 

@@ -26,7 +26,7 @@ from aligner.inputs import Feeds
 
 
 def plan_fusion_dependence(graph: ModelGraph, target: Target, pins: Iterable[str], samples: Sequence[Feeds], accept,
-                           max_trials: int = 60) -> str:
+                           max_trials: int = 20) -> str:
     """'' unless the plan ``pins`` passes on ``target`` only thanks to a fusion; then which kernel,
     what goes wrong without it, and what to do (``accept``: the search's Acceptance, bounds and
     finiteness only — an external command is not re-run)."""

@@ -49,6 +49,7 @@ class PrecisionPlan:
     auto_pinned: dict[str, str] = field(default_factory=dict)
     seeds: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    quantization: dict = field(default_factory=dict)  # INT8: quantizer, settings, calibration, sweep
     fusion_dependence: str = ""  # the plan passes only because the runtime fuses some nodes: which, and what without
 
     @property
@@ -75,6 +76,7 @@ class PrecisionPlan:
             "fp16_flop_fraction": self.fp16_flop_fraction, "op_types": self.op_type_summary(),
             "auto_pinned": self.auto_pinned, "seeds": list(self.seeds), "tensorrt_legacy": self.tensorrt_legacy(),
             "notes": list(self.notes),
+            **({"quantization": self.quantization} if self.quantization else {}),
             **({"fusion_dependence": self.fusion_dependence} if self.fusion_dependence else {}),
         }
 

@@ -151,8 +151,10 @@ class _Evaluator:
     """check(pins, phase) -> Trial, memoised through the trials log."""
 
     def __init__(self, graph: ModelGraph, target: Target, samples: list[Feeds], accept: Acceptance, log_: TrialLog,
-                 locate: bool, max_trials: int, progress: Callable[[Trial, int], None] | None, universe: Sequence[str] = ()):
+                 locate: bool, max_trials: int, progress: Callable[[Trial, int], None] | None, universe: Sequence[str] = (),
+                 ranking: Sequence[str] = ()):
         self.graph, self.target, self.samples, self.accept, self.log = graph, target, samples, accept, log_
+        self.ranking = list(ranking)  # INT8: nodes by isolated quantization error, largest first: growth takes the next one
         self.locate, self.max_trials, self.progress, self.universe = locate, max_trials, progress, set(universe)
         ref = reference_runner(graph)
         self.reference = [ref.run(feeds) for feeds in samples]
@@ -207,8 +209,7 @@ class _Evaluator:
         if not reason and self.accept.task is not None:
             reason = self.accept.task(runner)
         if not reason and (self.accept.command or self.accept.check is not None):
-            model = rewrite_precision(self.graph, pins, self.target.precision).model
-            reason = self._external(model)
+            reason = self._external(trial_model(self.graph, self.target, pins))
         return not reason, worst, reason
 
     def _external(self, model: onnx.ModelProto) -> str:
@@ -226,7 +227,11 @@ class _Evaluator:
         return ""
 
     def _culprit(self, pins: frozenset[str]) -> str | None:
-        """Where NaN/inf (else the divergence) starts under these pins, not already pinned."""
+        """Where NaN/inf (else the divergence) starts under these pins, not already pinned; on INT8,
+        the unpinned node with the largest isolated quantization error (measured once: no bisect per
+        trial, and a failing task metric need not show as a divergent tensor)."""
+        if self.ranking:
+            return next((n for n in self.ranking if n not in pins), None)
         from aligner.search.bisect import bisect
 
         verdict = bisect(self.graph, target=self.target.with_pins(pins), feeds=self.samples[0], strategy="auto", window=0)
@@ -271,44 +276,70 @@ def search_precision(
     max_trials: int = 200,
     save_model: str | Path | None = None,
     progress: Callable[[Trial, int], None] | None = None,
+    sweep: bool = False,
+    fusion_check: bool = True,
 ) -> PrecisionPlan:
-    """The smallest verified set of nodes to keep in FP32 so ``target`` passes ``accept``."""
+    """The smallest verified set of nodes to keep in FP32 so ``target`` passes ``accept``; on INT8
+    targets the pins are nodes kept in float (excluded from quantization), every trial re-quantized
+    with ONNX Runtime's quantizer and run on ``target``; ``sweep`` first picks the quantizer setting
+    with the smallest full-INT8 error (:func:`aligner.quant.sweep.sweep_settings`)."""
     graph = model if isinstance(model, ModelGraph) else ModelGraph.load(model)
     target = parse_target(target) if isinstance(target, str) else target
-    if target.precision not in LOW_MAX:
-        raise InputError(f"aligner precision searches FP16/BF16 builds; target {target} is {target.precision}. "
-                         f"Use e.g. --target emu:fp16 or ort:cuda:fp16.")
+    if target.precision not in LOW_MAX and not target.is_quantized:
+        raise InputError(f"aligner precision searches FP16/BF16 and INT8 builds; target {target} is {target.precision}. "
+                         f"Use e.g. --target emu:fp16, ort:cuda:fp16 or ort:cpu:int8.")
     samples = [validate_feeds(graph, s) for s in samples] if samples else [make_inputs(graph)]
     accept = accept or default_acceptance(target.precision)
+    quantization: dict = {}
+    auto: dict[str, str] = {}
+    if target.is_quantized:  # pins are nodes kept in float: candidates and seeds from aligner.search.int8
+        from aligner.search import int8
+
+        target, quantization = int8.quantizer_settings(graph, target, samples, accept, sweep)
+        universe = int8.quantizable(graph, target)
+    else:
+        typing = {n.name: node_typing(n, graph.opset, target.precision) for n in graph.nodes}
+        auto = auto_pinned(graph, typing)
+        universe = pinnable(graph, auto)
     header = {"model": str(graph.path or "<in-memory>"), "model_sha": _fingerprint(graph), "target": str(target),
               "accept": list(accept.describe()), "samples": len(samples)}
-    typing = {n.name: node_typing(n, graph.opset, target.precision) for n in graph.nodes}
-    universe = pinnable(graph, auto_pinned(graph, typing))
     with TrialLog(Path(trials_log) if trials_log else None, header, Path(resume) if resume else None) as log_:
-        ranges = value_ranges(graph, samples)
-        seeds = seed_pins(graph, ranges, target.precision)
-        evaluator = _Evaluator(graph, target, list(samples), accept, log_, not seeds, max_trials, progress, universe)
+        ranking: list[str] = []
+        if target.is_quantized:
+            seeds, ranking = int8.quantization_seeds(graph, target, samples[0], universe)
+        else:
+            seeds = seed_pins(graph, value_ranges(graph, samples), target.precision)
+        evaluator = _Evaluator(graph, target, list(samples), accept, log_, not seeds, max_trials, progress, universe, ranking)
         pins, verified, notes = _search(list(seeds), evaluator, universe, max_trials)
     if log_.resumed:
         notes.append(f"resumed {log_.resumed} trial(s) from {resume}; {evaluator.new_trials} new")
     pins = sorted(pins, key=graph.index_of.__getitem__)
-    reasons = _reasons(graph, pins, seeds, log_)
+    reasons = _reasons(graph, pins, seeds, log_, "the next-largest isolated quantization error when a trial" if ranking else "")
     plan = PrecisionPlan(
         model=str(graph.path or "<in-memory>"), precision=target.precision, target=str(target), accept=accept.describe(),
         pins=tuple(Pin(n, graph.node(n).op_type, reasons[n]) for n in pins), passed=verified is not None and verified.passed,
         trials=evaluator.trials, culprit_runs=evaluator.culprit_runs,
         final_metrics=dict(verified.metrics) if verified else {},
         fp16_flop_fraction=flop_fraction(graph, pins, {k: v.shape for k, v in samples[0].items()}),
-        auto_pinned=auto_pinned(graph, typing), seeds=tuple(seeds), notes=tuple(notes),
+        auto_pinned=auto, seeds=tuple(seeds), notes=tuple(notes), quantization=quantization,
     )
-    if plan.passed:
+    if fusion_check and plan.passed and not target.is_quantized:  # does the plan rely on a fusion? (aligner.search.fusion)
         from aligner.search.fusion import plan_fusion_dependence
 
         plan = replace(plan, fusion_dependence=plan_fusion_dependence(graph, target, pins, samples, accept))
     if save_model is not None and plan.passed:
-        mixed = rewrite_precision(graph, pins, target.precision).model
-        write_atomic(Path(save_model), mixed.SerializeToString())
+        write_atomic(Path(save_model), trial_model(graph, target, pins).SerializeToString())
     return plan
+
+
+def trial_model(graph: ModelGraph, target: Target, pins: Iterable[str]) -> onnx.ModelProto:
+    """The model a trial runs: FP16/BF16 rewritten with ``pins`` in FP32, or INT8 quantized by ONNX
+    Runtime's quantizer with ``pins`` excluded (kept in float)."""
+    if target.is_quantized:
+        from aligner.quant.quantize import quantize
+
+        return quantize(graph, target, exclude=pins).model
+    return rewrite_precision(graph, pins, target.precision).model
 
 
 def pinnable(graph: ModelGraph, auto: dict[str, str]) -> list[str]:
@@ -321,6 +352,10 @@ def pinnable(graph: ModelGraph, auto: dict[str, str]) -> list[str]:
 def _search(seeds: list[str], evaluator: _Evaluator, universe: list[str], max_trials: int) -> tuple[list[str], Trial | None, list[str]]:
     """search_pins, and what to tell the user when it stops short: (pins, verifying trial or None, notes)."""
     try:
+        if evaluator.ranking:  # INT8: start from the shortest passing prefix of the isolated-error ranking
+            from aligner.search.int8 import ranked_prefix
+
+            seeds = ranked_prefix(seeds, evaluator, evaluator.ranking)
         pins, verified = search_pins(seeds, evaluator, universe=universe)
     except _OutOfTrials:
         best = evaluator.best
@@ -335,13 +370,16 @@ def _search(seeds: list[str], evaluator: _Evaluator, universe: list[str], max_tr
     return pins, verified, []
 
 
-def _reasons(graph: ModelGraph, pins: list[str], seeds: dict[str, str], log_: TrialLog) -> dict[str, str]:
+def _reasons(graph: ModelGraph, pins: list[str], seeds: dict[str, str], log_: TrialLog, ranked: str = "") -> dict[str, str]:
     out = {}
     pinned = set(pins)
     spread = any(t.phase == "all" for t in log_.cache.values())
     grown = "kept from the all-FP32 model as minimisation removed the rest (no single culprit)" if spread else "grown by the search"
+    if ranked and not spread:
+        grown = "in the shortest passing prefix of the nodes ranked by isolated quantization error"
     for name in pins:
-        why = seeds.get(name) or next((f"NaN/inf or the divergence started here in a trial with {len(t.pins)} pin(s)"
+        why = seeds.get(name) or next((f"{ranked or 'NaN/inf or the divergence started here in a trial'} with {len(t.pins)} pin(s)"
+                                       + (" failed" if ranked else "")
                                        for t in log_.cache.values() if t.culprit == name), grown)
         without = log_.cache.get(frozenset(pinned - {name}))
         if without is not None and not without.passed:

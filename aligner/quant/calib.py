@@ -1,0 +1,125 @@
+"""Calibration data for INT8 targets: an .npz of inputs, or a folder of them.
+
+The source is the target's ``calib`` option (``ort:cpu:int8@calib=calib/``; the CLI's ``--calib``
+sets it). Without one, the quantizer calibrates on the command's generated inputs, with a warning:
+calibrating on the data a comparison then measures overstates accuracy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from aligner.errors import InputError
+from aligner.graph.model import ModelGraph
+from aligner.inputs import Feeds, load_inputs, make_inputs, validate_feeds
+
+log = logging.getLogger(__name__)
+
+NO_CALIB_WARNING = ("INT8 target without calibration data (--calib): ONNX Runtime's quantizer calibrates on the "
+                    "command's own inputs, which overstates accuracy (the test data is the calibration data). "
+                    "Pass --calib FILE.npz or --calib DIR/ with representative inputs.")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration samples, where they came from, and a key identifying their values (for caches)."""
+
+    samples: tuple[Feeds, ...]
+    source: str  # the path, or "generated inputs"
+    key: str
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "samples": len(self.samples), "sha": self.key}
+
+
+def calibration_files(source: str | Path) -> list[Path]:
+    """The .npz files of ``source`` (a file or a folder); a clear InputError when there are none."""
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(path.glob("*.npz"))
+        if not files:
+            raise InputError(f"--calib {source}: the folder holds no .npz files. Save calibration inputs with "
+                             "numpy.savez(DIR/'0.npz', input_name=array), one file per sample or batch.")
+        return files
+    if not path.exists():
+        raise InputError(f"--calib {source}: no such file or folder. Give an .npz of inputs (named like the model's "
+                         "inputs) or a folder of .npz files.")
+    if path.suffix not in (".npz", ".json"):
+        raise InputError(f"--calib {source}: expected an .npz file (or Polygraphy JSON inputs) or a folder of .npz files.")
+    return [path]
+
+
+def check_calibration_source(source: str | Path) -> None:
+    """Fail early (before long work) on a missing or empty calibration source."""
+    calibration_files(source)
+
+
+def load_calibration(graph: ModelGraph, source: str | Path | None) -> Calibration:
+    """The samples of ``source`` checked against ``graph``'s inputs; None: the generated inputs (seed 0,
+    what a command generates when given no --inputs), with :data:`NO_CALIB_WARNING`."""
+    if source is None:
+        log.warning(NO_CALIB_WARNING)
+        samples = (make_inputs(graph),)
+        label = "generated inputs (no --calib: accuracy is overstated)"
+    else:
+        samples = tuple(validate_feeds(graph, s) for f in calibration_files(source) for s in load_inputs(f))
+        if not samples:
+            raise InputError(f"--calib {source}: no input samples in it.")
+        label = str(source)
+    return Calibration(samples, label, _digest(samples))
+
+
+def _digest(samples: tuple[Feeds, ...]) -> str:
+    h = hashlib.sha256()
+    for feeds in samples:
+        for name in sorted(feeds):
+            value = np.ascontiguousarray(feeds[name])
+            h.update(name.encode() + str(value.dtype).encode() + str(value.shape).encode() + value.tobytes())
+    return h.hexdigest()[:16]
+
+
+__all__ = ["Calibration", "NO_CALIB_WARNING", "calibration_files", "check_calibration_source", "calibrate_targets", "load_calibration", "with_calibration"]
+
+
+def with_calibration(target, calib: str | None = None, inputs: str | None = None):
+    """``target`` (an INT8 Target) with its calibration source: ``calib`` (``--calib``) wins over the
+    target's own ``calib`` option; without either, the command's ``inputs`` file, with a warning
+    (the runner warns likewise when it falls back to generated inputs). Other targets unchanged."""
+    if not target.is_quantized:
+        if calib:
+            log.warning("--calib %s is ignored: %s is not an INT8 target.", calib, target)
+        return target
+    source = calib or target.option_dict.get("calib")
+    if source:
+        check_calibration_source(source)
+        return target.with_options({"calib": str(source)})
+    if inputs:
+        log.warning("%s Calibrating on --inputs %s.", NO_CALIB_WARNING, inputs)
+        return target.with_options({"calib": str(inputs)})
+    return target
+
+
+def calibrate_targets(targets, calib: str | None, dataset, preprocess, input_name: str, count: int = 16):
+    """Eval's INT8 targets with calibration: ``calib`` (``--calib``) or each target's own ``calib``
+    option; else the first ``count`` images of ``dataset`` (preprocessed as evaluated), written as
+    .npz to a temp folder, with a warning (calibrating on the evaluation images overstates accuracy).
+    Returns (targets, the temp folder's handle or None: keep it alive while the targets run)."""
+    import tempfile
+
+    if not any(t.is_quantized for t in targets):
+        return list(targets), None
+    if calib or all(t.option_dict.get("calib") for t in targets if t.is_quantized):
+        return [with_calibration(t, calib) for t in targets], None
+    folder = tempfile.TemporaryDirectory(prefix="aligner-calib-")
+    for i, (x, _, _) in enumerate(dataset.batches(preprocess, 1)):
+        if i >= count:
+            break
+        np.savez(Path(folder.name) / f"{i:04d}.npz", **{input_name: x})
+    log.warning("INT8 target without --calib: calibrating on the first %d evaluation images, which overstates accuracy "
+                "(the test data is the calibration data). Pass --calib DIR/ with other representative images.", count)
+    return [with_calibration(t, folder.name if t.is_quantized and not t.option_dict.get("calib") else None) for t in targets], folder

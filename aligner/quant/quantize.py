@@ -1,0 +1,220 @@
+"""The QDQ model of an INT8 target, made by ONNX Runtime's quantizer and cached.
+
+:func:`quantize` calls ``onnxruntime.quantization.quantize_static`` (QDQ format) with the target's
+settings (:class:`QuantSettings`, from its runtime options) and its pins as ``nodes_to_exclude``
+(kept in float). Calibration runs once per (model, calibration data, method): its ranges go to a
+calibration cache file that every later quantization of the same model reuses, so a pin-search
+trial costs one quantization (no calibration) and one run. Quantized models are cached per
+(model, settings, calibration, excluded nodes) in one private temp directory, removed at exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import onnx
+
+from aligner.backends.base import choice_option
+from aligner.backends.target import Target
+from aligner.errors import TargetError, TargetRunError
+from aligner.graph.model import ModelGraph
+from aligner.quant.calib import Calibration, load_calibration
+
+log = logging.getLogger(__name__)
+
+# Runtime options of ort:cpu:int8 / emu:int8 (besides ONNX Runtime's session options), by documented name.
+QUANT_OPTIONS = {
+    "calib": "calibration inputs: an .npz or a folder of .npz files (the CLI's --calib); without it the command's inputs, with a warning",
+    "calibrate": "minmax|entropy|percentile: ONNX Runtime's calibration method (default minmax)",
+    "percentile": "percentile of calibrate=percentile (default 99.999)",
+    "types": "u8s8|s8s8|u8u8: activation then weight integer types (default u8s8, the fast one on x86 CPUs)",
+    "reduce_range": "0|1: 7-bit weights (default 0; helps CPUs without VNNI whose int16 accumulation saturates)",
+    "per_channel": "1|0: per-output-channel weight scales (default 1)",
+}
+CALIBRATE = ("minmax", "entropy", "percentile")
+KEEP_MODELS = 8  # quantized models kept on disk (the oldest is removed first)
+TYPES = ("u8s8", "s8s8", "u8u8")
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """ONNX Runtime quantizer settings of one INT8 target (recorded in results and plans)."""
+
+    calibrate: str = "minmax"
+    types: str = "u8s8"
+    reduce_range: bool = False
+    per_channel: bool = True
+    percentile: float = 99.999
+
+    @classmethod
+    def of(cls, target: Target) -> "QuantSettings":
+        """The settings a target's options give (defaults for the rest); a bad value is a TargetError."""
+        o = target.option_dict
+        calibrate = choice_option(target, "calibrate", o.get("calibrate", "minmax"), CALIBRATE)
+        types = choice_option(target, "types", o.get("types", "u8s8"), TYPES)
+        flags = {k: choice_option(target, k, o.get(k, d), ("0", "1")) == "1" for k, d in (("reduce_range", "0"), ("per_channel", "1"))}
+        try:
+            percentile = float(o.get("percentile", "99.999"))
+        except ValueError:
+            percentile = -1.0
+        if not 0 < percentile <= 100:
+            raise TargetError(f"Target {target}: percentile={o.get('percentile')!r}; give a number in (0, 100], e.g. 99.99.")
+        return cls(calibrate, types, flags["reduce_range"], flags["per_channel"], percentile)
+
+    def options(self) -> dict[str, str]:
+        """These settings as target options (``target.with_options(settings.options())``)."""
+        return {"calibrate": self.calibrate, "types": self.types, "reduce_range": str(int(self.reduce_range)),
+                "per_channel": str(int(self.per_channel)), **({"percentile": f"{self.percentile:g}"} if self.calibrate == "percentile" else {})}
+
+    def describe(self) -> str:
+        return (f"{self.calibrate}{f' {self.percentile:g}' if self.calibrate == 'percentile' else ''} {self.types}"
+                f"{' reduce_range' if self.reduce_range else ''}{' per-channel' if self.per_channel else ' per-tensor'}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class QuantizedModel:
+    """A QDQ model made by ONNX Runtime's quantizer, and how it was made."""
+
+    model: onnx.ModelProto
+    settings: QuantSettings
+    excluded: tuple[str, ...]
+    calibration: Calibration
+
+    def to_dict(self) -> dict:
+        return {"quantizer": "onnxruntime.quantization.quantize_static (QDQ)", "settings": self.settings.to_dict(),
+                "excluded": list(self.excluded), "calibration": self.calibration.to_dict()}
+
+
+class _Cache:
+    """One private temp directory for calibration ranges and quantized models, removed at exit."""
+
+    def __init__(self):
+        self._dir: Path | None = None
+        self.calibrations: dict[tuple, Calibration] = {}
+        self.models: dict[tuple, Path] = {}
+
+    @property
+    def dir(self) -> Path:
+        if self._dir is None:
+            self._dir = Path(tempfile.mkdtemp(prefix="aligner-int8-"))
+            atexit.register(shutil.rmtree, self._dir, True)
+        return self._dir
+
+    def path(self, kind: str, key: tuple) -> Path:
+        return self.dir / f"{kind}-{hashlib.sha256(repr(key).encode()).hexdigest()[:20]}"
+
+
+_CACHE = _Cache()
+
+
+def model_sha(graph: ModelGraph) -> str:
+    return hashlib.sha256(graph.model.SerializeToString()).hexdigest()[:16]
+
+
+def calibration_of(graph: ModelGraph, target: Target) -> Calibration:
+    """The target's calibration data (its ``calib`` option), loaded once per model and source."""
+    source = target.option_dict.get("calib")
+    key = (model_sha(graph), source)
+    if key not in _CACHE.calibrations:
+        _CACHE.calibrations[key] = load_calibration(graph, source)
+    return _CACHE.calibrations[key]
+
+
+def quantize(graph: ModelGraph, target: Target, exclude: Iterable[str] | None = None) -> QuantizedModel:
+    """The QDQ model of ``graph`` for INT8 ``target``: ONNX Runtime's ``quantize_static`` with the
+    target's settings, calibration and pins (or ``exclude``) kept in float. Cached."""
+    from aligner.graph.precision import check_nodes
+
+    settings = QuantSettings.of(target)
+    excluded = tuple(sorted(check_nodes(graph, target.pins if exclude is None else exclude)))
+    calibration = calibration_of(graph, target)
+    sha = model_sha(graph)
+    key = (sha, settings, calibration.key, excluded)
+    path = _CACHE.models.get(key)
+    if path is None:
+        path = _CACHE.path("model", key).with_suffix(".onnx")
+        ranges = _CACHE.path("ranges", (sha, calibration.key, settings.calibrate, settings.percentile)).with_suffix(".json")
+        _quantize_static(graph, settings, calibration, excluded, ranges, path)
+        _CACHE.models[key] = path
+        while len(_CACHE.models) > KEEP_MODELS:  # a pin search quantizes once per trial: keep the disk use bounded
+            _CACHE.models.pop(next(iter(_CACHE.models))).unlink(missing_ok=True)
+    return QuantizedModel(onnx.load(str(path)), settings, excluded, calibration)
+
+
+def _quantize_static(graph: ModelGraph, settings: QuantSettings, calibration: Calibration, excluded: tuple[str, ...],
+                     ranges: Path, out: Path) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter(calibration.samples)
+
+        def get_next(self):
+            return next(self._it, None)
+
+    qtype = {"u8": QuantType.QUInt8, "s8": QuantType.QInt8}
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[settings.calibrate]
+    extra = {"CalibPercentile": settings.percentile} if settings.calibrate == "percentile" else {}
+    source = _CACHE.path("float", (model_sha(graph),)).with_suffix(".onnx")
+    if not source.exists():
+        onnx.save(graph.model, str(source))
+    try:
+        with _quiet_root_logger():
+            quantize_static(str(source), str(out), None if ranges.exists() else Reader(), quant_format=QuantFormat.QDQ,
+                            per_channel=settings.per_channel, reduce_range=settings.reduce_range,
+                            activation_type=qtype[settings.types[:2]], weight_type=qtype[settings.types[2:]],
+                            nodes_to_exclude=list(excluded), calibrate_method=method, extra_options=extra,
+                            calibration_cache_path=str(ranges))
+    except Exception as exc:  # noqa: BLE001 - the quantizer raises many types
+        raise TargetRunError(f"ONNX Runtime's quantizer could not quantize the model ({settings.describe()}, "
+                             f"{len(excluded)} node(s) kept in float): {type(exc).__name__}: {str(exc)[:400]}") from None
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """ONNX Runtime's quantizer logs advice through the root logger on every call and its histogram
+    calibrators print progress: library code stays quiet (what they say goes to our debug log)."""
+    import io
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            yield
+    finally:
+        root.setLevel(level)
+        if printed.getvalue().strip():
+            log.debug("onnxruntime.quantization: %s", printed.getvalue().strip())
+
+
+def save_quantized(graph: ModelGraph, target: Target, out: str | Path) -> QuantizedModel:
+    """Write the QDQ model of ``target`` (its pins kept in float) to ``out``."""
+    from aligner.inputs import write_atomic
+
+    quantized = quantize(graph, target)
+    write_atomic(Path(out), quantized.model.SerializeToString())
+    return quantized
+
+
+def session_target(target: Target) -> Target:
+    """The target ONNX Runtime sessions of the QDQ model run under: the session options only."""
+    options = {k: v for k, v in target.options if k not in QUANT_OPTIONS}
+    return Target(target.runtime, target.device, target.precision, options=tuple(sorted(options.items())))
+
+
+__all__ = ["CALIBRATE", "QUANT_OPTIONS", "QuantSettings", "QuantizedModel", "TYPES", "calibration_of", "quantize", "save_quantized",
+           "session_target"]

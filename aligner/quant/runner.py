@@ -1,0 +1,54 @@
+"""The runner of INT8 targets: the QDQ model on ONNX Runtime, read back in the original's tensor names.
+
+``ort:cpu:int8`` runs the QDQ model as deployed (graph optimizations on: ONNX Runtime fuses
+DQ -> op -> Q into its integer kernels, QLinearConv, QLinearMatMul, ...); ``emu:int8`` runs the same
+model with optimizations off, so every Q/DQ is evaluated in float: exact fake quantization, the
+error quantization itself causes, without the integer kernels' own (requantization, 16-bit
+accumulation on CPUs without VNNI). Captures name original tensors and return their dequantized
+values (:mod:`aligner.quant.match`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from aligner.backends.base import InputInfo, capture_policy, check_capture
+from aligner.backends.target import Target
+from aligner.graph.model import ModelGraph
+from aligner.quant.match import QdqMap
+from aligner.quant.quantize import QuantizedModel, quantize, session_target
+
+
+class Int8Runner:
+    """``graph`` quantized for ``target`` (its pins kept in float), run on ONNX Runtime."""
+
+    def __init__(self, graph: ModelGraph, target: Target):
+        from aligner.backends.onnxruntime import OrtRunner
+
+        self.target, self.label = target, str(target)
+        self.quantized: QuantizedModel = quantize(graph, target)
+        self.map = QdqMap(graph, self.quantized.model)
+        self._runner = OrtRunner(self.quantized.model, session_target(target), optimize=target.runtime == "ort", label=self.label)
+        self.input_names, self.output_names = list(graph.input_names), list(graph.output_names)
+        # Every tensor offered is a kernel output of the deployed graph (see match.py), so "boundaries" is "all" here.
+        self.capture_policy = "outputs" if capture_policy(target) == "outputs" else "all"
+        self.capturable = self.map.capturable if self.capture_policy == "all" else frozenset(self.output_names) | set(self.input_names)
+        self.fuses = self._runner.fuses  # captures are checked against an uncaptured run
+
+    def run(self, feeds: dict[str, np.ndarray], capture: Sequence[str] = ()) -> dict[str, np.ndarray]:
+        capture = check_capture(capture, self.capturable)
+        if not capture:
+            return self._runner.run(feeds)
+        values = self._runner.run(feeds, self.map.to_capture(capture))
+        return {name: self.map.read(name, values) for name in capture}
+
+    def time(self, feeds: dict[str, np.ndarray], runs: int = 100, warmup: int = 10) -> list[float]:
+        return self._runner.time(feeds, runs, warmup)
+
+    def describe_inputs(self) -> tuple[InputInfo, ...]:
+        return self._runner.describe_inputs()
+
+
+__all__ = ["Int8Runner"]

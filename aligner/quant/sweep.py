@@ -1,0 +1,81 @@
+"""A short sweep of ONNX Runtime quantizer settings: the one with the smallest full-INT8 error.
+
+The best calibration method and ``reduce_range`` differ per model (and ``reduce_range`` helps CPUs
+without VNNI, whose 16-bit accumulation saturates), so before pins are searched every candidate
+setting quantizes the whole model and runs it on the target's real kernels; the setting whose
+worst output error over the samples is smallest wins. Calibration runs once per method (its
+ranges are cached), so the sweep costs one calibration per method and one quantize+run per setting.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from aligner.backends.target import Target
+from aligner.compare.metrics import HIGHER_IS_BETTER, all_metrics
+from aligner.errors import TargetRunError
+from aligner.graph.model import ModelGraph
+from aligner.inputs import Feeds
+from aligner.quant.quantize import CALIBRATE, QuantSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    settings: QuantSettings
+    metric: str
+    value: float  # worst over outputs and samples (nan: the setting failed)
+    seconds: float
+    error: str = ""
+
+    def to_dict(self) -> dict:
+        return {"settings": self.settings.describe(), "options": self.settings.options(), self.metric: None if math.isnan(self.value) else self.value,
+                "seconds": round(self.seconds, 3), **({"error": self.error} if self.error else {})}
+
+
+def candidate_settings(base: QuantSettings, methods: Sequence[str] = CALIBRATE, reduce_range: Sequence[bool] = (False, True)) -> list[QuantSettings]:
+    """Calibration method x reduce_range, the base's types and per-channel choice kept (u8s8 by default)."""
+    return [QuantSettings(m, base.types, rr, base.per_channel, base.percentile) for m in methods for rr in reduce_range]
+
+
+def sweep_settings(graph: ModelGraph, target: Target, samples: Sequence[Feeds], metric: str = "rel_l2",
+                   candidates: Sequence[QuantSettings] | None = None) -> tuple[Target, tuple[SweepPoint, ...]]:
+    """``target`` with the best setting's options, and every point measured (full INT8, real kernels)."""
+    from aligner.backends import make_runner, reference_runner
+
+    ref = reference_runner(graph)
+    expected = [ref.run(dict(s)) for s in samples]
+    points = []
+    for settings in candidates or candidate_settings(QuantSettings.of(target)):
+        trial = target.with_pins(()).with_options(settings.options())
+        start = time.perf_counter()
+        try:
+            runner = make_runner(graph, trial)
+            value = max(_worst(metric, e, runner.run(dict(s))) for s, e in zip(samples, expected))
+            points.append(SweepPoint(settings, metric, value, time.perf_counter() - start))
+        except TargetRunError as exc:
+            points.append(SweepPoint(settings, metric, math.nan, time.perf_counter() - start, str(exc)))
+        log.info("sweep %s: %s %.4g", settings.describe(), metric, points[-1].value)
+    ok = [p for p in points if not math.isnan(p.value)]
+    if not ok:
+        return target, tuple(points)
+    best = (max if metric in HIGHER_IS_BETTER else min)(ok, key=lambda p: p.value)
+    return target.with_options(best.settings.options()), tuple(points)
+
+
+def _worst(metric: str, expected: dict, got: dict) -> float:
+    values = [all_metrics(r, got[k])[metric] for k, r in expected.items() if np.asarray(r).dtype.kind == "f"]
+    values = [math.inf if math.isnan(v) else v for v in values]
+    if not values:
+        return math.nan
+    return min(values) if metric in HIGHER_IS_BETTER else max(values)
+
+
+__all__ = ["SweepPoint", "candidate_settings", "sweep_settings"]
