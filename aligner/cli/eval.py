@@ -13,7 +13,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from aligner.cli.bench import split_targets
-from aligner.cli.common import add_report_arguments, check_writable, emit_run, report_paths
+from aligner.cli.common import add_report_arguments, check_writable, emit_run, report_paths, resolve_targets
+from aligner.backends.target import Target
 from aligner.errors import InputError
 from aligner.eval.adapters import ADAPTERS
 from aligner.eval.dataset import CocoDataset, Preprocess
@@ -41,6 +42,7 @@ examples:
       --input-size 800x800 --scale 0.00392157 --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 \\
       --targets ort:cpu:fp32,emu:fp16,emu:fp16+plan --plan plan.json --json eval.json
   aligner eval coco model.onnx ... --targets emu:fp16+plan --plan plan.json --min-ap 0.43   # exit 1 below
+  aligner eval coco model.onnx ... --targets ort:cpu:fp32,ort:cpu:int8,ort:cpu:int8+plan.json --calib calib/
 
 exit status: 0 evaluated (and --min-ap met), 1 an AP below --min-ap, 2 usage or input error
 """
@@ -62,6 +64,8 @@ def add_parser(sub) -> None:
     c.add_argument("--adapter-outputs", metavar="NAMES", help="comma-separated output names the adapter reads")
     c.add_argument("--targets", default="ort:cpu:fp32,emu:fp16", help="comma-separated targets (default ort:cpu:fp32,emu:fp16)")
     c.add_argument("--plan", metavar="PLAN.json", help="precision plan for the +plan targets")
+    c.add_argument("--calib", metavar="NPZ|DIR", help="INT8 targets: calibration inputs (.npz or a folder of them; default: the first "
+                   "16 evaluation images, with a warning that this overstates accuracy)")
     g = _add_preprocess_arguments(c, batch=16)
     g.add_argument("--label-map", choices=("contiguous", "identity"), default="contiguous",
                    help="model label i -> i-th category id (contiguous) or label = category id")
@@ -94,7 +98,9 @@ def add_parser(sub) -> None:
 def _add_preprocess_arguments(p: argparse.ArgumentParser, batch: int):
     g = p.add_argument_group("preprocessing")
     g.add_argument("--input-size", metavar="HxW", help="model input size (default: from the model's input shape)")
-    g.add_argument("--resize", choices=("stretch", "letterbox"), default="stretch")
+    g.add_argument("--resize", choices=("stretch", "letterbox", "pad"), default="stretch",
+                   help="pad: the image at its own size at the top-left of a zero canvas (padded batches, DETR family)")
+    g.add_argument("--mask-input", metavar="NAME", help="the model's pixel-mask input (bool [B,H,W], True on padding; with --resize pad)")
     g.add_argument("--scale", type=float, default=1.0, help="pixel multiplier (1 = raw 0-255, 0.00392157 = 0-1)")
     g.add_argument("--mean", default="0,0,0", help="per-channel mean subtracted after scaling")
     g.add_argument("--std", default="1,1,1", help="per-channel std divided by after scaling")
@@ -109,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
     check_writable([args.json] + report_paths(args), args.force)
     from aligner import examples
 
+    specs = split_targets(args.targets)
+    targets = resolve_targets(args, specs)  # a built model: its sidecar's options (args.model: the model)
     builtin = args.model is None
     path = Path(args.model) if args.model else examples.shapes_detector_path()
     graph = ModelGraph.load(path, check=not args.no_check)
@@ -120,7 +128,11 @@ def run(args: argparse.Namespace) -> int:
     dataset = CocoDataset(images, ann, limit=args.limit)
     adapter = _adapter(args, builtin)
     preprocess = examples.shapes_preprocess() if builtin and not args.input_size else _preprocess(args, graph)
-    targets = split_targets(args.targets)
+    from aligner.quant.calib import calibrate_targets
+
+    targets, _calib_dir = calibrate_targets(targets, args.calib, dataset, preprocess, graph.input_names[0])  # INT8 targets
+    # results are keyed by the targets as the user wrote them, unless the sidecar or calibration changed them
+    targets = [spec if Target.parse(spec, plan=args.plan) == t else t for spec, t in zip(specs, targets)]
     console = Console(stderr=True, highlight=False)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as bar:
@@ -144,9 +156,10 @@ def _run_topk(args: argparse.Namespace) -> int:
     from aligner.eval.topk import evaluate_topk, image_files
 
     check_writable([args.json], args.force)
+    targets = resolve_targets(args, split_targets(args.targets))  # a built model: its sidecar's options
     graph = ModelGraph.load(args.model, check=not args.no_check)
     files = image_files(args.images, args.limit)
-    results = evaluate_topk(graph, files, _preprocess(args, graph), split_targets(args.targets), args.plan,
+    results = evaluate_topk(graph, files, _preprocess(args, graph), [str(t) for t in targets], args.plan,
                             args.batch, args.output)
     console = Console(highlight=False)
     table = Table(title=f"agreement with {escape(results[0].target)} on {len(files)} images", title_justify="left")
@@ -197,7 +210,7 @@ def _preprocess(args, graph: ModelGraph) -> Preprocess:
         raise InputError("--mean and --std take three comma-separated numbers (R,G,B).") from None
     if len(mean) != 3 or len(std) != 3:
         raise InputError("--mean and --std take three comma-separated values (R,G,B).")
-    return Preprocess((h, w), args.resize, args.scale, mean, std)
+    return Preprocess((h, w), args.resize, args.scale, mean, std, mask_input=getattr(args, "mask_input", None))
 
 
 def print_eval(result: EvalResult, console: Console | None = None) -> None:

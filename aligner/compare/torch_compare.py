@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from aligner.backends import make_runner, reference_runner
 from aligner.backends.target import Target
+from aligner.compare.discrete import DISCRETE_OPS, Margin, decision_margin
 from aligner.compare.layerwise import diff_tensor
 from aligner.compare.results import json_float
 from aligner.compare.tolerance import Tolerance, tolerance_for
@@ -40,6 +42,27 @@ class ModuleDiff:
 
 
 @dataclass(frozen=True)
+class TorchRootCause:
+    """Why the first divergent module diverges: ``discrete`` (a choice node in it picks between
+    tied or nearly tied candidates, and the two sides picked differently: what follows inherits the
+    flip) or ``local`` (its own computation or export differs)."""
+
+    kind: Literal["discrete", "local"]
+    module: str
+    node: str  # the choice node (discrete) or the node producing the module's divergent tensor (local)
+    op_type: str
+    reason: str
+    margin: Margin | None = None
+    inheriting: tuple[str, ...] = ()  # divergent modules after it: they inherit the flip
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "module": self.module, "node": self.node, "op_type": self.op_type, "reason": self.reason,
+                "margin": None if self.margin is None else {k: json_float(v) if isinstance(v, float) else v
+                                                             for k, v in self.margin.to_dict().items()},
+                "inheriting": list(self.inheriting)}
+
+
+@dataclass(frozen=True)
 class TorchCompareResult:
     reference: str
     target: str
@@ -49,6 +72,7 @@ class TorchCompareResult:
     leaf_coverage: float  # share of leaf modules producing tensors that were matched
     tolerance: Tolerance
     notes: tuple[str, ...] = field(default_factory=tuple)
+    root_cause: TorchRootCause | None = None  # why the first divergent module diverges
 
     @property
     def first_divergent(self) -> ModuleDiff | None:
@@ -59,15 +83,19 @@ class TorchCompareResult:
         head = f"{len(self.modules)} module outputs matched (leaf coverage {self.leaf_coverage:.0%}), {len(self.unmatched)} unmatched"
         if first is None:
             return f"{head}; no module diverges beyond {self.tolerance.metric} {self.tolerance.threshold:g}."
-        return (f"{head}; the first module to diverge is {first.path!r} ({first.type_name}, call {first.call}) at ONNX tensor "
-                f"{first.tensor!r}: {self.tolerance.metric} {first.metrics.get(self.tolerance.metric, float('nan')):.3g}.")
+        text = (f"{head}; the first module to diverge is {first.path!r} ({first.type_name}, call {first.call}) at ONNX tensor "
+                f"{first.tensor!r}: " + (f"{self.tolerance.metric} {first.metrics[self.tolerance.metric]:.3g}."
+                                         if self.tolerance.metric in first.metrics else "its values differ."))
+        if self.root_cause is not None:
+            text += f" Root cause ({self.root_cause.kind}): {self.root_cause.reason}."
+        return text
 
     def to_dict(self) -> dict:
         first = self.first_divergent
         return {"reference": self.reference, "target": self.target, "onnx": self.onnx, "leaf_coverage": self.leaf_coverage,
                 "modules": [m.to_dict() for m in self.modules], "unmatched": list(self.unmatched),
                 "summary": {"first_divergent": None if first is None else {"module": first.path, "call": first.call, "tensor": first.tensor}},
-                "notes": list(self.notes)}
+                "root_cause": None if self.root_cause is None else self.root_cause.to_dict(), "notes": list(self.notes)}
 
     def to_frame(self):
         import pandas as pd
@@ -152,8 +180,88 @@ def compare_torch(model, args: Sequence, onnx: str | Path | None = None, target:
     matched = {(m.path, m.call) for m in diffs}
     coverage = len(producing & matched) / len(producing) if producing else 1.0
     lost = tuple({"module": p, "call": k, "reason": r} for (p, k), r in unmatched.items() if (p, k) not in matched)
+    diffs = sorted(diffs, key=lambda m: m.order)
+    cause = torch_root_cause(graph, diffs, node_scopes(graph), lambda names: _capture(runner, feeds, names))
     return TorchCompareResult(TORCH_REFERENCE, str(target) if target_model is None else f"{target} ({Path(target_model).name})",
-                              str(onnx), tuple(sorted(diffs, key=lambda m: m.order)), lost, coverage, tol, tuple(notes))
+                              str(onnx), tuple(diffs), lost, coverage, tol, tuple(notes), cause)
+
+
+def torch_root_cause(graph: ModelGraph, diffs: Sequence[ModuleDiff], scopes: dict[str, str],
+                     values: Callable[[list[str]], dict[str, np.ndarray]]) -> TorchRootCause | None:
+    """Classify the first divergent module (``diffs`` in call order; ``values`` captures ONNX tensors
+    on the target). The choice nodes (TopK, NonMaxSuppression, ArgMax, comparisons...) that feed its
+    divergent tensor from inside its scope are examined on the target's own values: one whose
+    closest call (:func:`~aligner.compare.discrete.decision_margin`) is within the error the two
+    sides already show before it (or an exact tie) is where the outputs part — ``discrete``, and the
+    modules after it inherit the flip. Otherwise the module's own computation is to blame (``local``)."""
+    first = next((m for m in diffs if m.diverges), None)
+    if first is None or first.tensor not in graph.producer:
+        return None
+    before = [m.metrics.get("rel_l2", 0.0) for m in diffs if m.order < first.order and not m.diverges]
+    noise = max([v for v in before if np.isfinite(v)], default=0.0)
+    allowed = max(10 * noise, TIE_RELATIVE)
+    later = tuple(dict.fromkeys(m.path for m in diffs if m.diverges and m.order > first.order and m.path != first.path))
+    choices = _choices_feeding(graph, first.tensor, first.path, scopes)
+    wanted = sorted({t for n in choices for t in n.input if t and t not in graph.initializers})
+    got = values(wanted) if wanted else {}
+    for node in choices:
+        margin = decision_margin(node.op_type, [_value(graph, got, t) for t in node.input], _attrs(node))
+        if margin is not None and margin.relative <= allowed:
+            tie = "tied" if margin.gap == 0 else f"{margin.gap:.3g} apart (relative {margin.relative:.2g})"
+            reason = (f"{node.op_type} {node.name!r} in module {first.path!r} chooses between candidates {tie} ({margin.what}); "
+                      f"PyTorch and ONNX Runtime already differ by rel_l2 up to {noise:.2g} in the modules before it, so the two "
+                      f"sides may pick differently and both be right. What follows inherits the flip"
+                      + (f" ({', '.join(repr(p) for p in later[:5])}{', ...' if len(later) > 5 else ''}): do not blame their "
+                         "arithmetic" if later else "")
+                      + ". Compare after matching or sorting the detections, or make the tie-break agree")
+            return TorchRootCause("discrete", first.path, node.name, node.op_type, reason, margin, later)
+    producer = graph.producer[first.tensor]
+    checked = (f"; its choice nodes ({', '.join(n.name for n in choices[:4])}) are not near a tie (allowed relative margin "
+               f"{allowed:.2g})") if choices else ""
+    reason = (f"module {first.path!r} is the first to diverge while every module before it matches (rel_l2 up to {noise:.2g}): "
+              f"its own computation or export differs, at or before node {producer.name!r} ({producer.op_type}){checked}")
+    return TorchRootCause("local", first.path, producer.name, producer.op_type, reason, None, later)
+
+
+TIE_RELATIVE = 1e-6  # relative gaps at or below this count as ties whatever the upstream error
+
+
+def _choices_feeding(graph: ModelGraph, tensor: str, path: str, scopes: dict[str, str]) -> list:
+    """Choice nodes inside module ``path``'s scope that ``tensor`` depends on, in topological order."""
+    inside = lambda name: not path or scopes.get(name, "") == path or scopes.get(name, "").startswith(path + ".")  # noqa: E731
+    seen, stack, found = set(), [tensor], []
+    while stack:
+        t = stack.pop()
+        node = graph.producer.get(t)
+        if node is None or node.name in seen or not inside(node.name):
+            continue
+        seen.add(node.name)
+        if node.op_type in DISCRETE_OPS:
+            found.append(node)
+        stack += [x for x in node.input if x]
+    return sorted(found, key=lambda n: graph.index_of[n.name])
+
+
+def _value(graph: ModelGraph, got: dict, name: str):
+    if not name:
+        return None
+    if name in got:
+        return got[name]
+    from onnx import numpy_helper
+
+    if name in graph.initializers:
+        return numpy_helper.to_array(graph.initializers[name])
+    src = graph.producer.get(name)
+    if src is not None and src.op_type == "Constant":
+        value = next((a.t for a in src.attribute if a.name == "value"), None)
+        return numpy_helper.to_array(value) if value is not None else None
+    return None
+
+
+def _attrs(node) -> dict:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute if a.type in (1, 2, 3)}  # float, int, string
 
 
 TORCH_REFERENCE = "torch:cpu:fp32"
@@ -191,4 +299,4 @@ def _capture(runner, feeds: dict, names: list[str], group: int = 200) -> dict[st
     return out
 
 
-__all__ = ["ModuleDiff", "TORCH_REFERENCE", "TorchCompareResult", "compare_torch", "export_onnx"]
+__all__ = ["ModuleDiff", "TORCH_REFERENCE", "TorchCompareResult", "TorchRootCause", "compare_torch", "export_onnx", "torch_root_cause"]

@@ -16,14 +16,19 @@ from aligner.eval.coco import load_ground_truth
 
 @dataclass(frozen=True)
 class Preprocess:
-    """How an image becomes the model input: resize (or letterbox) to ``size``, scale, normalize."""
+    """How an image becomes the model input: resize (or letterbox, or pad) to ``size``, scale, normalize.
+
+    ``pad`` keeps the image at its own size (scaled down only to fit) at the top-left of a zero
+    canvas of ``size``: the padded batches of the DETR family, whose models also take a pixel mask
+    (``mask_input``: the name of that bool input, True on padding; see :meth:`pixel_mask`)."""
 
     size: tuple[int, int]  # (height, width) of the model input
-    resize: Literal["stretch", "letterbox"] = "stretch"
+    resize: Literal["stretch", "letterbox", "pad"] = "stretch"
     scale: float = 1.0  # multiply pixels 0-255 by this (1/255 for 0-1 models; 1.0 for raw pixels)
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     layout: Literal["NCHW", "NHWC"] = "NCHW"
+    mask_input: str | None = None  # the model's pixel-mask input (bool [B, H, W], True on padding)
 
     def __call__(self, image) -> tuple[np.ndarray, tuple[float, float, float, float]]:
         """(input array, (scale_x, scale_y, pad_x, pad_y)) mapping model boxes back to the image."""
@@ -37,6 +42,12 @@ class Preprocess:
             px, py = (w - nw) // 2, (h - nh) // 2
             canvas.paste(image.resize((nw, nh), Image.BILINEAR), (px, py))
             image, back = canvas, (1 / r, 1 / r, px, py)
+        elif self.resize == "pad":
+            r = min(1.0, h / image.height, w / image.width)
+            nh, nw = round(image.height * r), round(image.width * r)
+            canvas = Image.new("RGB", (w, h), (0, 0, 0))
+            canvas.paste(image if r == 1.0 else image.resize((nw, nh), Image.BILINEAR), (0, 0))
+            image, back = canvas, (1 / r, 1 / r, 0, 0)
         elif (image.height, image.width) != (h, w):
             back = (image.width / w, image.height / h, 0, 0)
             image = image.resize((w, h), Image.BILINEAR)
@@ -45,6 +56,16 @@ class Preprocess:
         x = np.asarray(image, np.float32) * self.scale
         x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return (x.transpose(2, 0, 1) if self.layout == "NCHW" else x), back
+
+    def pixel_mask(self, width: int, height: int, back: tuple[float, float, float, float]) -> np.ndarray:
+        """Bool [H, W] of the model input, True where an image of ``width`` x ``height`` placed by
+        ``back`` (what ``__call__`` returned) left padding."""
+        sx, sy, px, py = back
+        h, w = self.size
+        mask = np.ones((h, w), bool)
+        x0, y0 = int(round(px)), int(round(py))
+        mask[y0:y0 + round(height / sy), x0:x0 + round(width / sx)] = False
+        return mask
 
 
 @dataclass

@@ -122,9 +122,7 @@ def evaluate_detector(
     targets = [str(t) for t in targets]
     if not targets:
         raise InputError("Give at least one target, e.g. --targets ort:cpu:fp32,emu:fp16")
-    if len(graph.input_names) != 1:
-        raise InputError(f"aligner eval feeds one image tensor; this model has inputs {graph.input_names}.")
-    input_name = graph.input_names[0]
+    input_name = image_input(graph.input_names, preprocess)
     batch = model_batch(graph, batch)
     label_map = label_map if label_map is not None else label_map_for(dataset.gt)
     runners = [runner_for(graph, t, plan) for t in targets]
@@ -138,7 +136,7 @@ def evaluate_detector(
         ref_out = None
         for spec, (runner, _) in zip(targets, runners):
             start = time.perf_counter()
-            out = runner.run({input_name: x})
+            out = runner.run(model_feeds(input_name, x, entries, backs, preprocess))
             seconds[spec] += time.perf_counter() - start
             ref_out = out if ref_out is None else ref_out
             _accumulate_mvre(ref_out, out, err_sum[spec], err_n[spec])
@@ -166,9 +164,9 @@ def coco_acceptance(dataset: CocoDataset, adapter: Adapter, preprocess: Preproce
     label_map = label_map if label_map is not None else label_map_for(dataset.gt)
 
     def ap_of(runner: Runner) -> float:
-        dets = []
+        dets, name = [], image_input(runner.input_names, preprocess)
         for x, entries, backs in dataset.batches(preprocess, batch):
-            dets += _coco_detections(runner.run({runner.input_names[0]: x}), entries, backs, adapter, preprocess, label_map)
+            dets += _coco_detections(runner.run(model_feeds(name, x, entries, backs, preprocess)), entries, backs, adapter, preprocess, label_map)
         return evaluate_coco(dataset.gt, dets, image_ids=dataset.image_ids)["AP"]
 
     ref_ap = ap_of(reference)
@@ -178,6 +176,26 @@ def coco_acceptance(dataset: CocoDataset, adapter: Adapter, preprocess: Preproce
         return "" if ap >= ref_ap - max_drop else f"AP {ap:.4f} is {ref_ap - ap:.4f} below the reference {ref_ap:.4f} (allowed {max_drop:g})"
 
     return Acceptance(finite=True, task=task, task_name=f"COCO AP drop <= {max_drop:g} (reference AP {ref_ap:.4f})")
+
+
+def image_input(input_names, preprocess: Preprocess) -> str:
+    """The image input: the model's only input, or the one beside ``preprocess.mask_input``."""
+    names = list(input_names)
+    mask = preprocess.mask_input
+    if mask is not None and mask not in names:
+        raise InputError(f"The pixel-mask input {mask!r} is not an input of the model; its inputs are {names}.")
+    rest = [n for n in names if n != mask]
+    if len(rest) != 1:
+        raise InputError(f"aligner eval feeds one image tensor (and a pixel mask with --mask-input); this model has inputs {names}.")
+    return rest[0]
+
+
+def model_feeds(image: str, x: np.ndarray, entries: list[dict], backs: list, preprocess: Preprocess) -> dict[str, np.ndarray]:
+    """One batch's feeds: the images, and the pixel masks of padded batches (``preprocess.mask_input``)."""
+    feeds = {image: x}
+    if preprocess.mask_input:
+        feeds[preprocess.mask_input] = np.stack([preprocess.pixel_mask(e["width"], e["height"], b) for e, b in zip(entries, backs)])
+    return feeds
 
 
 def _coco_detections(out: dict, entries: list[dict], backs: list, adapter: Adapter, preprocess: Preprocess,
@@ -201,4 +219,5 @@ def _accumulate_mvre(ref: dict, out: dict, sums: dict, counts: dict) -> None:
             counts[name] = counts.get(name, 0) + n
 
 
-__all__ = ["EvalResult", "TargetEval", "coco_acceptance", "evaluate_detector", "label_map_for", "model_batch", "runner_for"]
+__all__ = ["EvalResult", "TargetEval", "coco_acceptance", "evaluate_detector", "image_input", "label_map_for", "model_batch", "model_feeds",
+           "runner_for"]

@@ -8,18 +8,12 @@ from typing import Literal
 
 import numpy as np
 
+from aligner.compare.discrete import DISCRETE_OPS  # noqa: F401 - re-exported (it lived here)
 from aligner.compare.results import TensorDiff, json_float
 from aligner.compare.tolerance import Tolerance
 from aligner.limits import FP16_MIN_SUBNORMAL, LOW_MAX
 
 Kind = Literal["local", "inherited", "nonfinite", "discrete"]
-
-# Ops whose output is a choice (indices, booleans, rounding): a tiny input error flips it, and
-# everything downstream then differs a lot without any arithmetic being wrong.
-DISCRETE_OPS = frozenset({
-    "ArgMax", "ArgMin", "TopK", "NonMaxSuppression", "NonZero", "Unique", "Greater", "Less", "Equal",
-    "GreaterOrEqual", "LessOrEqual", "Round", "Floor", "Ceil", "Sign", "Hardmax", "Mod",
-})
 
 
 @dataclass(frozen=True)
