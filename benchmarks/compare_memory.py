@@ -5,7 +5,8 @@
 
 Each command runs as a child process; peak RSS is the largest sum of RSS over the process tree,
 sampled every 20 ms. aligner runs the model twice (reference ORT FP32 with optimizations off,
-target ORT FP32 with optimizations on) and diffs every tensor; Polygraphy runs it once and holds
+target ORT FP32 with optimizations on) and diffs every tensor — cut into segments that each run
+once (default), and, for comparison, in whole-model groups (``--whole-model-groups``, the earlier way); Polygraphy runs it once and holds
 every output. Same model, same inputs, commands interleaved in one run.
 """
 
@@ -54,7 +55,9 @@ def main() -> None:
     save_inputs(load_inputs(npz), pg_inputs, force=True)
     out = work / "aligner_diff.json"
     commands = {
-        "aligner compare (ref + target, every tensor)": ["aligner", "compare", str(model), "--target", "ort:cpu:fp32", "--inputs", str(npz), "--json", str(out), "--force"],
+        "aligner compare (ref + target, every tensor; segments)": ["aligner", "compare", str(model), "--target", "ort:cpu:fp32", "--inputs", str(npz), "--json", str(out), "--force"],
+        "aligner compare --whole-model-groups (before)": ["aligner", "compare", str(model), "--target", "ort:cpu:fp32", "--inputs", str(npz), "--json", str(out),
+                                                          "--force", "--whole-model-groups"],
         "polygraphy run --onnxrt --onnx-outputs mark all": ["polygraphy", "run", str(model), "--onnxrt", "--onnx-outputs", "mark", "all", "--load-inputs", str(pg_inputs)],
     }
     results = {name: [] for name in commands}
@@ -65,8 +68,10 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, rows in results.items():
         print(f"| {name} | {statistics.median(r[0] for r in rows):.1f} | {statistics.median(r[1] for r in rows):.2f} | {len(rows)} |")
-    a, p = (statistics.median(r[1] for r in rows) for rows in results.values())
-    print(f"\npeak RSS ratio aligner / polygraphy: {a / p:.2f}")
+    med = {name: (statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows)) for name, rows in results.items()}
+    (a_t, a_m), (b_t, b_m), (p_t, p_m) = med.values()
+    print(f"\naligner (segments) / polygraphy: time {a_t / p_t:.2f}x, peak RSS {a_m / p_m:.2f}x; "
+          f"before (whole-model groups) / polygraphy: time {b_t / p_t:.2f}x, peak RSS {b_m / p_m:.2f}x")
 
 
 if __name__ == "__main__":

@@ -81,3 +81,19 @@ def test_every_bad_input_is_exit_2_without_traceback_and_loses_no_file(tmp_path,
     assert after == before  # no user file changed
     subcommands = {argv[0] for argv in cases.values()}
     assert subcommands >= {"compare", "bisect", "precision", "bench", "build", "demo", "report", "inspect", "plugins"}
+
+
+def test_the_symbolic_batch_warning_is_said_once_per_input(tmp_path, capsys, caplog):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="relu")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    path = tmp_path / "sym.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    for verb in ("compare", "bisect", "precision"):
+        caplog.clear()
+        main([verb, str(path), "--target", "emu:fp16"])
+        said = [r.getMessage() for r in caplog.records if "symbolic batch dim" in r.getMessage()]
+        assert len(said) == 1, (verb, said)

@@ -23,6 +23,8 @@ examples:
   aligner compare model.onnx --target ort:cpu:fp16 --json diff.json --csv diff.csv
   aligner compare original.onnx --target-model simplified.onnx
   aligner compare model.onnx --inputs batch.npz --metric cosine --threshold 0.999
+  aligner compare model.onnx --target ort:cpu:int8 --calib calib/      # every tensor, dequantized vs float
+  aligner compare model.onnx --target emu:int8@calibrate=percentile --calib calib/ --inputs held_out.npz
 
 exit status: 0 no divergence, 1 divergence found, 2 usage or input error, 3 target failed to run
 """
@@ -43,6 +45,9 @@ def add_parser(sub) -> None:
     o.add_argument("--top", type=non_negative_int, default=10, help="divergent tensors to print (default 10)")
     o.add_argument("--force", action="store_true", help="overwrite existing output files")
     o.add_argument("--capture-budget-mb", type=non_negative_float, default=512, help="memory for captured tensors of one group, both sides (default 512 MB)")
+    o.add_argument("--whole-model-groups", action="store_true",
+                   help="capture each group with a run of the whole model (slower) instead of cutting the model into segments "
+                        "that run once each; the default falls back to this by itself when a segmented run moves the target's outputs")
     add_report_arguments(p)
     t = p.add_argument_group("PyTorch (module by module)")
     t.add_argument("--torch", metavar="MODULE:FUNCTION", help="a factory returning the nn.Module (e.g. mypkg.models:build_detector); compares its "
@@ -69,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         result = compare(
             graph, target=target, reference=args.reference, target_model=other, feeds=feeds,
             tensors=args.tensors.split(",") if args.tensors else None, tolerance=tolerance,
-            capture_budget_mb=args.capture_budget_mb, progress=progress,
+            capture_budget_mb=args.capture_budget_mb, progress=progress, segments=not args.whole_model_groups,
         )
     print_result(result, args.top)
     if args.json:

@@ -8,7 +8,7 @@ of tensors per side, not the model's. ``store_dir`` also writes the reference va
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from aligner.compare.metrics import NonFinite, all_metrics, nonfinite_counts
 from aligner.compare.results import CompareResult, TensorDiff
 from aligner.compare.store import DiskStore
 from aligner.compare.tolerance import Tolerance, nonfinite_differs, tolerance_for
-from aligner.errors import InputError, unknown_name_message
+from aligner.errors import AlignerError, InputError, unknown_name_message
 from aligner.graph.model import ModelGraph, concrete_shapes, numpy_dtype
 from aligner.inputs import Feeds, make_inputs, validate_feeds
 
@@ -96,10 +96,13 @@ def compare(
     capture_budget_mb: int = 512,
     store_dir: str | Path | None = None,
     progress: Progress | None = None,
+    segments: bool = True,
 ) -> CompareResult:
     """Run ``model`` on ``reference`` and ``target`` (or ``target_model`` on the reference runtime)
     and compare every tensor (or ``tensors``) in topological order. ``tolerance`` defaults to
-    :func:`~aligner.compare.tolerance.tolerance_for` the two targets, as in every command."""
+    :func:`~aligner.compare.tolerance.tolerance_for` the two targets, as in every command. When
+    the tensors need more than one capture group, ``segments`` cuts the model so each side runs
+    every node once (:mod:`aligner.compare.segments`); otherwise each group runs the whole model."""
     check_budget(capture_budget_mb)
     graph = model if isinstance(model, ModelGraph) else ModelGraph.load(model)
     ref_target, tgt_target = Target.parse(reference), Target.parse(target)
@@ -126,8 +129,16 @@ def compare(
     # Interleaved: each group is captured on the reference, then on the target, diffed and
     # dropped, so at most one group per side is alive. ``store_dir`` keeps the reference values.
     store = DiskStore(Path(store_dir)) if store_dir is not None else None
-    diffs = []
-    for i, group in enumerate(groups):
+    diffs = None
+    if segments and len(groups) > 1 and target_model is None and tensors is None and tgt_target.runtime in SEGMENTED_RUNTIMES:
+        try:
+            diffs = _segmented(graph, names, sizes, int(capture_budget_mb * 2**20) // 2, ref_target, tgt_target, tgt_runner,
+                               observer, feeds, tol, store, progress)
+        except AlignerError as exc:  # a piece the runtime will not take on its own: the whole model still runs
+            log.warning("capturing in segments failed (%s); capturing in whole-model groups instead", exc)
+            diffs = None
+    for i, group in enumerate(groups if diffs is None else []):
+        diffs = diffs or []
         ref_values = ref_runner.run(feeds, group)
         tgt_values, moved = observer.capture(tgt_runner, feeds, group)
         for name in group:
@@ -138,6 +149,7 @@ def compare(
         del ref_values, tgt_values
         if progress:
             progress("capture", i + 1, len(groups))
+    diffs = diffs or []
     if store is not None:
         store.flush()
     if target_model is None and not any(d.blamed for d in diffs) and tensors is None:
@@ -157,6 +169,65 @@ def compare(
         kernels=tuple(observer.fused),
         absorbed=tuple(n for n in unmatched if n in observer.absorbed),
     )
+
+
+# runtimes whose runners are made from an ONNX graph alone, so a segment of the model runs as they would
+SEGMENTED_RUNTIMES = ("ort", "emu")
+
+
+def _segmented(graph: ModelGraph, names: list[str], sizes: dict[str, int], budget: int, ref_target: Target, tgt_target: Target,
+               tgt_runner: Runner, observer: Observer, feeds: Feeds, tol: Tolerance, store, progress: Progress | None) -> list | None:
+    """Every tensor in one pass per side, the model cut into segments (:mod:`aligner.compare.segments`);
+    None when no cut is allowed or the target's outputs moved (the caller then uses whole-model groups)."""
+    from dataclasses import replace
+
+    from aligner.compare.segments import plan_segments, run_segments
+
+    capturable = tgt_runner.capturable
+    segments = plan_segments(graph, names, sizes, budget, lambda crossing: all(t in capturable for t in crossing))
+    if len(segments) < 2:
+        return None
+    log.info("comparing %d tensors in %d segment(s), one pass per side", len(names), len(segments))
+    wanted = set(names)
+    pins = set(tgt_target.pins)
+
+    def target_of(sub: ModelGraph) -> Runner:
+        return make_runner(sub, replace(tgt_target, pins=tuple(p for p in tgt_target.pins if p in sub.node_by_name), plan=None)
+                           if pins else tgt_target)
+
+    diffs, last, done = [], {}, set()
+    for i, (ref_values, tgt_values) in enumerate(run_segments(graph, segments, [lambda sub: reference_runner(sub, ref_target), target_of], feeds)):
+        for name in [n for n in ref_values if n in wanted and n not in done]:
+            done.add(name)
+            ref_value = ref_values.pop(name)
+            if store is not None:
+                store.put(name, ref_value)
+            diffs.append(observer.label(diff_row(graph, name, ref_value, tgt_values[name], tol), ""))
+        last = tgt_values
+        if progress:
+            progress("capture", i + 1, len(segments))
+    moved = _moved_beyond_tolerance(observer, last, tol)
+    if moved:
+        log.info("segmented capture moved the target's outputs (%s): capturing in whole-model groups instead", moved)
+        return None
+    return diffs
+
+
+def _moved_beyond_tolerance(observer: Observer, values: dict, tol: Tolerance) -> str:
+    """'' when the target's outputs from the segments are its uncaptured outputs up to a tenth of the
+    tolerance (cutting the graph may change ONNX Runtime's kernels, and with them FP32 rounding, but
+    must not change any verdict); else how they moved."""
+    if observer.check is None:
+        return ""
+    for name, base in observer.check.baseline.items():
+        got = values.get(name)
+        if got is None:
+            continue
+        tenth = {"cosine": 1 - (1 - tol.threshold) / 10, "snr_db": tol.threshold + 20}.get(tol.metric, tol.threshold / 10)
+        d = diff_tensor(base, got, replace(tol, threshold=tenth, atol=tol.atol / 10))
+        if d.diverges:
+            return f"output {name!r}: {d.reason} ({tol.metric} {d.metrics.get(tol.metric, float('nan')):.3g})"
+    return ""
 
 
 def _select(graph: ModelGraph, other: ModelGraph, runner: Runner, tensors: Iterable[str] | None) -> tuple[list[str], list[str]]:
