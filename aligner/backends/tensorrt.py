@@ -29,6 +29,8 @@ TRT_OPTIONS = {
     "builder_optimization_level": "0-5: how long the builder searches tactics (TensorRT's default 3)",
     "workspace_mb": "workspace memory pool limit in MiB",
     "timing_cache": "timing cache file, read and updated",
+    "tactic_sources": "the tactic sources the builder may use, joined by '+' (TensorRT's TacticSource names, e.g. "
+                      "CUBLAS+CUDNN+EDGE_MASK_CONVOLUTIONS+JIT_CONVOLUTIONS); default: TensorRT's",
 }
 
 
@@ -211,8 +213,24 @@ def _apply_options(trt, config, options: Mapping[str, str]) -> None:
             config.builder_optimization_level = int(options["builder_optimization_level"])
         if "workspace_mb" in options:
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(float(options["workspace_mb"]) * 2**20))
+        if "tactic_sources" in options:
+            config.set_tactic_sources(tactic_mask(trt, options["tactic_sources"]))
     except (ValueError, TypeError, AttributeError) as exc:
         raise TargetError(f"{trt.__name__} {trt.__version__} cannot take the builder options {dict(options)}: {exc}") from None
+
+
+def tactic_mask(trt, text: str) -> int:
+    """The bit mask ``IBuilderConfig.set_tactic_sources`` takes, from '+'-joined TacticSource names."""
+    known = {n for n in dir(getattr(trt, "TacticSource", object)) if n.isupper()}
+    names = [n.strip().upper() for n in text.split("+") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if not names or unknown:
+        raise TargetError(f"tactic_sources={text!r}: {trt.__name__} {trt.__version__} knows "
+                          f"{'+'.join(sorted(known)) or 'no tactic sources'}" + (f" (not {', '.join(unknown)})" if unknown else ""))
+    mask = 0
+    for name in names:
+        mask |= 1 << int(getattr(trt.TacticSource, name))
+    return mask
 
 
 def layer_precision_constraints(trt, network, config, precision: str, fp32_nodes: Iterable[str]) -> list[str]:

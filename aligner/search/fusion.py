@@ -12,6 +12,7 @@ are the fusions the plan depends on.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Sequence
 
@@ -20,13 +21,24 @@ import numpy as np
 from aligner.backends import make_runner, reference_runner
 from aligner.backends.target import Target
 from aligner.compare.metrics import all_metrics, nonfinite_counts
-from aligner.errors import TargetRunError
+from aligner.errors import AlignerError, TargetRunError
 from aligner.graph.model import ModelGraph
 from aligner.inputs import Feeds
+
+log = logging.getLogger(__name__)
 
 
 def plan_fusion_dependence(graph: ModelGraph, target: Target, pins: Iterable[str], samples: Sequence[Feeds], accept,
                            max_trials: int = 20) -> str:
+    """See :func:`_dependence`; a check that cannot run says so in the log and never costs the plan."""
+    try:
+        return _dependence(graph, target, list(pins), samples, accept, max_trials)
+    except AlignerError as exc:
+        log.warning("could not check whether the plan relies on a fusion: %s", exc)
+        return ""
+
+
+def _dependence(graph: ModelGraph, target: Target, pins: list[str], samples: Sequence[Feeds], accept, max_trials: int) -> str:
     """'' unless the plan ``pins`` passes on ``target`` only thanks to a fusion; then which kernel,
     what goes wrong without it, and what to do (``accept``: the search's Acceptance, bounds and
     finiteness only — an external command is not re-run)."""
