@@ -62,3 +62,31 @@ def test_a_graph_output_that_an_fp32_node_also_reads_rewrites_to_a_valid_model()
         out = make_runner(model, target).run(x)
         assert np.allclose(out["y"], -np.sqrt(x["x"]), rtol=1e-3) and np.allclose(out["r"], x["x"])
     onnx.checker.check_model(onnx.helper.make_model(graph))
+
+
+@pytest.mark.parametrize("target", ["ort:cpu:fp16@capture=all", "emu:int8"])
+def test_targets_whose_segments_would_compute_otherwise_are_not_cut(vit, target):
+    """ORT FP16: a segment's FP32 inputs/outputs let its optimizer keep in FP32 what overflows FP16
+    in the whole model (the known Pow overflow vanished); INT8: each segment would be quantized anew."""
+    graph, feeds = vit
+    segmented = compare(graph, target=target, feeds=feeds, capture_budget_mb=0.1)
+    grouped = compare(graph, target=target, feeds=feeds, capture_budget_mb=0.1, segments=False)
+    assert segmented.verdict() == grouped.verdict()
+    assert [d.metrics.get("rel_l2") for d in segmented.tensors] == [d.metrics.get("rel_l2") for d in grouped.tensors]
+
+
+def test_a_graph_output_written_by_a_constant_does_not_break_segments():
+    import numpy as np
+    from onnx import TensorProto, helper
+    from onnx import numpy_helper as nh
+
+    nodes = [helper.make_node("Relu", ["x" if i == 0 else f"r{i - 1}"], [f"r{i}"], name=f"relu{i}") for i in range(6)]
+    nodes.append(helper.make_node("Constant", [], ["c"], name="const", value=nh.from_array(np.ones(3, np.float32))))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 64])],
+                              [helper.make_tensor_value_info("r5", TensorProto.FLOAT, [64, 64]),
+                               helper.make_tensor_value_info("c", TensorProto.FLOAT, [3])])
+    model = ModelGraph(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+    feeds = {"x": np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)}
+    segmented = compare(model, target="emu:fp16", feeds=feeds, capture_budget_mb=0.02)
+    grouped = compare(model, target="emu:fp16", feeds=feeds, capture_budget_mb=0.02, segments=False)
+    assert [d.tensor for d in segmented.tensors] == [d.tensor for d in grouped.tensors] and segmented.verdict() == grouped.verdict()

@@ -133,6 +133,8 @@ def test_a_build_runs_as_built_not_rewritten_again(vit_path, vit_inputs, tmp_pat
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert np.array_equal(got, session.run(["logits"], vit_inputs)[0])  # a second rewrite would un-pin the LayerNorm
     assert read_sidecar(vit_path) is None  # a model without a sidecar
+    # a precision search on the build would change nothing (its precision is in the graph): refused, pointing at the original
+    assert main(["precision", str(out), "--target", "ort:cpu:fp16"]) == 2
 
 
 def test_bench_flags_a_precision_inversion_with_the_numbers_it_measured(tmp_path, capsys):

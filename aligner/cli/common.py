@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from aligner.backends.target import REFERENCE, Target
@@ -11,6 +12,8 @@ from aligner.compare.tolerance import Tolerance, tolerance_for
 from aligner.errors import InputError
 from aligner.graph.model import ModelGraph
 from aligner.inputs import load_inputs, make_inputs, parse_input_shapes, save_inputs, validate_feeds
+
+log = logging.getLogger(__name__)
 
 
 def finite_float(text: str) -> float:
@@ -182,6 +185,11 @@ def model_sidecar(args: argparse.Namespace):
             if sidecar.kind != "onnx":
                 raise InputError(f"{sidecar.path} describes a TensorRT engine ({sidecar.model}); this command takes the ONNX model.")
             args.model = str(sidecar.model)
+            if sidecar.target.precision not in ("fp32", "tf32"):
+                log.warning("%s is a %s build: the reference runs this built model as it is, so a comparison shows the runtime's "
+                            "error on it, not the build's; to measure the build, compare the original: aligner compare original.onnx "
+                            "--target-model %s --target %s", sidecar.model.name, sidecar.target.precision, sidecar.model.name,
+                            sidecar.target.base)
         args._sidecar = sidecar
     return args._sidecar
 

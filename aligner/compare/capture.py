@@ -11,6 +11,8 @@ tensors are labelled, not blamed.
 
 from __future__ import annotations
 
+import logging
+
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,15 +20,23 @@ from functools import cached_property
 import numpy as np
 
 from aligner.backends.base import POLICIES, CapturePolicy, capture_policy
+from aligner.errors import InputError
 from aligner.graph.deployed import DeployedGraph, fp32_fallback, kernels_of_onnx, kernels_of_trt, map_deployed
 from aligner.graph.model import ModelGraph
+
+log = logging.getLogger(__name__)
 
 def deployed_graph(runner, graph: ModelGraph, feeds: Mapping[str, np.ndarray] | None = None) -> DeployedGraph | None:
     """The deployed graph of ``runner`` mapped onto ``graph`` (None where the runner cannot say):
     ONNX Runtime's optimized model, or TensorRT's layer information (its engine needs ``feeds``)."""
     layers = getattr(runner, "layer_information", None)
     if layers is not None and feeds is not None:
-        return map_deployed(graph, kernels_of_trt(layers(dict(feeds))), str(runner.target))
+        info = layers(dict(feeds))
+        try:
+            return map_deployed(graph, kernels_of_trt(info), str(runner.target)) if info is not None else None
+        except InputError as exc:  # e.g. names only: no map, so only the graph outputs are captured
+            log.warning("%s: no deployed-graph map from TensorRT's layer information (%s); capturing the graph outputs", runner.target, exc)
+            return None
     optimized = getattr(runner, "optimized_model", None)
     if optimized is None:
         return None

@@ -130,11 +130,11 @@ def compare(
     # dropped, so at most one group per side is alive. ``store_dir`` keeps the reference values.
     store = DiskStore(Path(store_dir)) if store_dir is not None else None
     diffs = None
-    if segments and len(groups) > 1 and target_model is None and tensors is None and tgt_target.runtime in SEGMENTED_RUNTIMES:
+    if segments and len(groups) > 1 and target_model is None and tensors is None and _segmentable(tgt_target):
         try:
             diffs = _segmented(graph, names, sizes, int(capture_budget_mb * 2**20) // 2, ref_target, tgt_target, tgt_runner,
                                observer, feeds, tol, store, progress)
-        except AlignerError as exc:  # a piece the runtime will not take on its own: the whole model still runs
+        except Exception as exc:  # noqa: BLE001 - a piece the runtime will not take on its own: the whole model still runs
             log.warning("capturing in segments failed (%s); capturing in whole-model groups instead", exc)
             diffs = None
     for i, group in enumerate(groups if diffs is None else []):
@@ -171,8 +171,14 @@ def compare(
     )
 
 
-# runtimes whose runners are made from an ONNX graph alone, so a segment of the model runs as they would
-SEGMENTED_RUNTIMES = ("ort", "emu")
+def _segmentable(target: Target) -> bool:
+    """Targets whose segments compute what the whole model computes: the FP16/BF16 emulator (it rounds
+    each stored tensor, so FP32 carries of rounded values are exact) and ONNX Runtime in FP32/TF32.
+    Not ONNX Runtime in FP16/BF16 (a segment's FP32 inputs and outputs let its optimizer keep values
+    in FP32 that overflow FP16 in the whole model) nor INT8 (each segment would be quantized anew)."""
+    if target.runtime == "emu":
+        return target.precision in ("fp16", "bf16")
+    return target.runtime == "ort" and target.precision in ("fp32", "tf32")
 
 
 def _segmented(graph: ModelGraph, names: list[str], sizes: dict[str, int], budget: int, ref_target: Target, tgt_target: Target,

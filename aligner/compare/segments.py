@@ -8,8 +8,9 @@ previous segment) and whose outputs are its tensors plus those crossing its last
 runs every node once, builds sessions whose sizes add up to one model's, and holds one segment's
 tensors plus what crosses the cut.
 
-Where it applies: the same graph on both sides, runners made from an ONNX graph (ONNX Runtime,
-the emulators). A cut must not split what the target deploys as one kernel, so on a target that
+Where it applies (``layerwise._segmentable``): the same graph on both sides, on the FP16/BF16
+emulator and on ONNX Runtime in FP32/TF32 — targets whose segments compute exactly what the whole
+model computes. A cut must not split what the target deploys as one kernel, so on a target that
 captures ``boundaries`` only cuts whose crossing tensors all exist in the deployed graph are used.
 The target's graph outputs from the last segment are checked against its uncaptured run; when they
 moved, the caller falls back to whole-model groups.
@@ -109,6 +110,7 @@ def segment_model(graph: ModelGraph, segment: Segment, cuts: Cuts | None = None)
     model = onnx.ModelProto(ir_version=source.ir_version, producer_name="aligner-segment", graph=g)
     model.opset_import.extend(source.opset_import)
     model.functions.extend(source.functions)
+    model.metadata_props.extend(source.metadata_props)  # e.g. a build's precision stamp: runners take it as built
     return model
 
 
@@ -141,8 +143,11 @@ def run_segments(graph: ModelGraph, segments: Sequence[Segment], makers: Sequenc
             runner = make(sub)
             values = runner.run({k: carried[side][k] for k in sub.input_names}, written)
             del runner
-            carried[side] = {k: values[k] if k in values else carried[side][k] for k in segment.carry} | dict(feeds)
-            out.append({k: values.get(k, carried[side].get(k)) for k in dict.fromkeys([*segment.names, *segment.carry])})
+            # a graph output that no compute node writes (a Constant's, an initializer) is carried by nobody: left out
+            carried[side] = {k: values[k] if k in values else carried[side][k] for k in segment.carry
+                             if k in values or k in carried[side]} | dict(feeds)
+            out.append({k: values[k] if k in values else carried[side][k] for k in dict.fromkeys([*segment.names, *segment.carry])
+                        if k in values or k in carried[side]})
         yield out
 
 

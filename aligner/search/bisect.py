@@ -25,7 +25,7 @@ from aligner.compare.capture import Observer
 from aligner.compare.layerwise import UNKNOWN_SIZE, check_budget, diff_row, estimate_sizes, plan_groups
 from aligner.compare.results import TensorDiff
 from aligner.compare.tolerance import Tolerance, tolerance_for
-from aligner.errors import InputError, TargetRunError
+from aligner.errors import AlignerError, InputError, TargetRunError
 from aligner.graph.model import ModelGraph, _node_inputs
 from aligner.inputs import Feeds, make_inputs, validate_feeds
 from aligner.search.explain import explain, node_difference, root_cause
@@ -114,10 +114,10 @@ def bisect(
         check_repro_dir(Path(save_repro), force)
     feeds = validate_feeds(graph, feeds) if feeds is not None else make_inputs(graph)
     tol = tolerance or tolerance_for(tgt_target, ref_target)
-    tgt_runner = make_runner(other, tgt_target)
     try:
+        tgt_runner = make_runner(other, tgt_target)
         observer = Observer.of(tgt_runner, other, feeds)
-    except TargetRunError as exc:  # the uncaptured runs (or the deployed graph) already fail
+    except TargetRunError as exc:  # building the target, its uncaptured runs or its deployed graph already fail
         return _failed(graph, other, feeds, tgt_target, ref_target, strategy, tol, exc, progress,
                        None if save_repro is None else Path(save_repro))
     run = _Run(graph, other, feeds, tgt_target, tol, reference_runner(graph, ref_target), tgt_runner,
@@ -167,7 +167,7 @@ def _failed(graph: ModelGraph, other: ModelGraph, feeds: Feeds, target: Target, 
     site = None
     try:
         site = locate_failure(other, target, feeds, reference_runner(graph, reference), progress, save)
-    except TargetRunError as again:  # the reference itself fails on a piece: say so, keep the first answer
+    except AlignerError as again:  # e.g. the reference fails on a piece: say so, keep the first answer
         log.warning("could not localise the failure: %s", again)
     explanation = f"The target failed, so nothing was judged: {exc}"
     if site is not None:

@@ -61,7 +61,7 @@ def locate_failure(graph: ModelGraph, target: Target, feeds: Feeds, reference: R
         pins = [p for p in target.pins if p in set(order[:cut])]
         try:
             make_runner(sub, replace(target, pins=tuple(pins), plan=None)).run(feeds)
-        except TargetRunError as exc:
+        except AlignerError as exc:  # a crash, a refusal, or a piece the runtime's tools will not take
             errors[cut] = str(exc)
         if progress:
             progress("failure", len(known), 0)
@@ -99,22 +99,26 @@ def _workarounds(graph: ModelGraph, target: Target, suspect: str, feeds: Feeds) 
         try:
             make_runner(graph, variant).run(feeds)
             runs[label] = True
-        except TargetRunError:
+        except AlignerError:
             runs[label] = False
     return runs
 
 
 def _fails_alone(graph: ModelGraph, node: onnx.NodeProto, target: Target, feeds: Feeds, reference: Runner) -> bool | None:
-    inputs = [t for t in _node_inputs(node) if graph.tensors[t].kind in ("input", "activation")]
+    inputs = [t for t in _node_inputs(node) if t and t in graph.tensors and graph.tensors[t].kind in ("input", "activation")]
     try:
         values = reference.run(feeds, [t for t in inputs if t not in feeds])
         values.update({t: feeds[t] for t in inputs if t in feeds})
         sub = ModelGraph(extract_subgraph(graph, inputs, [o for o in node.output if o]))
         pins = (node.name,) if node.name in target.pins else ()
+    except AlignerError as exc:  # the node cannot be cut out on its own (e.g. it reads a subgraph's outer scope)
+        log.info("node %s not run alone: %s", node.name, exc)
+        return None
+    try:
         make_runner(sub, replace(target, pins=pins, plan=None)).run(values)
     except TargetRunError:
         return True
-    except AlignerError as exc:  # the node cannot be cut out on its own (e.g. it reads a subgraph's outer scope)
+    except AlignerError as exc:
         log.info("node %s not run alone: %s", node.name, exc)
         return None
     return False

@@ -21,7 +21,7 @@ import numpy as np
 from aligner.backends import make_runner, reference_runner
 from aligner.backends.target import Target
 from aligner.compare.metrics import all_metrics, nonfinite_counts
-from aligner.errors import AlignerError, TargetRunError
+from aligner.errors import TargetRunError
 from aligner.graph.model import ModelGraph
 from aligner.inputs import Feeds
 
@@ -33,7 +33,7 @@ def plan_fusion_dependence(graph: ModelGraph, target: Target, pins: Iterable[str
     """See :func:`_dependence`; a check that cannot run says so in the log and never costs the plan."""
     try:
         return _dependence(graph, target, list(pins), samples, accept, max_trials)
-    except AlignerError as exc:
+    except Exception as exc:  # noqa: BLE001 - a side check: the plan (and --save-model) must survive it
         log.warning("could not check whether the plan relies on a fusion: %s", exc)
         return ""
 
@@ -51,7 +51,7 @@ def _dependence(graph: ModelGraph, target: Target, pins: list[str], samples: Seq
         runner = make_runner(graph, target.with_pins(pins))
         if not getattr(runner, "fuses", False):
             return ""
-        deployed = deployed_graph(runner, graph)
+        deployed = deployed_graph(runner, graph, samples[0])
     except TargetRunError:
         return ""
     if deployed is None or not deployed.fused:

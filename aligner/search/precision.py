@@ -285,6 +285,12 @@ def search_precision(
     with the smallest full-INT8 error (:func:`aligner.quant.sweep.sweep_settings`)."""
     graph = model if isinstance(model, ModelGraph) else ModelGraph.load(model)
     target = parse_target(target) if isinstance(target, str) else target
+    from aligner.graph.precision import built_precision
+
+    if built_precision(graph.model):  # its precision is fixed in the graph: pins would change nothing
+        raise InputError(f"{graph.path or 'this model'} is an aligner build already rewritten to {built_precision(graph.model)} "
+                         "(its precision is in the graph, so pins cannot change it). Search on the original FP32 model: "
+                         "aligner precision original.onnx --target ...")
     if target.precision not in LOW_MAX and not target.is_quantized:
         raise InputError(f"aligner precision searches FP16/BF16 and INT8 builds; target {target} is {target.precision}. "
                          f"Use e.g. --target emu:fp16, ort:cuda:fp16 or ort:cpu:int8.")
