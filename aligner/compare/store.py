@@ -19,7 +19,7 @@ class DiskStore:
 
     def put(self, name: str, array: np.ndarray) -> None:
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[-80:]
-        fname = f"{len(self._files):06d}_{safe}.npy"
+        fname = self._files.get(name) or f"{len(self._files):06d}_{safe}.npy"  # a tensor stored again keeps its file
         np.save(self.dir / fname, np.ascontiguousarray(array), allow_pickle=False)
         self._files[name] = fname
 
