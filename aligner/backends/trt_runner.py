@@ -44,6 +44,7 @@ class TrtRunner:
         self.fuses = True  # TensorRT fuses layers: captures are checked against an uncaptured run
         self.capture_policy = capture_policy(target)
         self._layers: dict | None = None  # the uncaptured engine's layer information (inspector JSON)
+        self._written: frozenset[str] | None = None  # the tensors its layers write (capturable under boundaries)
         self._key: tuple[str, ...] | None = None
         self._engine = self._context = None
 
@@ -55,10 +56,12 @@ class TrtRunner:
         if self.capture_policy == "all":
             return self._every
         if self.capture_policy == "boundaries" and self._layers is not None:
-            from aligner.graph.deployed import kernels_of_trt
+            if self._written is None:  # asked once per tensor by the searches: computed once
+                from aligner.graph.deployed import kernels_of_trt
 
-            written = {t for _, _, outs, _ in kernels_of_trt(self._layers) for t in outs}
-            return self._every & (written | set(self.output_names) | set(self.input_names))
+                written = {t for _, _, outs, _ in kernels_of_trt(self._layers) for t in outs}
+                self._written = self._every & (written | set(self.output_names) | set(self.input_names))
+            return self._written
         return frozenset(self.output_names) | set(self.input_names)
 
     def layer_information(self, feeds: dict[str, np.ndarray]) -> dict | None:

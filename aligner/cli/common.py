@@ -26,35 +26,27 @@ def finite_float(text: str) -> float:
     return value
 
 
-def non_negative_float(text: str) -> float:
-    value = finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a number >= 0")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = finite_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a number > 0")
-    return value
-
-
-def non_negative_int(text: str) -> int:
+def _whole(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number >= 0")
-    return value
 
 
-def positive_int(text: str) -> int:
-    value = non_negative_int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number >= 1")
-    return value
+def _at_least(parse, low, strict: bool, what: str):
+    """An argparse type: ``parse(text)``, refused below ``low`` (or at it, when ``strict``)."""
+    def check(text: str):
+        value = parse(text)
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"{text!r}: give {what} {'>' if strict else '>='} {low}")
+        return value
+    return check
+
+
+non_negative_float = _at_least(finite_float, 0, False, "a number")
+positive_float = _at_least(finite_float, 0, True, "a number")
+non_negative_int = _at_least(_whole, 0, False, "a whole number")
+positive_int = _at_least(_whole, 1, False, "a whole number")
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:

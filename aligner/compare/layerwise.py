@@ -187,10 +187,10 @@ def _segmented(graph: ModelGraph, names: list[str], sizes: dict[str, int], budge
     None when no cut is allowed or the target's outputs moved (the caller then uses whole-model groups)."""
     from dataclasses import replace
 
-    from aligner.compare.segments import plan_segments, run_segments
+    from aligner.compare.segments import Cuts, plan_segments, run_segments
 
-    capturable = tgt_runner.capturable
-    segments = plan_segments(graph, names, sizes, budget, lambda crossing: all(t in capturable for t in crossing))
+    capturable, cuts = tgt_runner.capturable, Cuts(graph)
+    segments = plan_segments(graph, names, sizes, budget, lambda crossing: all(t in capturable for t in crossing), cuts=cuts)
     if len(segments) < 2:
         return None
     log.info("comparing %d tensors in %d segment(s), one pass per side", len(names), len(segments))
@@ -202,7 +202,7 @@ def _segmented(graph: ModelGraph, names: list[str], sizes: dict[str, int], budge
                            if pins else tgt_target)
 
     diffs, last, done = [], {}, set()
-    for i, (ref_values, tgt_values) in enumerate(run_segments(graph, segments, [lambda sub: reference_runner(sub, ref_target), target_of], feeds)):
+    for i, (ref_values, tgt_values) in enumerate(run_segments(graph, segments, [lambda sub: reference_runner(sub, ref_target), target_of], feeds, cuts)):
         for name in [n for n in ref_values if n in wanted and n not in done]:
             done.add(name)
             ref_value = ref_values.pop(name)

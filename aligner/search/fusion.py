@@ -13,14 +13,10 @@ are the fusions the plan depends on.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Sequence
-
-import numpy as np
 
 from aligner.backends import make_runner, reference_runner
 from aligner.backends.target import Target
-from aligner.compare.metrics import all_metrics, nonfinite_counts
 from aligner.errors import TargetRunError
 from aligner.graph.model import ModelGraph
 from aligner.inputs import Feeds
@@ -80,19 +76,7 @@ def _dependence(graph: ModelGraph, target: Target, pins: list[str], samples: Seq
 
 def _fails(graph: ModelGraph, target: Target, samples: Sequence[Feeds], accept) -> str:
     ref, runner = reference_runner(graph), make_runner(graph, target)
-    for feeds in samples:
-        want, got = ref.run(feeds), runner.run(feeds)
-        for name, r in want.items():
-            if r.dtype.kind != "f":
-                continue
-            t = got[name]
-            if accept.finite and nonfinite_counts(t).total > nonfinite_counts(r).total:
-                return f"output {name!r} has NaN/inf"
-            metrics = {k: (v if not math.isnan(v) else math.inf) for k, v in all_metrics(r, np.asarray(t)).items()}
-            why = accept.judge(metrics)
-            if why:
-                return why
-    return ""
+    return next((why for why in (accept.check_outputs(ref.run(feeds), runner.run(feeds)) for feeds in samples) if why), "")
 
 
 __all__ = ["plan_fusion_dependence"]

@@ -10,86 +10,30 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
-import re
 import shlex
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from aligner.backends import make_runner, parse_target, reference_runner
 from aligner.backends.target import Target
 from aligner.compare.layerwise import estimate_sizes, plan_groups
-from aligner.compare.metrics import HIGHER_IS_BETTER, METRICS, all_metrics, nonfinite_counts
-from aligner.compare.tolerance import default_tolerance
 from aligner.errors import InputError, TargetRunError
 from aligner.graph.model import ModelGraph, _node_inputs
 from aligner.graph.precision import auto_pinned, is_fp32, node_typing, rewrite_precision
 from aligner.inputs import Feeds, make_inputs, validate_feeds, write_atomic
+from aligner.search.acceptance import Acceptance, default_acceptance
 from aligner.search.pins import Trial, search_pins
 from aligner.search.plan import Pin, PrecisionPlan, TrialLog, flop_fraction
 from aligner.limits import FP16_MIN_SUBNORMAL, LOW_MAX
 from aligner.search.verdict import ValueRange
 
 log = logging.getLogger(__name__)
-_BOUND = re.compile(r"^\s*([a-z_0-9]+)\s*(<=|>=|<|>)\s*([-+0-9.eE]+|inf)\s*$")
-
-
-@dataclass(frozen=True)
-class Acceptance:
-    """When a trial passes: outputs finite where the reference is, every ``bounds`` holds on every
-    output and sample, and ``command`` (``{model}`` = the mixed model) / ``check`` say yes."""
-
-    bounds: tuple[tuple[str, str, float], ...] = ()
-    finite: bool = True
-    command: str | None = None
-    check: Callable[[onnx.ModelProto], bool] | None = field(default=None, compare=False)
-    # A task metric on the trial's own target: gets the trial's runner, returns "" (pass) or why not.
-    task: Callable[[object], str] | None = field(default=None, compare=False)
-    task_name: str = ""
-
-    @classmethod
-    def parse(cls, specs: Iterable[str] = (), command: str | None = None, check=None) -> "Acceptance":
-        bounds = []
-        for spec in specs:
-            m = _BOUND.match(spec)
-            if not m or m.group(1) not in METRICS:
-                raise InputError(f"--accept {spec!r}: write METRIC<=VALUE or METRIC>=VALUE with METRIC one of {sorted(METRICS)}, "
-                                 f"e.g. 'rel_l2<=5e-3' or 'cosine>=0.999'.")
-            bounds.append((m.group(1), m.group(2), float(m.group(3))))
-        return cls(tuple(bounds), True, command, check)
-
-    def describe(self) -> tuple[str, ...]:
-        parts = ["outputs finite"] if self.finite else []
-        parts += [f"{m}{op}{v:g}" for m, op, v in self.bounds]
-        if self.command:
-            parts.append(f"command: {self.command}")
-        if self.check is not None:
-            parts.append(f"callable: {getattr(self.check, '__name__', 'check')}")
-        if self.task is not None:
-            parts.append(self.task_name or "task metric")
-        return tuple(parts)
-
-    def judge(self, metrics: dict[str, float]) -> str:
-        """'' when the bounds hold, else what failed."""
-        for metric, op, value in self.bounds:
-            got = metrics.get(metric, math.nan)
-            ok = {"<=": got <= value, "<": got < value, ">=": got >= value, ">": got > value}[op]
-            if not ok:
-                return f"{metric} {got:.3g} fails {metric}{op}{value:g}"
-        return ""
-
-
-def default_acceptance(precision: str) -> Acceptance:
-    tol = default_tolerance(precision)
-    op = ">=" if tol.metric in HIGHER_IS_BETTER else "<="
-    return Acceptance(((tol.metric, op, tol.threshold),))
 
 
 # ---- seeds ---------------------------------------------------------------------------------------
@@ -194,18 +138,8 @@ class _Evaluator:
         worst: dict[str, float] = {}
         reason = ""
         for feeds, ref in zip(self.samples, self.reference):
-            got = runner.run(feeds)
-            for name, r in ref.items():
-                t = got[name]
-                if r.dtype.kind != "f":
-                    continue
-                if self.accept.finite and nonfinite_counts(t).total > nonfinite_counts(r).total:
-                    reason = reason or f"output {name!r} has NaN/inf"
-                m = all_metrics(r, t)
-                for k, v in m.items():
-                    v = v if not np.isnan(v) else math.inf
-                    worst[k] = max(worst.get(k, -math.inf), v) if k not in HIGHER_IS_BETTER else min(worst.get(k, math.inf), v)
-                reason = reason or self.accept.judge(m)
+            said = self.accept.check_outputs(ref, runner.run(feeds), worst)  # every sample runs: worst covers them all
+            reason = reason or said
         if not reason and self.accept.task is not None:
             reason = self.accept.task(runner)
         if not reason and (self.accept.command or self.accept.check is not None):
