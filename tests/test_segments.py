@@ -20,9 +20,14 @@ def _rows(result, exact: bool):
 
 
 @pytest.mark.parametrize("target", ["emu:fp16", "emu:fp16@fusions=ort", "ort:cpu:fp32"])
-def test_segments_give_the_verdict_of_whole_model_groups(vit, target):
+def test_segments_give_the_verdict_of_whole_model_groups(vit, target, caplog):
+    import logging
+
     graph, feeds = vit
-    segmented = compare(graph, target=target, feeds=feeds, capture_budget_mb=0.1)
+    with caplog.at_level(logging.INFO, logger="aligner.compare.layerwise"):
+        segmented = compare(graph, target=target, feeds=feeds, capture_budget_mb=0.1)
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "segment(s), one pass per side" in said and "instead" not in said  # really cut, no fallback
     grouped = compare(graph, target=target, feeds=feeds, capture_budget_mb=0.1, segments=False)
     exact = target.startswith("emu")  # ORT's optimizer may pick other kernels when the graph is cut: FP32 rounding only
     assert _rows(segmented, exact) == _rows(grouped, exact) and len(segmented.tensors) > 40

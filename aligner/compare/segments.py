@@ -70,10 +70,11 @@ class Cuts:
 
 
 def plan_segments(graph: ModelGraph, names: Sequence[str], sizes: dict[str, int], budget: int,
-                  allowed: Callable[[list[str]], bool] = lambda crossing: True, unknown: int = 4 * 2**20) -> list[Segment]:
+                  allowed: Callable[[list[str]], bool] = lambda crossing: True, unknown: int = 4 * 2**20,
+                  cuts: Cuts | None = None) -> list[Segment]:
     """Segments covering the whole order, each writing about ``budget`` bytes of ``names``; a cut is
     used only if ``allowed(tensors crossing it)``."""
-    cuts = Cuts(graph)
+    cuts = cuts or Cuts(graph)
     wanted = set(names)
     segments, start, used, current = [], 0, 0, []
     for i, node in enumerate(cuts.order):
@@ -129,11 +130,11 @@ def _value_info(graph: ModelGraph, name: str) -> onnx.ValueInfoProto:
 
 
 def run_segments(graph: ModelGraph, segments: Sequence[Segment], makers: Sequence[Callable[[ModelGraph], object]],
-                 feeds: dict[str, np.ndarray]) -> Iterator[list[dict[str, np.ndarray]]]:
+                 feeds: dict[str, np.ndarray], cuts: Cuts | None = None) -> Iterator[list[dict[str, np.ndarray]]]:
     """For each segment in order, each side's values of its tensors (one dict per maker), computed
     from what that side's previous segments carried; the last also holds the graph outputs. Each
     segment's model is built once and run by every side."""
-    cuts = Cuts(graph)
+    cuts = cuts or Cuts(graph)
     carried = [dict(feeds) for _ in makers]
     for segment in segments:
         sub = ModelGraph(segment_model(graph, segment, cuts))
