@@ -44,3 +44,24 @@ def test_integer_tensors_must_match_exactly():
 def test_groups_respect_budget_and_order():
     sizes = {"a": 60, "b": 60, "c": 10, "d": 200}
     assert plan_groups(["a", "b", "c", "d"], sizes, 100) == [["a"], ["b", "c"], ["d"]]
+
+
+def test_metrics_of_a_large_tensor_with_nan_and_inf_in_several_blocks():
+    """The block-wise pass gives the definitions' values, and counts NaN/inf wherever they fall."""
+    from aligner.compare.metrics import CHUNK, measure
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal(3 * CHUNK + 17).astype(np.float32)
+    test = ref + rng.standard_normal(ref.size).astype(np.float32) * 1e-3
+    ref[[5, CHUNK + 3]] = np.nan
+    test[[7, 2 * CHUNK + 1]] = np.inf
+    test[3 * CHUNK + 2] = -np.inf
+    metrics, nf_ref, nf_test = measure(ref, test)
+    both = np.isfinite(ref) & np.isfinite(test)
+    r, t = ref[both].astype(np.float64), test[both].astype(np.float64)
+    for name, fn in {"max_abs": max_abs, "rel_l2": rel_l2, "mvre": mvre, "cosine": cosine, "snr_db": snr_db}.items():
+        assert math.isclose(metrics[name], fn(r, t), rel_tol=1e-9), name
+    assert math.isclose(metrics["mean_abs"], float(np.mean(np.abs(t - r))), rel_tol=1e-9)
+    assert vars(nf_ref) == {"nan": 2, "posinf": 0, "neginf": 0}
+    assert vars(nf_test) == {"nan": 0, "posinf": 2, "neginf": 1}
+    assert vars(nonfinite_counts(test)) == vars(nf_test)

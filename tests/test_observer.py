@@ -160,3 +160,22 @@ def test_tensorrt_layer_information_maps_layers_to_their_onnx_nodes():
     merged = kernels_of_trt({"Layers": [{"Name": "mha", "LayerType": "kgen", "Outputs": [],
                                           "Metadata": "[ONNX Layer: /a/Softmax][/a/MatMul][/a/MatMul_1]"}]})
     assert merged[0][3] == ["/a/Softmax", "/a/MatMul", "/a/MatMul_1"]
+
+
+def test_the_noise_run_is_made_only_when_a_capture_moved_the_outputs():
+    """One uncaptured run when captures change nothing; the second (the noise) only to judge a move,
+    and a move within the noise is not a perturbation."""
+    from aligner.compare.capture import CaptureCheck
+
+    base = {"y": np.linspace(-1, 1, 64, dtype=np.float32)}
+    second_runs = []
+
+    def second(shift=0.0):
+        second_runs.append(1)
+        return {"y": base["y"] + np.float32(shift)}
+
+    check = CaptureCheck(base, second)
+    assert check.moved({"y": base["y"].copy()}) == "" and second_runs == []
+    assert "moved by max_abs" in check.moved({"y": base["y"] + np.float32(1e-3)}) and len(second_runs) == 1
+    noisy = CaptureCheck(base, lambda: second(1e-3))
+    assert noisy.moved({"y": base["y"] + np.float32(2e-3)}) == ""  # within 4x the run-to-run noise

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from aligner import bisect, make_inputs, make_runner
@@ -68,3 +69,36 @@ def test_sandbox_can_be_turned_off_and_gives_the_same_numbers(detector):
     boxed = make_runner(detector, "ort:cpu:fp32").run(feeds, names)
     inline = make_runner(detector, "ort:cpu:fp32@sandbox=0").run(feeds, names)
     assert all((boxed[n] == inline[n]).all() for n in names)
+
+
+def test_the_sandbox_hands_back_every_kind_of_tensor_unchanged(tmp_path):
+    """0-d, empty, integer, boolean and FP16 outputs cross the child's pipe with their shape and bits."""
+    from onnx import TensorProto, helper
+
+    import onnx
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),  # 0-d
+        helper.make_node("Shape", ["x"], ["shape"]),  # int64
+        helper.make_node("Greater", ["x", "total"], ["mask"]),  # bool
+        helper.make_node("Cast", ["x"], ["half"], to=TensorProto.FLOAT16),
+        helper.make_node("Slice", ["x", "zero", "zero", "one"], ["empty"]),  # shape (0, 3)
+    ]
+    zero, one = (helper.make_tensor(n, TensorProto.INT64, [1], [v]) for n, v in (("zero", 0), ("one", 0)))
+    kinds = {"total": (TensorProto.FLOAT, []), "shape": (TensorProto.INT64, [2]), "mask": (TensorProto.BOOL, [2, 3]),
+             "half": (TensorProto.FLOAT16, [2, 3]), "empty": (TensorProto.FLOAT, [0, 3])}
+    outs = [helper.make_tensor_value_info(n, t, s) for n, (t, s) in kinds.items()]
+    model = helper.make_model(helper.make_graph(nodes, "kinds", [x], outs, [zero, one]), opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = tmp_path / "kinds.onnx"
+    onnx.save(model, path)
+    feeds = {"x": np.arange(6, dtype=np.float32).reshape(2, 3) - 2.5}
+    graph = ModelGraph.load(path)
+    inside = make_runner(graph, "ort:cpu:fp32@sandbox=1").run(feeds)
+    here = make_runner(graph, "ort:cpu:fp32@sandbox=0").run(feeds)
+    assert set(inside) == set(here) == {"total", "shape", "mask", "half", "empty"}
+    for name, value in here.items():
+        assert inside[name].dtype == value.dtype and inside[name].shape == value.shape, name
+        assert np.array_equal(inside[name], value), name
+    assert inside["total"].shape == () and inside["empty"].shape == (0, 3)

@@ -165,11 +165,11 @@ class OrtRunner:
 
             self._custom_ops = register_ort_ops()
             model = adapt_for_ort(model)
-        self._model = _externalize(model, self._dir)
-        initializers = {t.name for t in self._model.graph.initializer}
-        self.input_names = [i.name for i in self._model.graph.input if i.name not in initializers]
-        self.output_names = [o.name for o in self._model.graph.output]
-        produced = {o for n in self._model.graph.node for o in n.output if o}
+        self._source, self._skeleton = model, None  # externalized on first use: a runner that is never run writes nothing
+        initializers = {t.name for t in model.graph.initializer}
+        self.input_names = [i.name for i in model.graph.input if i.name not in initializers]
+        self.output_names = [o.name for o in model.graph.output]
+        produced = {o for n in model.graph.node for o in n.output if o}
         self._every = frozenset(produced | set(self.input_names))
         self._capturable: frozenset[str] | None = None
         self.fuses = optimize  # ONNX Runtime's optimizer may fuse: captures are checked against an uncaptured run
@@ -181,6 +181,13 @@ class OrtRunner:
         self._written = 0
         # Optimized targets run in a child process unless told not to (plugin ops report their errors in-process).
         self._sandboxed = optimize and not self._custom_ops and target.option_dict.get("sandbox", "1") != "0"
+
+    @property
+    def _model(self) -> onnx.ModelProto:
+        """The model as sessions read it: large weights moved to one file in the runner's directory."""
+        if self._skeleton is None:
+            self._skeleton, self._source = _externalize(self._source, self._dir), None
+        return self._skeleton
 
     @property
     def capturable(self) -> frozenset[str]:

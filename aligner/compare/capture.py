@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 import numpy as np
@@ -46,13 +46,22 @@ def deployed_graph(runner, graph: ModelGraph, feeds: Mapping[str, np.ndarray] | 
     return replace(map_deployed(graph, kernels_of_onnx(model), str(runner.target)), fp32_fallback=fp32_fallback(model))
 
 
-@dataclass(frozen=True)
 class CaptureCheck:
-    """The uncaptured run's outputs and the run-to-run noise between two of them."""
+    """The uncaptured run's outputs and the run-to-run noise between two of them. The second run is
+    made only when a capture run's outputs moved by more than a few rounding steps — the noise can
+    only widen the bound — so a capture that changed nothing costs one uncaptured run, not two."""
 
-    baseline: Mapping[str, np.ndarray]
-    noise: float  # largest |a - b| between two uncaptured runs
-    resolution: float = 2.0**-23  # relative rounding step of the target's precision
+    def __init__(self, baseline: Mapping[str, np.ndarray], noise: float | Callable[[], Mapping[str, np.ndarray]],
+                 resolution: float = 2.0**-23):
+        self.baseline, self.resolution = baseline, resolution  # resolution: relative rounding step of the target's precision
+        self._noise, self._second = (float(noise), None) if not callable(noise) else (None, noise)
+
+    @property
+    def noise(self) -> float:
+        """Largest |a - b| between two uncaptured runs (the second run made on first use)."""
+        if self._noise is None:
+            self._noise = _largest_difference(self.baseline, self._second())
+        return self._noise
 
     @property
     def outputs(self) -> list[str]:
@@ -74,24 +83,29 @@ class CaptureCheck:
             finite = np.isfinite(base)
             diff = float(np.max(np.abs(base[finite].astype(np.float64) - got[finite]), initial=0.0))
             scale = float(np.max(np.abs(base[finite]), initial=0.0))
-            bound = max(4 * self.noise, 4 * self.resolution * scale)  # a few rounding steps: another kernel, not another graph
-            if diff > bound:
-                return f"output {name!r} moved by max_abs {diff:.3g} (bound {bound:.3g}: run-to-run noise {self.noise:.3g}, a few rounding steps)"
+            steps = 4 * self.resolution * scale  # a few rounding steps: another kernel, not another graph
+            if diff > steps and diff > 4 * self.noise:
+                return (f"output {name!r} moved by max_abs {diff:.3g} (bound {max(steps, 4 * self.noise):.3g}: run-to-run noise "
+                        f"{self.noise:.3g}, a few rounding steps)")
         return ""
 
 
-def capture_check(runner, feeds: Mapping[str, np.ndarray]) -> CaptureCheck | None:
-    """Two uncaptured runs of a fusing runner (its outputs as deployed, and their noise)."""
-    if not getattr(runner, "fuses", False):
-        return None
-    first, second = runner.run(dict(feeds)), runner.run(dict(feeds))
+def _largest_difference(first: Mapping[str, np.ndarray], second: Mapping[str, np.ndarray]) -> float:
     noise = 0.0
     for name, a in first.items():
         a, b = np.asarray(a), np.asarray(second[name])
         if a.dtype.kind in "fc" and a.shape == b.shape:
             both = np.isfinite(a) & np.isfinite(b)
             noise = max(noise, float(np.max(np.abs(a[both].astype(np.float64) - b[both]), initial=0.0)))
-    return CaptureCheck(first, noise, RESOLUTION.get(runner.target.precision, RESOLUTION["fp32"]))
+    return noise
+
+
+def capture_check(runner, feeds: Mapping[str, np.ndarray]) -> CaptureCheck | None:
+    """An uncaptured run of a fusing runner (its outputs as deployed), and a second one for the
+    run-to-run noise when a capture run's outputs moved."""
+    if not getattr(runner, "fuses", False):
+        return None
+    return CaptureCheck(runner.run(dict(feeds)), lambda: runner.run(dict(feeds)), RESOLUTION.get(runner.target.precision, RESOLUTION["fp32"]))
 
 
 # Relative rounding step (2^-mantissa bits) of what a target stores; the same session run twice

@@ -17,7 +17,7 @@ import numpy as np
 from aligner.backends import Runner, make_runner, reference_runner
 from aligner.backends.target import REFERENCE, Target
 from aligner.compare.capture import Observer, fusion_dependence
-from aligner.compare.metrics import NonFinite, all_metrics, nonfinite_counts
+from aligner.compare.metrics import NonFinite, measure, nonfinite_counts
 from aligner.compare.results import CompareResult, TensorDiff
 from aligner.compare.store import DiskStore
 from aligner.compare.tolerance import Tolerance, nonfinite_differs, tolerance_for
@@ -72,10 +72,9 @@ class Diff:
 
 def diff_tensor(ref: np.ndarray, test: np.ndarray, tol: Tolerance) -> Diff:
     ref, test = np.asarray(ref), np.asarray(test)
-    nf_ref, nf_test = nonfinite_counts(ref), nonfinite_counts(test)
     if ref.shape != test.shape:
-        return Diff({}, nf_ref, nf_test, True, f"shape {ref.shape} vs {test.shape}")
-    metrics = all_metrics(ref, test)
+        return Diff({}, nonfinite_counts(ref), nonfinite_counts(test), True, f"shape {ref.shape} vs {test.shape}")
+    metrics, nf_ref, nf_test = measure(ref, test)
     if nonfinite_differs(ref, test, nf_ref, nf_test):
         return Diff(metrics, nf_ref, nf_test, True, "nonfinite")
     if ref.dtype.kind in "biu" or test.dtype.kind in "biu":
