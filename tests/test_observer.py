@@ -179,3 +179,27 @@ def test_the_noise_run_is_made_only_when_a_capture_moved_the_outputs():
     assert "moved by max_abs" in check.moved({"y": base["y"] + np.float32(1e-3)}) and len(second_runs) == 1
     noisy = CaptureCheck(base, lambda: second(1e-3))
     assert noisy.moved({"y": base["y"] + np.float32(2e-3)}) == ""  # within 4x the run-to-run noise
+
+
+def test_the_report_lists_each_fused_kernel_with_its_nodes_and_the_perturbed_captures(vit, tmp_path):
+    import subprocess
+
+    from aligner.report import write_report
+
+    graph, feeds = vit
+    model = tmp_path / "vit.onnx"
+    onnx.save(graph.model, model)
+    np.savez(tmp_path / "inputs.npz", **feeds)
+    runs = []
+    for name, spec in [("boundaries", "emu:fp16@fusions=ort"), ("all", "emu:fp16@fusions=ort,capture=all")]:
+        run = subprocess.run(["aligner", "compare", str(model), "--target", spec, "--inputs", str(tmp_path / "inputs.npz"),
+                              "--run", str(tmp_path / name)], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        runs.append(tmp_path / name)
+    html = write_report(runs, tmp_path / "report.html").read_text()
+    boundaries, everything = html.split("Layer-by-layer compare")[1:3]
+    assert "Fused kernels of the deployed graph" in boundaries and "fused-kernel boundary" in boundaries
+    table = boundaries.split("Fused kernels of the deployed graph")[1]
+    assert "LayerNormalization" in table and "/blocks.0/norm1/Pow" in table  # the kernel and its original nodes
+    assert "were not captured" in boundaries and "perturbed, not blamed" not in boundaries
+    assert "perturbed, not blamed" in everything and "capture perturbed (not blamed)" in everything  # text and chart

@@ -42,7 +42,8 @@ def _svg(fig) -> str:
 def layer_error_chart(rows: list[dict], metric: str, threshold: float, culprit_index: int | None = None,
                       culprit_label: str = "", title: str = "") -> str:
     """``metric`` per tensor vs topological index (log scale), tolerance line, first divergence and
-    root cause marked, the region where the target has NaN/inf shaded."""
+    root cause marked, the region where the target has NaN/inf shaded; tensors a fused kernel of the
+    deployed graph writes ticked along the bottom, tensors whose capture perturbed the target crossed."""
     plt = _pyplot()
     rows = [r for r in rows if str(r.get("dtype", "float")).startswith(("float", "bfloat"))]  # shapes and indices are exact
     fig, ax = plt.subplots(figsize=(8.0, 3.2))
@@ -54,6 +55,13 @@ def layer_error_chart(rows: list[dict], metric: str, threshold: float, culprit_i
     div = [(r["index"], max(r["metrics"].get(metric, floor) if math.isfinite(r["metrics"].get(metric, math.nan)) else floor, floor))
            for r in rows if r.get("diverges") and isinstance(r["metrics"].get(metric), (int, float))]
     ax.plot(xs, ys, ".", ms=3, color="#4a7ab8", label=f"{metric} per tensor")
+    fused = [r["index"] for r in rows if r.get("kernel")]
+    if fused:  # tensors written by a fused kernel: the deployed graph's boundaries
+        ax.plot(fused, [floor] * len(fused), "|", ms=6, color="#2ca02c", label="fused-kernel boundary")
+    moved = [(r["index"], max(r["metrics"].get(metric, floor), floor)) for r in rows if r.get("perturbed")
+             and isinstance(r["metrics"].get(metric), (int, float)) and math.isfinite(r["metrics"][metric])]
+    if moved:
+        ax.plot([m[0] for m in moved], [m[1] for m in moved], "x", ms=4, color="#7f7f7f", label="capture perturbed (not blamed)")
     if div:
         ax.plot([d[0] for d in div], [d[1] for d in div], "o", ms=4, mfc="none", color="#c0392b", label="diverges")
     ax.axhline(threshold, color="#888", lw=0.8, ls="--", label=f"tolerance {threshold:g}")

@@ -50,11 +50,36 @@ def _view(run: Run, runs: list[Run]) -> dict:
             culprit_index=cause["index"] if cause else None, culprit_label=cause["node"] if cause else "",
             title=f"{r['target']} vs {r['reference']}")
         view["top"] = [t for t in r["tensors"] if t.get("diverges")][:20]
+        view["kernels"] = _kernel_rows(r)
     elif run.kind == "precision" and run.trials:
         view["chart"] = trials_chart(list(run.trials))
     elif run.kind == "bench" and run.result.get("rows"):
         view["chart"] = latency_throughput_chart(run.result["rows"])
     return view
+
+
+def _kernel_rows(result: dict, limit: int = 50) -> list[dict]:
+    """Per fused kernel of the deployed graph: its original nodes, the tensors compared at its
+    boundary, the worst of them and whether a capture perturbed it; worst first."""
+    metric = result["tolerance"]["metric"]
+    higher = metric in ("cosine", "snr_db")
+    by_kernel: dict[str, list[dict]] = {}
+    for t in result.get("tensors", []):
+        if t.get("kernel"):
+            by_kernel.setdefault(t["kernel"], []).append(t)
+    rows = []
+    for k in result.get("fused_kernels") or []:
+        if not isinstance(k, dict) or len(k.get("originals", ())) < 2:
+            continue
+        compared = by_kernel.get(k.get("name"), [])
+        values = [t["metrics"][metric] for t in compared if isinstance(t.get("metrics", {}).get(metric), (int, float))]
+        worst = (min(values) if higher else max(values)) if values else None
+        rows.append({"name": k.get("name", "?"), "op_type": k.get("op_type", ""), "originals": list(k.get("originals", [])),
+                     "compared": [t["tensor"] for t in compared], "worst": worst,
+                     "diverges": any(t.get("diverges") for t in compared), "perturbed": next((t["perturbed"] for t in compared if t.get("perturbed")), "")})
+    key = (lambda row: (row["worst"] is None, row["worst"] if row["worst"] is not None else 0)) if higher else \
+          (lambda row: (row["worst"] is None, -(row["worst"] or 0)))
+    return sorted(rows, key=key)[:limit]
 
 
 def _graph_link(overlays: GraphOverlays | None):
