@@ -195,6 +195,13 @@ def _segmented(graph: ModelGraph, names: list[str], sizes: dict[str, int], budge
     log.info("comparing %d tensors in %d segment(s), one pass per side", len(names), len(segments))
     wanted = set(names)
     pins = set(tgt_target.pins)
+    if observer.check is not None and tgt_target.runtime == "ort":
+        # The whole model has just run in the sandbox (the uncaptured check run) with these options, so its pieces
+        # run here: shipping every captured tensor out of the child cost more than computing them (DETR-R50: 3 GB).
+        tgt_target = tgt_target.with_options({"sandbox": "0"})
+        from aligner.backends.sandbox import sandbox
+
+        sandbox().close()  # its cached whole-model session is not needed now (the child restarts on demand)
 
     def target_of(sub: ModelGraph) -> Runner:
         return make_runner(sub, replace(tgt_target, pins=tuple(p for p in tgt_target.pins if p in sub.node_by_name), plan=None)

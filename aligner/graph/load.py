@@ -93,4 +93,6 @@ def model_size(model: onnx.ModelProto) -> int:
                   for t in model.graph.initializer)
     if weights > PROTOBUF_LIMIT:
         return weights
-    return model.ByteSize()
+    g = model.graph  # the rest, part by part: ByteSize() of the whole walks the weights again (0.3 s for 170 MB)
+    return weights + sum(m.ByteSize() for part in (g.node, g.value_info, g.input, g.output) for m in part) + \
+        sum(f.ByteSize() for f in model.functions) + sum(t.ByteSize() - len(t.raw_data) for t in g.initializer if t.raw_data)
