@@ -153,3 +153,21 @@ def test_precision_cli_no_plan_and_bad_accept(capsys, vit_path, vit_inputs, tmp_
     assert code == 1 and "NO PASSING PLAN" in out and "No plan exists" in out
     code, _, err = _run(capsys, "precision", vit_path, "--accept", "rel_l2 below 3")
     assert code == 2 and "METRIC<=VALUE" in err
+
+
+def test_build_with_plan_and_target_options_keeps_both(tmp_path):
+    """--plan with a target that carries @options: the plan's nodes stay FP32 and the options are kept
+    (before: '+plan' went after the options and broke the spec or, with a '+' in an option value, was dropped)."""
+    import json
+    from pathlib import Path
+
+    from aligner.cli.main import main
+    from aligner.examples import shapes_detector_path
+
+    plan = Path(__file__).resolve().parents[1] / "datasets" / "shapes_detector.plan.json"
+    out = tmp_path / "m.onnx"
+    assert main(["build", str(shapes_detector_path()), "--target", "ort:cpu:fp16@intra_op_num_threads=1", "--plan", str(plan),
+                 "-o", str(out)]) == 0
+    target = json.loads((tmp_path / "m.onnx.json").read_text())["target"]
+    assert target["options"] == {"intra_op_num_threads": "1"}
+    assert target["fp32_nodes"] == [p["node"] for p in json.loads(plan.read_text())["fp32_nodes"]]

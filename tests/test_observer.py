@@ -203,3 +203,24 @@ def test_the_report_lists_each_fused_kernel_with_its_nodes_and_the_perturbed_cap
     assert "LayerNormalization" in table and "/blocks.0/norm1/Pow" in table  # the kernel and its original nodes
     assert "were not captured" in boundaries and "perturbed, not blamed" not in boundaries
     assert "perturbed, not blamed" in everything and "capture perturbed (not blamed)" in everything  # text and chart
+
+
+def test_the_uncaptured_run_in_the_background_gives_the_same_outputs_and_its_error(vit):
+    """Segments start while the uncaptured run computes in the sandbox: its outputs are the ones a
+    foreground run gives, and a runtime failure in it surfaces when they are needed."""
+    from aligner.compare.capture import capture_check
+    from aligner.errors import TargetRunError
+
+    graph, feeds = vit
+    runner = make_runner(graph, "ort:cpu:fp32")
+    later, now = capture_check(runner, feeds, background=True), capture_check(runner, feeds)
+    assert set(later.baseline) == set(now.baseline)
+    assert all(np.array_equal(later.baseline[k], now.baseline[k]) for k in now.baseline)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None])
+    bad = helper.make_model(helper.make_graph([helper.make_node("Reshape", ["x", "shape"], ["y"], name="/reshape")], "bad", [x],
+                                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                                              [nh.from_array(np.array([4, 4], np.int64), "shape")]),
+                            opset_imports=[helper.make_opsetid("", 16)], ir_version=8)
+    failing = capture_check(make_runner(ModelGraph(bad), "ort:cpu:fp32"), {"x": np.zeros(5, np.float32)}, background=True)
+    with pytest.raises(TargetRunError, match="Reshape|reshape"):
+        failing.baseline

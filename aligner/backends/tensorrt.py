@@ -210,7 +210,10 @@ def _apply_options(trt, config, options: Mapping[str, str]) -> None:
     """Builder settings by name (TRT_OPTIONS); a value TensorRT cannot take is a TargetError."""
     try:
         if "builder_optimization_level" in options:
-            config.builder_optimization_level = int(options["builder_optimization_level"])
+            level = int(options["builder_optimization_level"])
+            if not 0 <= level <= 5:  # TensorRT-RTX 1.7 takes 9 without a word and records it
+                raise ValueError(f"builder_optimization_level={level}: TensorRT's levels are 0-5")
+            config.builder_optimization_level = level
         if "workspace_mb" in options:
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(float(options["workspace_mb"]) * 2**20))
         if "tactic_sources" in options:

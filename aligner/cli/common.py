@@ -156,8 +156,9 @@ def resolve_target(args: argparse.Namespace) -> Target:
     if not args.target and not getattr(args, "target_model", None) and not plan and not pins and model_sidecar(args):
         return resolve_targets(args, None)[0].with_options(options)
     spec = args.target or (REFERENCE if getattr(args, "target_model", None) else "emu:fp16")
-    if plan and "+" not in spec:
-        spec += "+plan"
+    head, at, options_text = spec.partition("@")  # +plan goes before the @options (whose values may hold '+')
+    if plan and "+" not in head:
+        spec = f"{head}+plan{at}{options_text}"
     target = resolve_targets(args, [Target.parse(spec, pins=pins, plan=plan, options=options)])[0]
     if target.is_quantized or getattr(args, "calib", None):
         from aligner.quant.calib import with_calibration

@@ -15,6 +15,7 @@ import logging
 
 from collections import Counter
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 import numpy as np
@@ -51,10 +52,17 @@ class CaptureCheck:
     made only when a capture run's outputs moved by more than a few rounding steps — the noise can
     only widen the bound — so a capture that changed nothing costs one uncaptured run, not two."""
 
-    def __init__(self, baseline: Mapping[str, np.ndarray], noise: float | Callable[[], Mapping[str, np.ndarray]],
+    def __init__(self, baseline: Mapping[str, np.ndarray] | Future, noise: float | Callable[[], Mapping[str, np.ndarray]],
                  resolution: float = 2.0**-23):
-        self.baseline, self.resolution = baseline, resolution  # resolution: relative rounding step of the target's precision
+        self._baseline, self.resolution = baseline, resolution  # resolution: relative rounding step of the target's precision
         self._noise, self._second = (float(noise), None) if not callable(noise) else (None, noise)
+
+    @property
+    def baseline(self) -> Mapping[str, np.ndarray]:
+        """The uncaptured run's outputs (waited for when it runs in the background; its error raised here)."""
+        if isinstance(self._baseline, Future):
+            self._baseline = self._baseline.result()
+        return self._baseline
 
     @property
     def noise(self) -> float:
@@ -100,12 +108,19 @@ def _largest_difference(first: Mapping[str, np.ndarray], second: Mapping[str, np
     return noise
 
 
-def capture_check(runner, feeds: Mapping[str, np.ndarray]) -> CaptureCheck | None:
+def capture_check(runner, feeds: Mapping[str, np.ndarray], background: bool = False) -> CaptureCheck | None:
     """An uncaptured run of a fusing runner (its outputs as deployed), and a second one for the
-    run-to-run noise when a capture run's outputs moved."""
+    run-to-run noise when a capture run's outputs moved. ``background``: the first run starts in a
+    thread (a sandboxed runner computes it in its child meanwhile) and is waited for on first use."""
     if not getattr(runner, "fuses", False):
         return None
-    return CaptureCheck(runner.run(dict(feeds)), lambda: runner.run(dict(feeds)), RESOLUTION.get(runner.target.precision, RESOLUTION["fp32"]))
+    if background:
+        pool = ThreadPoolExecutor(1, thread_name_prefix="aligner-uncaptured")
+        first = pool.submit(runner.run, dict(feeds))
+        pool.shutdown(wait=False)
+    else:
+        first = runner.run(dict(feeds))
+    return CaptureCheck(first, lambda: runner.run(dict(feeds)), RESOLUTION.get(runner.target.precision, RESOLUTION["fp32"]))
 
 
 # Relative rounding step (2^-mantissa bits) of what a target stores; the same session run twice
@@ -123,10 +138,10 @@ class Observer:
     check: CaptureCheck | None
 
     @classmethod
-    def of(cls, runner, graph: ModelGraph, feeds: Mapping[str, np.ndarray]) -> "Observer":
+    def of(cls, runner, graph: ModelGraph, feeds: Mapping[str, np.ndarray], background: bool = False) -> "Observer":
         policy = getattr(runner, "capture_policy", "all")
         deployed = deployed_graph(runner, graph, feeds) if policy == "boundaries" else None
-        return cls(policy, deployed, capture_check(runner, feeds))
+        return cls(policy, deployed, capture_check(runner, feeds, background))
 
     @property
     def fused(self) -> list:

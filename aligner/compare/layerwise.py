@@ -115,7 +115,9 @@ def compare(
     tgt_runner: Runner = make_runner(other, tgt_target)
     notes = []
     # the observer first: on TensorRT its layer information decides what is capturable
-    observer = Observer.of(tgt_runner, other if target_model is not None else graph, feeds)
+    segmentable = segments and target_model is None and tensors is None and _segmentable(tgt_target)
+    # segments need the uncaptured run only at the end: it runs meanwhile (in the sandbox's child)
+    observer = Observer.of(tgt_runner, other if target_model is not None else graph, feeds, background=segmentable)
     if tgt_target.runtime == "trt" and tensors is None and observer.policy == "outputs":
         notes.append("TensorRT target with capture=outputs: the outputs are compared (capture=boundaries compares every "
                      "tensor its layers write)")
@@ -129,12 +131,16 @@ def compare(
     # dropped, so at most one group per side is alive. ``store_dir`` keeps the reference values.
     store = DiskStore(Path(store_dir)) if store_dir is not None else None
     diffs = None
-    if segments and len(groups) > 1 and target_model is None and tensors is None and _segmentable(tgt_target):
+    if segmentable and len(groups) > 1:
         try:
-            diffs = _segmented(graph, names, sizes, int(capture_budget_mb * 2**20) // 2, ref_target, tgt_target, tgt_runner,
-                               observer, feeds, tol, store, progress)
+            diffs, outputs = _segmented(graph, names, sizes, int(capture_budget_mb * 2**20) // 2, ref_target, tgt_target, tgt_runner,
+                                        observer, feeds, tol, store, progress)
         except Exception as exc:  # noqa: BLE001 - a piece the runtime will not take on its own: the whole model still runs
             log.warning("capturing in segments failed (%s); capturing in whole-model groups instead", exc)
+            diffs = None
+        moved = _moved_beyond_tolerance(observer, outputs, tol) if diffs is not None else ""  # the uncaptured run's error, if any, is raised here
+        if moved:
+            log.info("segmented capture moved the target's outputs (%s): capturing in whole-model groups instead", moved)
             diffs = None
     for i, group in enumerate(groups if diffs is None else []):
         diffs = diffs or []
@@ -181,9 +187,9 @@ def _segmentable(target: Target) -> bool:
 
 
 def _segmented(graph: ModelGraph, names: list[str], sizes: dict[str, int], budget: int, ref_target: Target, tgt_target: Target,
-               tgt_runner: Runner, observer: Observer, feeds: Feeds, tol: Tolerance, store, progress: Progress | None) -> list | None:
-    """Every tensor in one pass per side, the model cut into segments (:mod:`aligner.compare.segments`);
-    None when no cut is allowed or the target's outputs moved (the caller then uses whole-model groups)."""
+               tgt_runner: Runner, observer: Observer, feeds: Feeds, tol: Tolerance, store, progress: Progress | None) -> tuple[list | None, dict]:
+    """Every tensor in one pass per side, the model cut into segments (:mod:`aligner.compare.segments`),
+    and the target's graph outputs from the last segment; (None, {}) when no cut is allowed."""
     from dataclasses import replace
 
     from aligner.compare.segments import Cuts, plan_segments, run_segments
@@ -191,17 +197,15 @@ def _segmented(graph: ModelGraph, names: list[str], sizes: dict[str, int], budge
     capturable, cuts = tgt_runner.capturable, Cuts(graph)
     segments = plan_segments(graph, names, sizes, budget, lambda crossing: all(t in capturable for t in crossing), cuts=cuts)
     if len(segments) < 2:
-        return None
+        return None, {}
     log.info("comparing %d tensors in %d segment(s), one pass per side", len(names), len(segments))
     wanted = set(names)
     pins = set(tgt_target.pins)
-    if observer.check is not None and tgt_target.runtime == "ort":
-        # The whole model has just run in the sandbox (the uncaptured check run) with these options, so its pieces
-        # run here: shipping every captured tensor out of the child cost more than computing them (DETR-R50: 3 GB).
+    if tgt_target.runtime == "ort":
+        # The pieces run here while the whole model runs uncaptured in the sandbox (the check): shipping every captured
+        # tensor out of the child cost more than computing it (DETR-R50: 3 GB). A runtime that crashes on the model
+        # crashes the uncaptured run first in practice; the reference and the emulator always run here.
         tgt_target = tgt_target.with_options({"sandbox": "0"})
-        from aligner.backends.sandbox import sandbox
-
-        sandbox().close()  # its cached whole-model session is not needed now (the child restarts on demand)
 
     def target_of(sub: ModelGraph) -> Runner:
         return make_runner(sub, replace(tgt_target, pins=tuple(p for p in tgt_target.pins if p in sub.node_by_name), plan=None)
@@ -218,11 +222,7 @@ def _segmented(graph: ModelGraph, names: list[str], sizes: dict[str, int], budge
         last = tgt_values
         if progress:
             progress("capture", i + 1, len(segments))
-    moved = _moved_beyond_tolerance(observer, last, tol)
-    if moved:
-        log.info("segmented capture moved the target's outputs (%s): capturing in whole-model groups instead", moved)
-        return None
-    return diffs
+    return diffs, last
 
 
 def _moved_beyond_tolerance(observer: Observer, values: dict, tol: Tolerance) -> str:

@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import helper
 
-from aligner.backends.sandbox import release_freed_memory
 from aligner.graph.model import ModelGraph, _node_inputs
 
 log = logging.getLogger(__name__)
@@ -135,33 +133,25 @@ def run_segments(graph: ModelGraph, segments: Sequence[Segment], makers: Sequenc
                  feeds: dict[str, np.ndarray], cuts: Cuts | None = None) -> Iterator[list[dict[str, np.ndarray]]]:
     """For each segment in order, each side's values of its tensors (one dict per maker), computed
     from what that side's previous segments carried; the last also holds the graph outputs. Each
-    segment's model is built once and run by every side, the sides at the same time (a sandboxed
-    target computes in its child while the reference computes here)."""
+    segment's model is built once and run by every side in turn (both sides compute on every core:
+    running them at once only made them contend)."""
     cuts = cuts or Cuts(graph)
     carried = [dict(feeds) for _ in makers]
-    with ThreadPoolExecutor(len(makers), thread_name_prefix="aligner-side") as pool:
-        for segment in segments:
-            sub = ModelGraph(segment_model(graph, segment, cuts))
-            written = _written(segment, cuts)
-
-            def side(i: int, sub=sub, written=written) -> dict[str, np.ndarray]:
-                runner = makers[i](sub)
-                return runner.run({k: carried[i][k] for k in sub.input_names}, written)
-
-            futures = [pool.submit(side, i) for i in range(len(makers))]
-            out = []
-            for i, future in enumerate(futures):
-                values = future.result()
-                # a graph output that no compute node writes (a Constant's, an initializer) is carried by nobody: left out
-                carried[i] = {k: values[k] if k in values else carried[i][k] for k in segment.carry
-                              if k in values or k in carried[i]} | dict(feeds)
-                out.append({k: values[k] if k in values else carried[i][k] for k in dict.fromkeys([*segment.names, *segment.carry])
-                            if k in values or k in carried[i]})
-                del values
-            del futures
-            yield out
-            del out
-            release_freed_memory()
+    for segment in segments:
+        sub = ModelGraph(segment_model(graph, segment, cuts))
+        written = _written(segment, cuts)
+        out = []
+        for side, make in enumerate(makers):
+            runner = make(sub)
+            values = runner.run({k: carried[side][k] for k in sub.input_names}, written)
+            del runner
+            # a graph output that no compute node writes (a Constant's, an initializer) is carried by nobody: left out
+            carried[side] = {k: values[k] if k in values else carried[side][k] for k in segment.carry
+                             if k in values or k in carried[side]} | dict(feeds)
+            out.append({k: values[k] if k in values else carried[side][k] for k in dict.fromkeys([*segment.names, *segment.carry])
+                        if k in values or k in carried[side]})
+            del values
+        yield out
 
 
 __all__ = ["Cuts", "Segment", "plan_segments", "run_segments", "segment_model"]
