@@ -1,9 +1,13 @@
 """Story 1 end to end (issue 19): a masked-attention DETR-family detector, trained here, and the
 seeds' table — step / latency at batch 1 and 8 / throughput / COCO AP — with the command of each row.
 
-On the GPU machine (onnxruntime-gpu staged; about 6 minutes, training capped at 150 s):
+On the GPU machine (onnxruntime-gpu and onnxruntime-extensions staged; training capped at 150 s).
+The MaskedSoftmax rows run an onnxruntime-extensions Python op on the CPU (~70 ms a batch of 1,
+~600 ms a batch of 8 on the H200), so their bench and the tuning dominate: with trained weights,
+these settings took 333 s there (the defaults, --runs 100 and 5x20 tuning runs, take over 8 min):
 
-    source .gpu/bin/env.sh && PYTHONPATH=.:$PYTHONPATH python benchmarks/story1.py --out $OUT
+    source .gpu/bin/env.sh && PYTHONPATH=.:.gpu/ext/site:$PYTHONPATH python benchmarks/story1.py --out $OUT \
+        --weights .gpu/s1/masked_detr.pt --runs 10 --tune-rounds 2 --tune-runs 3
 
 On a CPU machine, the whole pipeline with tiny settings (ORT CPU instead of CUDA, no TF32 row):
 
@@ -17,7 +21,9 @@ On a CPU machine, the whole pipeline with tiny settings (ORT CPU instead of CUDA
 3. Every row through aligner's CLI, run in this process (``aligner.cli.main.main``): ``build
    --fuse``, ``precision``, ``compare``, ``eval coco --resize pad --mask-input mask``, ``bench``.
    Intermediate files go to ``--work`` (default: a new folder under benchmarks/work/).
-4. ``--out`` gets: masked_detr.onnx, masked_detr.pt, train_log.json, story1.md, story1.json, story1.html.
+4. The tuned row: ``aligner build --tune`` of the fused model with the plan (timed at batch 8);
+   ``eval`` and ``bench`` then take the built model, whose sidecar carries the chosen options.
+5. ``--out`` gets: masked_detr.onnx, masked_detr.pt, train_log.json, story1.md, story1.json, story1.html.
 """
 
 from __future__ import annotations
@@ -85,10 +91,12 @@ def main() -> None:
     ap.add_argument("--val-images", type=int, default=200)
     ap.add_argument("--workers", type=int, default=16)
     ap.add_argument("--runs", type=int, default=100, help="bench: timed runs per point")
+    ap.add_argument("--tune-rounds", type=int, default=5, help="build --tune: interleaved timing rounds")
+    ap.add_argument("--tune-runs", type=int, default=20, help="build --tune: timed runs per candidate per round")
     args = ap.parse_args()
     if args.quick:
         args.steps, args.train_seconds, args.batch, args.train_images = min(args.steps, 150), min(args.train_seconds, 90), 16, 512
-        args.val_images, args.workers, args.runs = 40, 1, 5
+        args.val_images, args.workers, args.runs, args.tune_rounds, args.tune_runs = 40, 1, 5, 2, 3
     wall = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
     work = (args.work or work_dir("story1-")).resolve()
@@ -124,6 +132,7 @@ def calibration(model: Path, images: Path, ann: Path, work: Path) -> Path:
     x, entries, backs = next(CocoDataset(images, ann, limit=16).batches(pre, 16))
     feeds = model_feeds("pixels", x, entries, backs, pre)
     np.savez(work / "calib.npz", **feeds)
+    np.savez(work / "calib8.npz", **{k: v[:8] for k, v in feeds.items()})  # build --tune times at batch 8
     return work / "calib.npz"
 
 
@@ -149,10 +158,13 @@ def table_rows(cmd: Commands, args, model: Path, images: Path, ann: Path, calib:
     specs = [f"{d}:fp32"] + ([f"{d}:tf32"] if cuda else []) + [f"{d}:fp16", "emu:fp16"]
     evals["orig"] = _eval(cmd, model, ["ort:cpu:fp32"] + [s for s in specs if s != "ort:cpu:fp32"], eval_args, runs / "eval_orig", work)
     evals["ms"] = _eval(cmd, fused_ms, ["ort:cpu:fp32", f"{d}:fp16", "emu:fp16"], eval_args, runs / "eval_ms", work) if rc_ms == 0 else None
-    tuned = f"{d}:fp16+plan@cudnn_conv_algo_search=HEURISTIC"
-    ln_specs = ["ort:cpu:fp32", f"{d}:fp16", "emu:fp16", f"{d}:fp16+plan", "emu:fp16+plan"] + ([tuned] if cuda else [])
+    ln_specs = ["ort:cpu:fp32", f"{d}:fp16", "emu:fp16", f"{d}:fp16+plan", "emu:fp16+plan"]
     evals["ms_ln"] = (_eval(cmd, fused_ln, ln_specs, eval_args + (["--plan", plan] if plan.exists() else []), runs / "eval_ms_ln", work)
                       if rc_ln == 0 else None)
+    tuned, n_t = _tuned_build(cmd, fused_ln, plan, d, work, doc, args) if plan.exists() else (work / "masked_detr.tuned.onnx", None)
+    # the built model runs as built, with its sidecar's options (ort) — the emulator runs the same built graph
+    evals["tuned"] = _eval(cmd, tuned, [f"{d}:fp16", "emu:fp16"], eval_args, runs / "eval_tuned", work) if n_t else None
+    chosen = doc.get("tune", {}).get("options")
     steps = [
         ("FP32", "orig", model, f"{d}:fp32", "ort:cpu:fp32", [], ""),
         ("TF32", "orig", model, f"{d}:tf32", None, [], "the emulator models FP16/BF16 storage, not TF32"),
@@ -163,12 +175,13 @@ def table_rows(cmd: Commands, args, model: Path, images: Path, ann: Path, calib:
         ("+ --fuse layernorm", "ms_ln", fused_ln, f"{d}:fp16", "emu:fp16", [n_ln], ""),
         (f"+ precision plan ({pins if pins is not None else '?'} FP32 nodes)", "ms_ln", fused_ln, f"{d}:fp16+plan", "emu:fp16+plan",
          [n_p], ""),
-        ("+ tuned options (cudnn_conv_algo_search=HEURISTIC, fixed: aligner/tune.py had not landed)", "ms_ln", fused_ln, tuned,
-         "emu:fp16+plan", [n_p], ""),
+        (f"+ tuned options ({chosen or 'the build failed'})", "tuned", tuned, f"{d}:fp16", "emu:fp16", [n for n in (n_t,) if n],
+         "aligner build --tune: the model built with the plan; bench and eval read the options from its sidecar (bench without "
+         "--target)"),
     ]
     rows = []
     for name, key, path, spec, emu, extra, note in steps:
-        if not cuda and ("tf32" in spec or "cudnn" in spec):
+        if not cuda and "tf32" in spec:
             continue
         ev = evals.get(key)
         row = {"step": name, "target": spec, "model": path.name, "note": note, "commands": list(extra)}
@@ -182,7 +195,8 @@ def table_rows(cmd: Commands, args, model: Path, images: Path, ann: Path, calib:
             row["AP_emulator"] = ev["targets"][emu]["AP"] if emu and emu in ev["targets"] else None
         if path.exists():
             bench_out = runs / f"bench_{len(rows)}"
-            rc, n = cmd.run(["bench", path, "--target", spec, "--batch", "1,8", "--runs", args.runs, "--warmup", max(2, args.runs // 10),
+            target = ["--target", spec] if key != "tuned" else []  # a build: its sidecar's target and options
+            rc, n = cmd.run(["bench", path, *target, "--batch", "1,8", "--runs", args.runs, "--warmup", max(2, args.runs // 10),
                              "--json", work / f"bench_{len(rows)}.json", "--run", bench_out, "--force"]
                             + (["--plan", plan] if "+plan" in spec else []))
             row["commands"].append(n)
@@ -199,6 +213,26 @@ def table_rows(cmd: Commands, args, model: Path, images: Path, ann: Path, calib:
                      "note": "not executed: TensorRT engines cannot execute on this machine (TensorRT-RTX refuses compute capability "
                              "9.0 and full TensorRT is not installable here); aligner build --target trt:* can build and serialize them"})
     return rows
+
+
+def _tuned_build(cmd: Commands, fused_ln: Path, plan: Path, d: str, work: Path, doc: dict, args) -> tuple[Path, int | None]:
+    """``aligner build --tune`` of the fused model with the plan, timed at batch 8; the chosen options
+    and every candidate's median from the sidecar into ``doc["tune"]``. (path, command number or None)."""
+    tuned = work / "masked_detr.tuned.onnx"
+    rc, n = cmd.run(["build", fused_ln, "--target", f"{d}:fp16", "--plan", plan, "--tune", "-o", tuned, "--inputs",
+                     work / "calib8.npz", "--tune-rounds", args.tune_rounds, "--tune-runs", args.tune_runs, "--force"])
+    sidecar = work / "masked_detr.tuned.onnx.json"
+    if rc != 0 or not sidecar.exists():
+        doc["tune"] = {"command": n, "exit": rc, "failed": True}
+        return tuned, None
+    side = json.loads(sidecar.read_text())
+    tuning = side.get("tuning") or {}
+    options = (side.get("target") or {}).get("options") or {}
+    doc["tune"] = {"command": n, "exit": rc, "options": ",".join(f"{k}={v}" for k, v in sorted(options.items())) or "defaults",
+                   "decision": tuning.get("decision"), "input_shapes": tuning.get("input_shapes"),
+                   "candidates": [{k: c.get(k) for k in ("label", "status", "median_ms", "spread_ms", "reason")}
+                                  for c in tuning.get("candidates", [])]}
+    return tuned, n
 
 
 def _eval(cmd: Commands, model: Path, specs: list[str], eval_args: list, run_dir: Path, work: Path) -> dict | None:
@@ -254,6 +288,13 @@ def markdown(doc: dict) -> str:
                      f"{_f(r.get('throughput_b8'), '.0f')} | {_f(r.get('AP'), '.4f')} | {_f(r.get('AP50'), '.4f')} | "
                      f"{_f(r.get('nonfinite_images'), 'd')} | {emu} | {', '.join(str(c) for c in r['commands'])} |")
     notes = [f"* {r['step']}: {r['note']}" for r in doc["rows"] if r.get("note") and not r.get("not_run")]
+    tune = doc.get("tune")
+    if tune and not tune.get("failed"):
+        notes.append(f"* build --tune (command {tune['command']}, inputs {tune.get('input_shapes')}): {tune.get('decision')}")
+        notes += [f"  * {c['label']}: {c['status']}" + (f", median {c['median_ms']:.3f} ms" if c.get("median_ms") is not None else "")
+                  + (f" ({c['reason'][:160]})" if c.get("reason") and c["status"] != "ok" else "") for c in tune["candidates"]]
+    elif tune:
+        notes.append(f"* build --tune (command {tune['command']}) failed: exit {tune['exit']}")
     lines += [""] + notes + ["", "Commands (`$OUT`, `$WORK`: the output and work folders):", ""]
     lines += [f"{i}. `{c}`" for i, c in enumerate(doc["commands"], 1)]
     return "\n".join(lines) + "\n"

@@ -4,6 +4,9 @@ On the GPU machine (torchvision preinstalled, onnxruntime-gpu staged; about 4-6 
 
     source .gpu/bin/env.sh && PYTHONPATH=.:$PYTHONPATH python benchmarks/story2_maskrcnn.py --out $OUT
 
+The FP16 stages alone (234 s on the H200): ``--skip-torch-compare --skip-fp16-compare
+--no-fusion-check --max-trials 8 --bench-options cudnn_conv_algo_search=HEURISTIC``.
+
 ``--standin`` runs every stage on the CPU with the two-stage head of ``aligner/examples/two_stage.py``
 instead (no torchvision: a smoke test of the script itself).
 
@@ -209,6 +212,11 @@ def main() -> None:
     ap.add_argument("--max-trials", type=int, default=15)
     ap.add_argument("--budget", type=float, default=300, help="seconds; stages that would start later are skipped")
     ap.add_argument("--skip-torch-compare", action="store_true", help="only the FP16 stages (the torch comparison takes ~140 s on the H200)")
+    ap.add_argument("--bench-options", metavar="K=V[,K=V]", help="also time every variant with these runtime options "
+                    "(e.g. cudnn_conv_algo_search=HEURISTIC: the tuned-builds finding)")
+    ap.add_argument("--skip-fp16-compare", action="store_true", help="no FP16 layer-by-layer compare (~60 s on the H200)")
+    ap.add_argument("--no-fusion-check", dest="fusion_check", action="store_false",
+                    help="the plan search skips its fusion-dependence check (re-runs the plan on the CPU emulator: ~100 s here)")
     args = ap.parse_args()
     wall = time.time()
     out = args.out.resolve()
@@ -270,10 +278,12 @@ def fp16_stages(log: Log, doc: dict, path: Path, x: np.ndarray, d: str, work: Pa
     floor = accuracy(ref, cpu) if cpu is not None else {}
     doc["noise_floor"] = {"what": f"ort:cpu:fp32 against {d}:fp32", **floor}
     runs: list[Path] = []
-    compared = log.stage(f"layer-by-layer compare {d}:fp16", _compare_run, graph, f"{d}:fp16", feeds, work / "runs" / "compare_fp16")
-    if compared:
-        runs.append(compared)
-    plan = log.stage(f"aligner precision on {d}:fp16", _plan, graph, f"{d}:fp16", feeds, ref, floor, work, args.max_trials)
+    if not args.skip_fp16_compare:
+        compared = log.stage(f"layer-by-layer compare {d}:fp16", _compare_run, graph, f"{d}:fp16", feeds, work / "runs" / "compare_fp16")
+        if compared:
+            runs.append(compared)
+    plan = log.stage(f"aligner precision on {d}:fp16", _plan, graph, f"{d}:fp16", feeds, ref, floor, work, args.max_trials,
+                     args.fusion_check)
     if plan is not None:
         doc["plan"] = {k: v for k, v in plan.to_dict().items() if k in ("fp32_nodes", "passed", "trials", "acceptance")}
         runs.append(write_run(work / "runs" / "precision", "precision", graph, plan.to_dict(), force=True))
@@ -290,11 +300,20 @@ def fp16_stages(log: Log, doc: dict, path: Path, x: np.ndarray, d: str, work: Pa
         row.update(accuracy(ref, got) if got is not None else {"failed": "did not run (see stages)"})
         doc["variants"].append(row)
         targets.append(target)
+    options = dict(kv.split("=", 1) for kv in args.bench_options.split(",")) if args.bench_options else {}
+    if options:
+        doc["bench_options"] = args.bench_options
+        targets += [t.with_options(options) for t in targets]
     bench = log.stage("latency (aligner bench)", _bench, graph, targets, args.runs)
     if bench is not None:
+        n = len(doc["variants"]) + 1
         doc["fp32_latency_ms"] = bench.rows[0].latency_ms["median"]
-        for row, b in zip(doc["variants"], bench.rows[1:]):
+        for row, b in zip(doc["variants"], bench.rows[1:n]):
             row["latency_ms"] = b.latency_ms["median"]
+        if options:
+            doc["fp32_latency_ms_options"] = bench.rows[n].latency_ms["median"]
+            for row, b in zip(doc["variants"], bench.rows[n + 1:]):
+                row["latency_ms_options"] = b.latency_ms["median"]
         runs.append(write_run(work / "runs" / "bench", "bench", graph, bench.to_dict(), force=True))
     return runs
 
@@ -308,7 +327,7 @@ def _compare_run(graph, target: str, feeds: dict, run_dir: Path) -> Path:
     return write_run(run_dir, "compare", graph, result.to_dict(), force=True)
 
 
-def _plan(graph, target: str, feeds: dict, ref: dict, floor: dict, work: Path, max_trials: int):
+def _plan(graph, target: str, feeds: dict, ref: dict, floor: dict, work: Path, max_trials: int, fusion_check: bool = True):
     from aligner.search.precision import Acceptance, search_precision
 
     want = 0.8 * floor.get("matched_share", 1.0)
@@ -322,7 +341,7 @@ def _plan(graph, target: str, feeds: dict, ref: dict, floor: dict, work: Path, m
 
     accept = Acceptance(finite=True, task=task, task_name=f"matched detections >= {want:.0%} of FP32's (IoU 0.5, same label)")
     return search_precision(graph, target, samples=[feeds], accept=accept, max_trials=max_trials,
-                            trials_log=work / "plan.trials.jsonl")
+                            trials_log=work / "plan.trials.jsonl", fusion_check=fusion_check)
 
 
 def _bench(graph, targets, runs: int):
@@ -347,13 +366,17 @@ def markdown(doc: dict) -> str:
     if floor:
         lines += [f"Noise floor ({floor['what']}): matched {_f(floor.get('matched_share'), '.1%')} of detections, NaN/inf "
                   f"{floor.get('nonfinite')}.", ""]
-    lines += [f"FP32 latency (batch 1): {_f(doc.get('fp32_latency_ms'), '.2f')} ms.", "",
+    opt = doc.get("bench_options")
+    lines += [f"FP32 latency (batch 1): {_f(doc.get('fp32_latency_ms'), '.2f')} ms"
+              + (f"; with {opt}: {_f(doc.get('fp32_latency_ms_options'), '.2f')} ms" if opt else "") + ".", "",
               "| FP16 variant | FP32 pins | NaN/inf values | detections matched (of FP32's) | rel_l2 boxes | rel_l2 scores | "
-              "rel_l2 masks | latency b1 (ms) |", "|---|---|---|---|---|---|---|---|"]
+              "rel_l2 masks | latency b1 (ms) |" + (f" latency b1, {opt} (ms) |" if opt else ""),
+              "|---|---|---|---|---|---|---|---|" + ("---|" if opt else "")]
     for r in doc.get("variants", []):
         matched = f"{r['matched']} / {r['ref_detections']} ({r['matched_share']:.0%})" if "matched" in r else r.get("failed", "—")
         lines.append(f"| {r['variant']} | {r['pins']} | {_f(r.get('nonfinite'), 'd')} | {matched} | {_f(r.get('rel_l2_boxes'), '.3g')} | "
-                     f"{_f(r.get('rel_l2_scores'), '.3g')} | {_f(r.get('rel_l2_masks'), '.3g')} | {_f(r.get('latency_ms'), '.2f')} |")
+                     f"{_f(r.get('rel_l2_scores'), '.3g')} | {_f(r.get('rel_l2_masks'), '.3g')} | {_f(r.get('latency_ms'), '.2f')} |"
+                     + (f" {_f(r.get('latency_ms_options'), '.2f')} |" if opt else ""))
     lines += ["", "Stages:", ""] + [f"* {s['stage']}: {'ok' if s['ok'] else 'FAILED — ' + s['error']} ({s['seconds']} s)"
                                     for s in doc["stages"]]
     lines += ["", "TensorRT: engines cannot execute on this machine (TensorRT-RTX refuses compute capability 9.0); not measured."]

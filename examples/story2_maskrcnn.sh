@@ -5,6 +5,8 @@
 #
 #   bash examples/story2_maskrcnn.sh                         # CPU: the stand-in two-stage head (no torchvision)
 #   DEVICE=cuda STANDIN= bash examples/story2_maskrcnn.sh    # the GPU machine: torchvision's Mask R-CNN (random weights)
+#   (the FP16 stages alone, ~4 min on the H200: python benchmarks/story2_maskrcnn.py --out OUT --skip-torch-compare
+#    --skip-fp16-compare --no-fusion-check --max-trials 8 --bench-options cudnn_conv_algo_search=HEURISTIC)
 #
 # The library calls it makes, for your own model:
 #   from aligner.compare.torch_compare import compare_torch
