@@ -42,6 +42,7 @@ def test_plan_pins_arrive_one_way(tmp_path):
     ("ort:gpu:fp16", "Valid targets"),
     ("ort:cpu:fp32+fp32=/a", "only apply to fp16/bf16"),
     ("ort:cuda:fp16@nokey", "@key=value"),
+    ("trt:fp16@workspace_mb=512@builder_optimization_level=3", "single '@', separated by commas"),
     ("", "Unknown target"),
 ])
 def test_bad_specs_say_what_to_write(spec, message):

@@ -132,6 +132,9 @@ def _parse(spec: str, plan: str | Path | None) -> Target:
         head, tail = text.rsplit("@", 1)
         if not _OPTION.match(tail):
             raise TargetError(f"Target {spec!r}: runtime options are written @key=value,key=value (got {tail!r}).")
+        if "@" in head and _OPTION.match(head.rsplit("@", 1)[1]):
+            raise TargetError(f"Target {spec!r}: runtime options are one list after a single '@', separated by commas "
+                              f"(e.g. {head.split('@', 1)[0]}@{head.split('@', 1)[1].replace('@', ',')},{tail}).")
         text, options = head, dict(kv.split("=", 1) for kv in tail.split(","))
     text, _, extra = text.partition("+")
     parts = [p.strip().lower() for p in text.split(":")]
