@@ -144,7 +144,7 @@ def test_plan_keeps_only_the_outlier_site_in_float(models):
     plan = search_precision(graph, target, samples=samples)
     assert plan.passed and plan.precision == "int8"
     assert set(plan.fp32_nodes) <= {OUTLIER_CONV, "relu2", CONSUMER} and CONSUMER in plan.fp32_nodes
-    assert plan.seeds == (CONSUMER,)  # from the isolated errors
+    assert set(plan.seeds) == {CONSUMER, "relu3"}  # from the isolated errors (conv3's Relu is folded into its unit)
     assert plan.quantization["settings"]["calibrate"] == "minmax" and plan.quantization["calibration"]["samples"] == 8
     for pin in plan.fp32_nodes:  # 1-minimal, proven on the real kernels: each one removed fails
         without = quantize(graph, target, exclude=[p for p in plan.fp32_nodes if p != pin])
@@ -205,17 +205,52 @@ def test_sweep_picks_the_setting_with_the_smallest_full_int8_error(models):
     assert QuantSettings.of(best) == winner.settings and best.option_dict["calib"] == str(models["calib"])
 
 
-def test_ranked_prefix_finds_the_shortest_passing_prefix_in_logarithmic_trials():
-    from aligner.search.int8 import ranked_prefix
+def test_switchable_qdq_emulates_any_exclusion_without_the_quantizer(models):
+    """One QDQ model with a switch on every activation Q/DQ pair gives, for a set of nodes kept in
+    float, what ONNX Runtime's quantizer would make of that exclusion (Q/DQ in float), and ranks the
+    tensors by their own share of the output error: the outlier tensor first."""
+    from aligner.quant.switch import SwitchableQdq
+    from aligner.search.int8 import quantizable
+
+    graph = ModelGraph.load(models["fault"])
+    emulated = _target("emu:int8", models)
+    universe = quantizable(graph, emulated)
+    assert "relu2" in universe  # folded into conv2's output Q/DQ, it reappears when conv2 is kept in float
+    switch = SwitchableQdq(graph, quantize(graph, emulated).model, universe)
+    assert switch.adjacent["a2"] == {OUTLIER_CONV, "relu2", CONSUMER}  # a2 stays float only when all three do
+    assert switch.float_tensors([CONSUMER]) == {"conv3.w", "conv3.b"}  # conv3 alone in float: conv2 still quantizes a2
+    reference = reference_runner(graph).run(_image(7))["y"]
+    assert rel_l2(reference, switch.runner(universe).run(_image(7))["y"]) < 1e-6  # every switch off: the float model
+    for excluded in ([], [CONSUMER], sorted(switch.adjacent["a2"]), ["conv0", "conv1"]):
+        quantized = make_runner(graph, emulated.with_pins(excluded)).run(_image(7))["y"]
+        assert rel_l2(quantized, switch.runner(excluded).run(_image(7))["y"]) < 1e-6, excluded
+    share, read = switch.sensitivity([_image(7), _image(8)])
+    assert read == 2  # both samples, stacked into one batch (the model's batch dimension is fixed: one run each)
+    ranked = sorted(share, key=share.get, reverse=True)
+    # the outlier tensor, then conv3's weights (its compensating column, /1000, rounds to 0 per output channel); the rest is noise
+    assert ranked[:2] == ["a2", "conv3.w"] and share["a2"] > 0.5 and max(share[t] for t in ranked[2:]) < 0.01
+
+
+def test_fallback_search_is_one_minimal_on_a_landscape_that_is_not_monotone():
+    """Keeping tensor h float makes the output worse unless x is float too (quantization errors that
+    cancel): the ranked prefix passes with h and x inside, and the node-by-node pass removes both."""
+    from aligner.search.int8 import FallbackGroup, search_fallback
     from aligner.search.pins import Trial
 
-    needed, calls = {"n3", "n41"}, []
+    needed = {"a", "b", "c"}
+    calls = []
 
     def check(pins: frozenset, phase: str) -> Trial:
-        calls.append(phase)
-        return Trial(pins, needed <= pins, phase)
+        calls.append(pins)
+        return Trial(pins, needed <= pins and ("h" not in pins or "x" in pins), phase)
 
-    ranking = [f"n{i}" for i in range(100)]
-    assert ranked_prefix(["n3"], check, ranking) == ["n3"] + [n for n in ranking if n != "n3"][:41]  # seeds first, then the ranking
-    assert calls.count("rank") <= 14 and calls[0] == "pure"
-    assert ranked_prefix([], lambda pins, phase: Trial(pins, True, phase), ranking) == []  # pure INT8 passes: nothing to keep
+    groups = [FallbackGroup(frozenset({"h"}), "th", 0.9), FallbackGroup(frozenset({"a", "b"}), "t1", 0.5)]
+    groups += [FallbackGroup(frozenset({f"n{i}"}), f"t{i + 2}", 0.1) for i in range(20)]
+    groups += [FallbackGroup(frozenset({"x", "c"}), "tx", 0.05), FallbackGroup(frozenset({"y"}), "ty", 0.01)]
+    pins, verified = search_fallback(groups, check)
+    assert sorted(pins) == ["a", "b", "c"] and verified.passed
+    for pin in pins:  # 1-minimal: without any one kept node the check fails
+        assert not check(frozenset(pins) - {pin}, "proof").passed
+    trials = len(set(calls[:-3]))
+    assert trials <= 1 + 2 * 5 + 2 * 25  # pure, doubling+halving over 24 groups, at most two rounds over the prefix
+    assert search_fallback(groups, lambda p, phase: Trial(p, True, phase)) == ([], Trial(frozenset(), True, "pure"))

@@ -35,11 +35,14 @@ how it searches:
 INT8 (--target ort:cpu:int8, emu:int8): a pin is a node kept in float (excluded from ONNX
   Runtime's quantizer, nodes_to_exclude). Before the search, --sweep (default on) quantizes the whole
   model with each calibration method (minmax, entropy, percentile) x reduce_range and keeps the
-  setting with the smallest output error on the target's real kernels. Nodes are ranked by their
-  own quantization error (isolated: Q/DQ, node, Q/DQ fed the reference's inputs; worst channel
-  first), those beyond the INT8 tolerance first; the shortest passing prefix of that ranking is
-  found by doubling then halving, then step 3 makes it 1-minimal. Every trial re-quantizes
-  (calibration is cached) and runs on the target. The plan
+  setting with the smallest output error on the target's real kernels. ONNX Runtime quantizes a
+  tensor when any node next to it is quantized, so the search moves by tensors: each quantized
+  tensor gives a group (the nodes that must all stay float for it to stay unquantized), ranked by
+  the tensor's own share of the output error with only it quantized (one emulated run per tensor
+  on a switchable Q/DQ model, on the inputs and calibration data: no quantizer call). Nodes whose
+  integer kernel loses accuracy that Q/DQ in float does not come first. Trials find the shortest
+  passing prefix of the groups (doubling, then halving), then step 3 (one node at a time) makes it
+  1-minimal. Every trial re-quantizes (calibration is cached) and runs on the target. The plan
   records the quantizer settings and calibration; --save-model writes the QDQ model with the plan's
   nodes kept in float; ort:cpu:int8+plan.json runs it in compare, bisect, eval and bench.
 

@@ -1,15 +1,20 @@
 """INT8 in the pin search: a pin is a node kept in float (excluded from ONNX Runtime's quantizer).
 
-What differs from FP16/BF16 is only how the search starts: the candidates are the nodes the
-quantizer quantizes; they are ranked by their own quantization error (isolated on the target);
-the shortest passing prefix of that ranking is found by doubling then halving; the quantizer
-settings may first be swept. Trials, minimisation and the plan are :mod:`aligner.search.precision`'s.
+ONNX Runtime quantizes a tensor when any node next to it is quantized, so the search moves by
+*tensors*: each quantized tensor gives a group (the nodes that must all stay float for it to stay
+unquantized), ranked by the tensor's own share of the output error, measured on one switchable
+emulated model (:mod:`aligner.quant.switch`: no quantizer call, one run per tensor). Trials — each
+one quantized by ONNX Runtime and run on the target's real kernels — find the shortest passing
+prefix of that ranking (doubling, then halving), then prove the plan 1-minimal node by node. Nodes
+whose integer kernel loses accuracy that Q/DQ does not (isolated on the target) come first. The
+quantizer settings may first be swept. Trials and the plan are :mod:`aligner.search.precision`'s.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from aligner.backends import reference_runner
 from aligner.backends.target import Target
@@ -28,29 +33,32 @@ def quantizable(graph: ModelGraph, target: Target) -> list[str]:
 
     ops = set(QDQRegistry) | set(QLinearOpsRegistry)  # what the quantizer quantizes (a Shape reading a DQ output is not)
     qmap = QdqMap(graph, quantize(graph, target, exclude=()).model)
-    return [n.name for n in graph.nodes if n.op_type in ops and n.name in qmap.nodes and (u := qmap.unit(n.name)) is not None
-            and len(u.nodes) > 1]
+    # A Relu/Clip folded into its producer's output Q/DQ counts too: keep the producer in float and it
+    # reappears with Q/DQ of its own (on the wider pre-activation), unless it is kept in float as well.
+    return [n.name for n in graph.nodes if n.op_type in ops and (
+        (n.name in qmap.nodes and (u := qmap.unit(n.name)) is not None and len(u.nodes) > 1)
+        or (n.name not in qmap.nodes and n.op_type in ("Relu", "Clip") and qmap.folded_into(n.name) is not None))]
 
 
 def quantization_seeds(graph: ModelGraph, target: Target, feeds: Feeds, universe: Sequence[str]) -> tuple[dict[str, str], list[str]]:
     """Nodes whose own quantization error (isolated on ``target``, reference inputs) exceeds the INT8
-    tolerance, with the evidence (a node whose error is the integer kernel's says so), and every
-    node of ``universe`` ranked by that error, largest first (how the search grows past the seeds)."""
+    tolerance, with the evidence, largest first; and those among them whose error is the integer
+    kernel's (small with Q/DQ in float): emulation cannot rank them, so the search tries them first."""
     from aligner.compare.tolerance import tolerance_for
     from aligner.search.isolate import isolate, kernel_or_quantization
 
     tol = tolerance_for(target)
     errors = isolate(graph, list(universe), feeds, reference_runner(graph), target.with_pins(()), tol)
     ranked = sorted((e for e in errors if e.node in set(universe) and e.metrics), key=lambda e: rank_key(e, tol.metric), reverse=True)
-    own = [e for e in ranked if e.diverges]
-    seeds = {}
-    for e in own:
+    seeds, kernel = {}, []
+    for e in (e for e in ranked if e.diverges):
         why = f"own quantization error {tol.metric} {e.metrics.get(tol.metric, math.nan):.3g} (isolated on {target.base}, tolerance {tol.threshold:g})"
         if kernel_or_quantization(e, tol) == "kernel":
             why += (f"; with Q/DQ in float it is only {e.metrics.get('emulated_' + tol.metric, math.nan):.3g}: ONNX Runtime's integer "
                     "kernel loses it, not quantization (try reduce_range=1)")
+            kernel.append(e.node)
         seeds[e.node] = why
-    return seeds, [e.node for e in ranked]
+    return seeds, kernel
 
 
 def rank_key(error, metric: str) -> tuple[float, float]:
@@ -77,30 +85,104 @@ def quantizer_settings(graph: ModelGraph, target: Target, samples: Sequence[Feed
     return target, record
 
 
-def ranked_prefix(seeds: list[str], check: Callable, ranking: Sequence[str]) -> list[str]:
-    """The shortest prefix of the ranking (the seeds first, then every node by isolated quantization
-    error) whose nodes kept in float pass: lengths doubling from the seeds' until one passes, then
-    halving the gap; about 2*log2(N) trials where growing one node per trial would cost one per node.
-    The minimisation that follows proves each kept node necessary, whatever the ranking got wrong."""
-    order = list(dict.fromkeys([*seeds, *ranking]))
-    if check(frozenset(), "pure").passed:
-        return []
-    failing, passing, k = 0, None, max(1, len(seeds))
-    while passing is None and failing < len(order):
-        k = min(k, len(order))
-        if check(frozenset(order[:k]), "rank").passed:
+class FallbackRanking:
+    """What keeping nodes in float can buy, ranked: one group per quantized tensor — the nodes that
+    must all stay float for it to stay unquantized (:class:`aligner.quant.switch.SwitchableQdq`) —
+    largest own share of the output error first (that tensor alone quantized, Q/DQ in float: one
+    emulated run per tensor, on the search's samples and the calibration data — as many as fit in
+    about ``seconds`` — no quantizer call). ``kernel`` nodes (whose integer kernel
+    loses accuracy that Q/DQ does not, so emulation cannot rank them) come first, one group each.
+
+    Only the ranking is emulated: where ONNX Runtime's integer kernels and Q/DQ in float disagree
+    (they do, by a few 0.01 of output rel_l2 on the PP-OCR models), an emulated verdict on a whole
+    plan would be wrong, so every verdict is a trial."""
+
+    def __init__(self, graph: ModelGraph, target: Target, samples: Sequence[Feeds], universe: Sequence[str], kernel: Sequence[str] = (),
+                 seconds: float = 120.0):
+        from aligner.quant.quantize import calibration_of, quantize
+        from aligner.quant.switch import SwitchableQdq
+
+        switch = SwitchableQdq(graph, quantize(graph, target, exclude=()).model, universe)
+        # The calibration data ranks too: one sample's error says little (a classifier's output moves on a few images).
+        share, self.samples_read = switch.sensitivity([*samples, *calibration_of(graph, target).samples], seconds)
+        tensors = switch.tensors
+        ranked = sorted((t for t in tensors if switch.adjacent[t]), key=lambda t: (-share[t], tensors.index(t)))
+        self.groups = [FallbackGroup(frozenset([n]), n, math.inf, "seed") for n in kernel]
+        self.groups += [FallbackGroup(switch.adjacent[t], t, share[t]) for t in ranked]
+        self.runs = switch.runs  # emulated runs (a batch of samples counts once)
+
+
+@dataclass(frozen=True)
+class FallbackGroup:
+    """Nodes to keep in float together so that ``tensor`` stays unquantized, and that tensor's own
+    share of the output error (rel_l2 of the outputs with only it quantized)."""
+
+    nodes: frozenset[str]
+    tensor: str
+    share: float
+    kind: str = "tensor"  # or "seed": a node whose integer kernel loses accuracy
+
+    def reason(self) -> str:
+        if self.kind == "seed":
+            return "its integer kernel loses accuracy that Q/DQ in float does not (isolated on the target)"
+        return f"keeps {self.tensor!r} unquantized (quantized alone it gives output rel_l2 {self.share:.3g}, emulated)"
+
+
+def search_fallback(groups: Sequence[FallbackGroup], check: Callable, order: Callable[[str], int] = lambda n: 0) -> tuple[list[str], object]:
+    """The float fallback, every decision a trial of ``check`` (real kernels):
+
+    1. pure INT8, if it passes;
+    2. the shortest passing prefix of the ranked ``groups`` (the nodes of the first k groups kept in
+       float; k doubling from 1 until a trial passes, then the gap halved: about 2*log2(N) trials);
+    3. that set made 1-minimal node by node (:func:`aligner.search.pins.minimize`, least-ranked nodes
+       tried first): removing any one kept node fails the check — the landscape is not monotone
+       (keeping some tensors float makes the output *worse*, even with Q/DQ in float), so nothing
+       short of this proves a node necessary.
+
+    Returns (pins, the trial that verifies them) or (every node of the groups, None) when even all
+    of them fail."""
+    from aligner.search.pins import minimize
+
+    pure = check(frozenset(), "pure")
+    if pure.passed:
+        return [], pure
+
+    def prefix(k: int) -> frozenset[str]:
+        return frozenset(n for g in groups[:k] for n in g.nodes)
+
+    failing, passing, k = 0, None, 1
+    while passing is None and failing < len(groups):
+        k = min(k, len(groups))
+        if check(prefix(k), "rank").passed:
             passing = k
         else:
             failing, k = k, 2 * k
     if passing is None:
-        return order  # even all of them fail: growing says so
+        return sorted(prefix(len(groups)), key=order), None
     while passing - failing > 1:
         mid = (failing + passing) // 2
-        if check(frozenset(order[:mid]), "rank").passed:
+        if check(prefix(mid), "rank").passed:
             passing = mid
         else:
             failing = mid
-    return order[:passing]
+    rank = {}
+    for i, g in enumerate(groups[:passing]):
+        for n in g.nodes:
+            rank.setdefault(n, i)
+    pins = sorted(rank, key=lambda n: (-rank[n], order(n)))  # least-ranked first: the likeliest to go
+    pins = minimize(pins, check, halve_above=len(pins) + 1)
+    return sorted(pins, key=order), check(frozenset(pins), "final")
 
 
-__all__ = ["quantizable", "quantization_seeds", "quantizer_settings", "rank_key", "ranked_prefix"]
+def fallback_reasons(pins: Sequence[str], groups: Sequence[FallbackGroup], seeds: dict[str, str]) -> dict[str, str]:
+    """Why each kept node is in the plan: the highest-ranked group it belongs to (the tensor it keeps
+    unquantized, or a kernel seed), with its isolated error where it has one."""
+    out = {}
+    for name in pins:
+        group = next((g for g in groups if name in g.nodes), None)
+        why = group.reason() if group is not None else "kept by the search"
+        out[name] = f"{why}; {seeds[name]}" if name in seeds else why
+    return out
+
+
+__all__ = ["FallbackGroup", "FallbackRanking", "fallback_reasons", "quantizable", "quantization_seeds", "quantizer_settings", "rank_key", "search_fallback"]

@@ -96,9 +96,9 @@ class _Evaluator:
 
     def __init__(self, graph: ModelGraph, target: Target, samples: list[Feeds], accept: Acceptance, log_: TrialLog,
                  locate: bool, max_trials: int, progress: Callable[[Trial, int], None] | None, universe: Sequence[str] = (),
-                 ranking: Sequence[str] = ()):
+                 fallback=None):
         self.graph, self.target, self.samples, self.accept, self.log = graph, target, samples, accept, log_
-        self.ranking = list(ranking)  # INT8: nodes by isolated quantization error, largest first: growth takes the next one
+        self.fallback = fallback  # INT8: aligner.search.int8.FallbackRanking; the search is int8.search_fallback
         self.locate, self.max_trials, self.progress, self.universe = locate, max_trials, progress, set(universe)
         ref = reference_runner(graph)
         self.reference = [ref.run(feeds) for feeds in samples]
@@ -162,10 +162,10 @@ class _Evaluator:
 
     def _culprit(self, pins: frozenset[str]) -> str | None:
         """Where NaN/inf (else the divergence) starts under these pins, not already pinned; on INT8,
-        the unpinned node with the largest isolated quantization error (measured once: no bisect per
-        trial, and a failing task metric need not show as a divergent tensor)."""
-        if self.ranking:
-            return next((n for n in self.ranking if n not in pins), None)
+        the first unpinned node of the ranked groups (no bisect per trial, and a failing task metric
+        need not show as a divergent tensor)."""
+        if self.fallback is not None:
+            return next((n for g in self.fallback.groups for n in sorted(g.nodes) if n not in pins), None)
         from aligner.search.bisect import bisect
 
         verdict = bisect(self.graph, target=self.target.with_pins(pins), feeds=self.samples[0], strategy="auto", window=0)
@@ -244,17 +244,21 @@ def search_precision(
     header = {"model": str(graph.path or "<in-memory>"), "model_sha": _fingerprint(graph), "target": str(target),
               "accept": list(accept.describe()), "samples": len(samples)}
     with TrialLog(Path(trials_log) if trials_log else None, header, Path(resume) if resume else None) as log_:
-        ranking: list[str] = []
-        if target.is_quantized:
-            seeds, ranking = int8.quantization_seeds(graph, target, samples[0], universe)
+        fallback = None
+        if target.is_quantized:  # groups of nodes to keep in float together, by the tensor each keeps unquantized
+            seeds, kernel = int8.quantization_seeds(graph, target, samples[0], universe)
+            fallback = int8.FallbackRanking(graph, target, samples, universe, kernel)
         else:
             seeds = seed_pins(graph, value_ranges(graph, samples), target.precision)
-        evaluator = _Evaluator(graph, target, list(samples), accept, log_, not seeds, max_trials, progress, universe, ranking)
+        evaluator = _Evaluator(graph, target, list(samples), accept, log_, not seeds, max_trials, progress, universe, fallback)
         pins, verified, notes = _search(list(seeds), evaluator, universe, max_trials)
     if log_.resumed:
         notes.append(f"resumed {log_.resumed} trial(s) from {resume}; {evaluator.new_trials} new")
     pins = sorted(pins, key=graph.index_of.__getitem__)
-    reasons = _reasons(graph, pins, seeds, log_, "the next-largest isolated quantization error when a trial" if ranking else "")
+    if fallback is not None:  # besides the trials: the ranking's emulated runs (no quantizer call)
+        quantization = {**quantization, "tensor_groups": len(fallback.groups), "emulated_runs": fallback.runs,
+                        "ranking_samples": fallback.samples_read}
+    reasons = _reasons(graph, pins, int8.fallback_reasons(pins, fallback.groups, seeds) if fallback else seeds, log_)
     plan = PrecisionPlan(
         model=str(graph.path or "<in-memory>"), precision=target.precision, target=str(target), accept=accept.describe(),
         pins=tuple(Pin(n, graph.node(n).op_type, reasons[n]) for n in pins), passed=verified is not None and verified.passed,
@@ -292,11 +296,12 @@ def pinnable(graph: ModelGraph, auto: dict[str, str]) -> list[str]:
 def _search(seeds: list[str], evaluator: _Evaluator, universe: list[str], max_trials: int) -> tuple[list[str], Trial | None, list[str]]:
     """search_pins, and what to tell the user when it stops short: (pins, verifying trial or None, notes)."""
     try:
-        if evaluator.ranking:  # INT8: start from the shortest passing prefix of the isolated-error ranking
-            from aligner.search.int8 import ranked_prefix
+        if evaluator.fallback is not None:  # INT8: the shortest passing prefix of the ranked tensor groups, then 1-minimal
+            from aligner.search.int8 import search_fallback
 
-            seeds = ranked_prefix(seeds, evaluator, evaluator.ranking)
-        pins, verified = search_pins(seeds, evaluator, universe=universe)
+            pins, verified = search_fallback(evaluator.fallback.groups, evaluator, evaluator.graph.index_of.__getitem__)
+        else:
+            pins, verified = search_pins(seeds, evaluator, universe=universe)
     except _OutOfTrials:
         best = evaluator.best
         if best is None:
@@ -310,16 +315,13 @@ def _search(seeds: list[str], evaluator: _Evaluator, universe: list[str], max_tr
     return pins, verified, []
 
 
-def _reasons(graph: ModelGraph, pins: list[str], seeds: dict[str, str], log_: TrialLog, ranked: str = "") -> dict[str, str]:
+def _reasons(graph: ModelGraph, pins: list[str], seeds: dict[str, str], log_: TrialLog) -> dict[str, str]:
     out = {}
     pinned = set(pins)
     spread = any(t.phase == "all" for t in log_.cache.values())
     grown = "kept from the all-FP32 model as minimisation removed the rest (no single culprit)" if spread else "grown by the search"
-    if ranked and not spread:
-        grown = "in the shortest passing prefix of the nodes ranked by isolated quantization error"
     for name in pins:
-        why = seeds.get(name) or next((f"{ranked or 'NaN/inf or the divergence started here in a trial'} with {len(t.pins)} pin(s)"
-                                       + (" failed" if ranked else "")
+        why = seeds.get(name) or next((f"NaN/inf or the divergence started here in a trial with {len(t.pins)} pin(s)"
                                        for t in log_.cache.values() if t.culprit == name), grown)
         without = log_.cache.get(frozenset(pinned - {name}))
         if without is not None and not without.passed:
