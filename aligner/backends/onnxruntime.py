@@ -26,6 +26,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from aligner.backends.base import InputInfo, capture_policy, check_capture, check_options, choice_option, describe_model_inputs, int_option, time_runs
+from aligner.backends.sandbox import sandboxed
 from aligner.backends.target import Target
 from aligner.errors import TargetError, TargetRunError
 from aligner.plugin import has_plugins
@@ -182,7 +183,7 @@ class OrtRunner:
         self._files: dict[tuple[str, ...], Path] = {}
         self._written = 0
         # Optimized targets run in a child process unless told not to (plugin ops report their errors in-process).
-        self._sandboxed = optimize and not self._custom_ops and target.option_dict.get("sandbox", "1") != "0"
+        self._sandboxed = optimize and not self._custom_ops and sandboxed(target)
 
     @property
     def _model(self) -> onnx.ModelProto:

@@ -105,14 +105,14 @@ def _serve(read_fd: int, write_fd: int) -> None:  # pragma: no cover - runs in t
             values = session.run(req["fetch"], dict(zip(req["feeds"], feeds)))
             _send(replies, {"status": "ok"}, values)
             del values, feeds
-            release_freed_memory()
+            _release_freed_memory()
         except AlignerError as exc:
             _send(replies, {"status": "aligner", "kind": type(exc).__name__, "message": str(exc)})
         except Exception as exc:  # noqa: BLE001 - ORT raises its own types
             _send(replies, {"status": "error", "message": str(exc).strip().replace("\n", " ")[:600]})
 
 
-def release_freed_memory() -> None:
+def _release_freed_memory() -> None:
     """Hand freed memory back to the OS: glibc keeps freed blocks of up to 32 MB in the heap, so a
     process that handles many differently sized tensors in turn (capture runs) grows its peak with
     each one unless told."""
@@ -139,20 +139,23 @@ class Sandbox:
                                       pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL)
         os.close(to_child_r)
         os.close(from_child_w)
-        for fd in (to_child_w, from_child_r):  # 1 MiB pipes: captured tensors cross in fewer, larger writes
-            try:
-                import fcntl
+        try:  # 1 MiB pipes: captured tensors cross in fewer, larger writes (Linux)
+            import fcntl
 
+            for fd in (to_child_w, from_child_r):
                 fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
-            except (ImportError, AttributeError, OSError):
-                pass
+        except (ImportError, AttributeError, OSError):
+            pass
         self._requests, self._replies = os.fdopen(to_child_w, "wb"), os.fdopen(from_child_r, "rb")
 
     def warm(self) -> None:
         """Start the child now (it imports ONNX Runtime while the caller loads the model)."""
         with self._lock:
-            if self._proc is None or self._proc.poll() is not None:
-                self._start()
+            self._ensure_started()
+
+    def _ensure_started(self) -> None:  # with the lock held
+        if self._proc is None or self._proc.poll() is not None:
+            self._start()
 
     def run(self, path: Path, target, optimize: bool, arena: bool, fetch: Sequence[str], feeds: dict, label: str,
             optimized: Path | None = None) -> list[np.ndarray]:
@@ -161,8 +164,7 @@ class Sandbox:
         header = {"path": str(path), "target": str(target), "optimize": optimize, "arena": arena, "fetch": list(fetch),
                   "feeds": list(feeds), "label": label, "optimized": str(optimized) if optimized else None}
         with self._lock:
-            if self._proc is None or self._proc.poll() is not None:
-                self._start()
+            self._ensure_started()
             try:
                 _send(self._requests, header, list(feeds.values()))
                 reply, values = _recv(self._replies)
@@ -212,6 +214,11 @@ def _describe(code: int | None) -> str:
 _SANDBOX: Sandbox | None = None
 
 
+def sandboxed(target) -> bool:
+    """Whether ``target``'s optimized ONNX Runtime sessions run in the child (``sandbox=1``, the default)."""
+    return target.option_dict.get("sandbox", "1") != "0"
+
+
 def sandbox() -> Sandbox:
     """The process's sandbox (started on first use, restarted after a crash)."""
     global _SANDBOX
@@ -223,4 +230,4 @@ def sandbox() -> Sandbox:
     return _SANDBOX
 
 
-__all__ = ["Sandbox", "release_freed_memory", "sandbox"]
+__all__ = ["Sandbox", "sandbox", "sandboxed"]

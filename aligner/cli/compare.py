@@ -62,9 +62,9 @@ def run(args: argparse.Namespace) -> int:
     check_writable([args.json, args.csv, args.save_inputs] + report_paths(args), args.force)
     target = resolve_target(args)
     tolerance = tolerance_from_args(args, target)
-    if target.runtime == "ort" and target.option_dict.get("sandbox", "1") != "0":
-        from aligner.backends.sandbox import sandbox
+    from aligner.backends.sandbox import sandbox, sandboxed
 
+    if target.runtime == "ort" and sandboxed(target):
         sandbox().warm()  # the child imports ONNX Runtime while the model loads
     graph, other, feeds = load_models_and_feeds(args)
     console = Console(stderr=True, highlight=False)

@@ -52,10 +52,10 @@ class CaptureCheck:
     made only when a capture run's outputs moved by more than a few rounding steps — the noise can
     only widen the bound — so a capture that changed nothing costs one uncaptured run, not two."""
 
-    def __init__(self, baseline: Mapping[str, np.ndarray] | Future, noise: float | Callable[[], Mapping[str, np.ndarray]],
+    def __init__(self, baseline: Mapping[str, np.ndarray] | Future, second: Callable[[], Mapping[str, np.ndarray]],
                  resolution: float = 2.0**-23):
         self._baseline, self.resolution = baseline, resolution  # resolution: relative rounding step of the target's precision
-        self._noise, self._second = (float(noise), None) if not callable(noise) else (None, noise)
+        self._second, self._noise = second, None  # the second uncaptured run, made on first use of ``noise``
 
     @property
     def baseline(self) -> Mapping[str, np.ndarray]:

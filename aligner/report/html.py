@@ -13,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 from aligner._optional import require
+from aligner.compare.metrics import HIGHER_IS_BETTER
 from aligner.errors import InputError
 from aligner.inputs import write_atomic
 from aligner.report.charts import latency_throughput_chart, layer_error_chart, trials_chart
@@ -62,7 +63,7 @@ def _kernel_rows(result: dict, limit: int = 50) -> list[dict]:
     """Per fused kernel of the deployed graph: its original nodes, the tensors compared at its
     boundary, the worst of them and whether a capture perturbed it; worst first."""
     metric = result["tolerance"]["metric"]
-    higher = metric in ("cosine", "snr_db")
+    higher = metric in HIGHER_IS_BETTER
     by_kernel: dict[str, list[dict]] = {}
     for t in result.get("tensors", []):
         if t.get("kernel"):
@@ -77,9 +78,8 @@ def _kernel_rows(result: dict, limit: int = 50) -> list[dict]:
         rows.append({"name": k.get("name", "?"), "op_type": k.get("op_type", ""), "originals": list(k.get("originals", [])),
                      "compared": [t["tensor"] for t in compared], "worst": worst,
                      "diverges": any(t.get("diverges") for t in compared), "perturbed": next((t["perturbed"] for t in compared if t.get("perturbed")), "")})
-    key = (lambda row: (row["worst"] is None, row["worst"] if row["worst"] is not None else 0)) if higher else \
-          (lambda row: (row["worst"] is None, -(row["worst"] or 0)))
-    return sorted(rows, key=key)[:limit]
+    sign = 1 if higher else -1  # worst first: the lowest cosine/SNR, the highest error
+    return sorted(rows, key=lambda row: (row["worst"] is None, sign * (row["worst"] or 0)))[:limit]
 
 
 def _graph_link(overlays: GraphOverlays | None):
