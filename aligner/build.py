@@ -55,17 +55,21 @@ class BuildCheck:
     """A low-precision build's outputs against the FP32 model, on the emulator with the same pins."""
 
     on: str  # the emulator target the build was checked on
-    tolerance: Tolerance
+    tolerance: Tolerance | None  # None: INT8 builds, judged by ``accept``
     worst_rel_l2: float
     diverging: tuple[str, ...]  # outputs whose NaN/inf pattern or metric breaks the tolerance
+    accept: tuple[str, ...] = ()  # INT8: the acceptance of the plan the build was made from (or the INT8 default)
 
     @property
     def passed(self) -> bool:
         return not self.diverging
 
+    def rule(self) -> str:
+        return self.tolerance.describe() if self.tolerance else ", ".join(self.accept)
+
     def to_dict(self) -> dict:
-        return {"on": self.on, "tolerance": self.tolerance.to_dict(), "worst_rel_l2": _num(self.worst_rel_l2),
-                "diverging": list(self.diverging), "passed": self.passed}
+        return {"on": self.on, "tolerance": self.tolerance.to_dict() if self.tolerance else None, "accept": list(self.accept),
+                "worst_rel_l2": _num(self.worst_rel_l2), "diverging": list(self.diverging), "passed": self.passed}
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,7 @@ class BuildResult:
     unmatched_pins: tuple[str, ...] = ()  # trt --layer-precision: pins no layer carries
     notes: tuple[str, ...] = ()
     tuning: TuneResult | None = None  # the runtime options measured (build --tune); target carries the chosen ones
+    quantization: Mapping | None = None  # INT8: ONNX Runtime's quantizer, its settings, calibration, the nodes kept in float
 
     @property
     def passed(self) -> bool:
@@ -103,7 +108,7 @@ class BuildResult:
                 "overflows": [{"tensor": o.tensor, "max_abs": o.max_abs, "count": o.count} for o in self.overflows],
                 "ort_optimized": self.ort_optimized, "engine": dict(self.engine) if self.engine else None,
                 "unmatched_pins": list(self.unmatched_pins), "notes": list(self.notes),
-                "tuning": self.tuning.to_dict() if self.tuning else None}
+                "tuning": self.tuning.to_dict() if self.tuning else None, "quantization": self.quantization}
 
 
 def sidecar_path(output: str | Path) -> Path:
@@ -161,7 +166,12 @@ def build_target(target: str | Target, plan: str | Path | None = None) -> Target
     if target.runtime == "ort":
         from aligner.backends.onnxruntime import session_options
 
-        session_options(target, optimize=True)  # option values too (threads=x), before any work
+        if target.is_quantized:
+            from aligner.quant.quantize import session_target
+
+            session_options(session_target(target), optimize=True)
+        else:
+            session_options(target, optimize=True)  # option values too (threads=x), before any work
     if target.runtime == "trt":
         from aligner.backends.tensorrt import load_tensorrt
 
@@ -204,6 +214,11 @@ def _build_onnx(graph: ModelGraph, target: Target, output: Path, feeds, fused, n
     base = BuildResult(target, str(output), "onnx", False, fused=fused, notes=tuple(notes))
     if target.precision in ("fp32", "tf32"):
         model, result = graph.model, base
+    elif target.is_quantized:
+        model, result = _quantized(graph, target, feeds, base)
+        if not result.passed and not write_anyway:
+            return result
+        model.metadata_props.add(key=BUILT_PRECISION, value="int8")  # runners take it as built
     else:
         rewrite = rewrite_precision(graph, target.pins, target.precision)
         result = _with_rewrite(base, rewrite, check_build(graph, target, feeds))
@@ -233,14 +248,21 @@ def _build_engine(graph: ModelGraph, target: Target, output: Path, feeds, fused,
     from aligner.backends.tensorrt import build_engine
 
     result = BuildResult(target, str(output), "engine", False, fused=fused, notes=tuple(notes))
-    if target.precision != "fp32":
+    if target.is_quantized:  # the QDQ model: its Q/DQ say where the strongly typed engine runs INT8
+        model, result = _quantized(graph, target, feeds, result)
+        if not result.passed and not write_anyway:
+            return result
+        graph, target = ModelGraph(model, graph.path), Target("trt", "cuda", "fp32", options=target.options)
+    elif target.precision != "fp32":
         rewrite = rewrite_precision(graph, target.pins, target.precision)
         result = _with_rewrite(result, rewrite, check_build(graph, target, feeds))
         if not result.passed and not write_anyway:
             return result
     shapes = {k: tuple(v) for k, v in (input_shapes or {}).items()}
+    from aligner.backends.tensorrt import TRT_OPTIONS
+
     engine = build_engine(graph, target.precision, target.pins, shapes, plugins=plugins, layer_precision=layer_precision,
-                          options=target.option_dict)
+                          options={k: v for k, v in target.options if k in TRT_OPTIONS})
     write_atomic(output, engine.data)
     described = {"module": engine.module, "version": engine.version, "bytes": len(engine.data), "strongly_typed": not layer_precision,
                  "outputs": list(engine.outputs), "input_shapes": {k: list(v) for k, v in shapes.items()}, "plugins": list(plugins)}
@@ -253,6 +275,21 @@ def check_build(graph: ModelGraph, target: Target, feeds) -> BuildCheck:
     checked = compare(graph, target=emulator, feeds=feeds, tensors=graph.output_names)
     worst = max((t.metrics.get("rel_l2", 0.0) for t in checked.tensors), default=0.0)
     return BuildCheck(emulator.base, checked.tolerance, float(worst), tuple(t.tensor for t in checked.tensors if t.diverges))
+
+
+def _quantized(graph: ModelGraph, target: Target, feeds, result: BuildResult):
+    """The QDQ model of an INT8 target (ONNX Runtime's quantizer, the target's settings and calibration,
+    its pins kept in float) and ``result`` with its check and quantization record."""
+    from aligner.quant.check import check_int8
+    from aligner.quant.quantize import quantize
+
+    quantized = quantize(graph, target)
+    model = type(quantized.model)()
+    model.CopyFrom(quantized.model)
+    on, accept, worst, diverging, note = check_int8(graph, target, feeds)
+    check = BuildCheck(on, None, worst, diverging, accept)
+    return model, replace(result, check=check, pinned=len(target.pins), quantization=quantized.to_dict(),
+                          notes=result.notes + ((note,) if note else ()))
 
 
 def _with_rewrite(result: BuildResult, rewrite, check: BuildCheck) -> BuildResult:

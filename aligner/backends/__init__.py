@@ -16,8 +16,15 @@ from aligner.graph.model import ModelGraph
 
 
 def _int8(graph: ModelGraph, target: Target) -> Runner:
-    from aligner.quant.runner import Int8Runner
+    from aligner.quant.runner import Int8Runner, prequantized, qdq_runner
 
+    from aligner.graph.precision import built_precision
+
+    if prequantized(graph.model):  # an INT8 build (its pins are what it was built with), or a QDQ model made elsewhere: as it is
+        if target.pins and built_precision(graph.model) != "int8":
+            raise TargetError(f"Target {target}: {graph.path or 'the model'} is already quantized (Q/DQ nodes); nodes kept in float "
+                              "apply when aligner quantizes the float model. Give the float model, or drop the +plan/pins.")
+        return qdq_runner(graph.model, target, graph.path)
     return Int8Runner(graph, target)
 
 
@@ -53,6 +60,8 @@ def _emu(graph: ModelGraph, target: Target, keep_io_types: bool, module) -> Runn
 def _trt(graph: ModelGraph, target: Target, keep_io_types: bool, module) -> Runner:
     from aligner.backends.trt_runner import TrtRunner
 
+    if target.is_quantized:
+        return _int8(graph, target)
     return TrtRunner(graph, target)
 
 
@@ -93,6 +102,11 @@ def _session_options(target: Target) -> dict[str, str]:
 def _trt_options(target: Target) -> dict[str, str]:
     from aligner.backends.tensorrt import TRT_OPTIONS
 
+    if target.is_quantized:  # the quantizer's settings, then TensorRT's builder settings
+        from aligner.quant.quantize import QUANT_OPTIONS, QuantSettings
+
+        QuantSettings.of(target)
+        return check_options(target, {**QUANT_OPTIONS, **TRT_OPTIONS})
     return check_options(target, TRT_OPTIONS)
 
 

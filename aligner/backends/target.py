@@ -10,6 +10,8 @@
     ort:cpu:fp16+fp32=/a/Pow,/a/Sqrt   explicit FP32 nodes
     ort:cpu:int8@calib=calib/          ONNX Runtime's QDQ quantization on its integer kernels (emu:int8: Q/DQ
                                        evaluated in float); pins are the nodes kept in float (not quantized)
+    ort:cuda:int8, trt:int8            the same QDQ model on ONNX Runtime CUDA / TensorRT (trt:int8 quantizes
+                                       signed and symmetric, the only INT8 TensorRT takes)
     ort:cuda:fp16@cudnn_conv_algo_search=HEURISTIC   runtime options
 
 ``+plan`` (no path) means "the plan given separately" (``--plan``). ``str()`` gives back a spec
@@ -28,9 +30,9 @@ from aligner.errors import InputError, TargetError
 
 # runtime -> device -> precisions that exist in this version
 SUPPORTED: dict[str, dict[str, tuple[str, ...]]] = {
-    "ort": {"cpu": ("fp32", "fp16", "bf16", "int8"), "cuda": ("fp32", "tf32", "fp16", "bf16")},
+    "ort": {"cpu": ("fp32", "fp16", "bf16", "int8"), "cuda": ("fp32", "tf32", "fp16", "bf16", "int8")},
     "emu": {"cpu": ("fp16", "bf16", "int8")},  # int8: the QDQ model with Q/DQ in float (exact fake-quant)
-    "trt": {"cuda": ("fp32", "fp16", "bf16")},  # strongly typed from aligner's rewrite (TensorRT 10/11, TensorRT-RTX)
+    "trt": {"cuda": ("fp32", "fp16", "bf16", "int8")},  # strongly typed from aligner's rewrite (int8: the QDQ model; TensorRT 10/11, TensorRT-RTX)
     "torch": {"cpu": ("fp32",), "cuda": ("fp32", "tf32", "fp16", "bf16", "autocast")},
 }
 DEFAULT_DEVICE = {"ort": "cpu", "emu": "cpu", "trt": "cuda", "torch": "cpu"}
@@ -148,7 +150,10 @@ def _parse(spec: str, plan: str | Path | None) -> Target:
         raise TargetError(_unknown(spec))
     pins, plan_path = _pins(spec, extra, plan)
     if precision == "int8" and plan_path is not None:  # the quantizer settings the plan was verified with; explicit options win
-        options = {**read_plan_quantization(plan_path), **options}
+        planned = read_plan_quantization(plan_path)
+        if runtime == "trt":  # TensorRT's INT8 is s8s8 symmetric whatever the plan was searched with
+            planned = {k: v for k, v in planned.items() if k not in ("types", "symmetric")}
+        options = {**planned, **options}
     return Target(runtime, device, precision, pins, plan_path, tuple(sorted(options.items())))
 
 
@@ -184,7 +189,10 @@ def read_plan_quantization(path: str | Path) -> dict[str, str]:
         settings = json.loads(Path(path).read_text()).get("quantization", {}).get("settings", {})
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         return {}
-    out = {k: str(int(v)) if isinstance(v, bool) else str(v) for k, v in settings.items() if k in ("calibrate", "types", "reduce_range", "per_channel")}
+    out = {k: str(int(v)) if isinstance(v, bool) else str(v) for k, v in settings.items()
+           if k in ("calibrate", "types", "reduce_range", "per_channel", "symmetric")}
+    if out.get("symmetric") == "0":  # the default everywhere it may be given
+        del out["symmetric"]
     if settings.get("calibrate") == "percentile":
         out["percentile"] = f"{settings.get('percentile', 99.999):g}"
     return out

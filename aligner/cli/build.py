@@ -47,6 +47,15 @@ the batch it is tuned at. The winners go into the target recorded in OUTPUT.json
 candidate's median ms, spread and status; aligner bench, eval, compare and bisect given the built
 model (or OUTPUT.json) run it with those options.
 
+INT8 (ort:cpu:int8, ort:cuda:int8, trt:int8): the model is quantized by ONNX Runtime's quantizer
+(QDQ; calibration from --calib; a plan's nodes kept in float and its quantizer settings reused)
+and checked against FP32 under the plan's acceptance (its METRIC<=VALUE bounds; a plan accepted by
+a command or task metric: outputs finite, and re-run that command on the build) or, without a plan,
+INT8's default tolerance. ort:cpu checks on the integer kernels; ort:cuda and trt with Q/DQ in float
+(emu:int8). The QDQ model is stamped, so compare/bench/eval run it as built; trt:int8 quantizes
+signed and symmetric (s8s8, zero point 0), the only INT8 TensorRT takes, and builds the engine
+strongly typed from the QDQ model.
+
 Graph passes first (--fuse; aligner plugins list): the fused model is checked against the original
 on ORT CPU FP32 and nothing is written if an output moved. --layer-precision takes TensorRT <= 10's
 legacy path (FP16 flag + per-layer FP32 constraints on the plan's nodes) for engines that must be
@@ -61,6 +70,8 @@ examples:
   aligner build model.onnx --target ort:cuda:bf16 -o model.bf16.onnx          # no plan: pure BF16
   aligner build model.onnx --target ort:cuda:fp16 --plan plan.json --tune -o model.fp16.onnx --input-shapes images:8x3x480x640
   aligner bench model.fp16.onnx --batch 1,8                                  # runs with the tuned options
+  aligner build model.onnx --target ort:cpu:int8 --plan int8.json --calib calib/ --inputs held_out.npz -o model.int8.onnx
+  aligner build model.onnx --target trt:int8 --plan int8.json --calib calib/ -o model.int8.engine
 
 exit status: 0 written (check passed), 1 the check found diverging outputs (written only with
 --write-anyway), 2 usage or input error, 3 the target failed to build
@@ -70,15 +81,17 @@ exit status: 0 written (check passed), 1 the check found diverging outputs (writ
 def add_parser(sub) -> None:
     p = sub.add_parser("build", help="write the deployable mixed-precision model (or engine) of a plan",
                        description="Write the FP16/BF16 model with a precision plan's nodes kept in FP32 (explicit Casts), "
-                                   "or a TensorRT engine, after checking it on the emulator.",
+                                   "the INT8 QDQ model with a plan's nodes kept in float, or a TensorRT engine, after checking it.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
-    p.add_argument("--target", default="ort:cuda:fp16", help="ort:*:fp16|bf16 (mixed ONNX), ort:*:fp32 (passes only) or "
-                   "trt:fp32|fp16|bf16 (engine); default ort:cuda:fp16")
+    p.add_argument("--target", default="ort:cuda:fp16", help="ort:*:fp16|bf16 (mixed ONNX), ort:*:int8 (QDQ ONNX), ort:*:fp32 "
+                   "(passes only) or trt:fp32|fp16|bf16|int8 (engine); default ort:cuda:fp16")
     p.add_argument("--plan", metavar="PLAN.json", help="precision plan (aligner precision --out); without it: pure low precision")
     p.add_argument("--fp32-nodes", metavar="NAMES", help="comma-separated nodes kept FP32 (added to the plan's)")
     p.add_argument("--target-option", action="append", metavar="KEY=VALUE", default=[],
                    help="a runtime option of the target (repeatable), e.g. builder_optimization_level=5")
+    p.add_argument("--calib", metavar="NPZ|DIR", help="INT8 targets: calibration inputs for ONNX Runtime's quantizer (an .npz, or a "
+                   "folder of .npz files; recorded in the sidecar)")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="the model (or engine) to write; FILE.json beside it")
     p.add_argument("--force", action="store_true", help="overwrite existing output files (the accuracy check still runs and decides)")
     p.add_argument("--write-anyway", action="store_true", help="write the build even when the accuracy check finds diverging "
@@ -126,11 +139,13 @@ def print_build(result: BuildResult, console: Console | None = None) -> None:
     for note in result.notes:
         console.print(f"note: {escape(note)}")
     precision = result.target.precision
-    if result.check is not None:
+    if result.quantization is not None:
+        _print_quantization(result, console)
+    elif result.check is not None:
         check = result.check
         console.print(f"{result.pinned} node(s) kept FP32 by the plan, {result.auto_pinned} automatically (no {precision} kernel in the "
                       f"ONNX schema), {result.casts_inserted} Cast(s) inserted; check on {check.on}: outputs rel_l2 ≤ {check.worst_rel_l2:.3g}"
-                      + (f"; {len(check.diverging)} output(s) diverge ({escape(check.tolerance.describe())} broken, or NaN/inf)"
+                      + (f"; {len(check.diverging)} output(s) diverge ({escape(check.rule())} broken, or NaN/inf)"
                          if check.diverging else ""))
     for o in result.overflows:
         console.print(f"[yellow]warning[/]: weight {escape(o.tensor)}: {o.count} value(s) up to {o.max_abs:.3g} become inf in {precision}")
@@ -145,11 +160,27 @@ def print_build(result: BuildResult, console: Console | None = None) -> None:
     if not result.passed:
         console.print("[bold yellow]written anyway[/] (--write-anyway): its outputs diverge from FP32 on these inputs.")
     what = (f"{result.engine['bytes'] / 2**20:.1f} MiB engine built {'strongly typed' if result.engine['strongly_typed'] else 'with per-layer precision constraints'} "
-            f"by {result.engine['module']} {result.engine['version']}" if result.engine else f"{precision.upper()} ONNX")
+            f"by {result.engine['module']} {result.engine['version']}" if result.engine else f"{precision.upper()} ONNX"
+            + (" (QDQ)" if result.quantization else ""))
     console.print(f"[bold green]wrote[/] {escape(result.output)}: {what} for {escape(str(result.target.base))}, "
-                  f"{len(result.target.pins)} node(s) FP32; sidecar {escape(str(result.sidecar))}")
+                  f"{len(result.target.pins)} node(s) {'in float' if result.quantization else 'FP32'}; sidecar {escape(str(result.sidecar))}")
     if result.ort_optimized:
         console.print(f"[bold green]wrote[/] {escape(result.ort_optimized)} (ONNX Runtime's optimized graph for {result.target.device})")
+
+
+def _print_quantization(result: BuildResult, console: Console) -> None:
+    """INT8 builds: how the QDQ model was quantized and calibrated, and its check."""
+    from aligner.quant.quantize import QuantSettings
+
+    q, check = result.quantization, result.check
+    settings = QuantSettings(**q["settings"]).describe()
+    console.print(f"quantized by ONNX Runtime ({escape(settings)}; calibration {escape(str(q['calibration']['source']))}, "
+                  f"{q['calibration']['samples']} sample(s)), {len(q['excluded'])} node(s) kept in float; check on {escape(check.on)}: "
+                  f"outputs rel_l2 ≤ {check.worst_rel_l2:.3g} ({escape(check.rule())})"
+                  + (f"; [red]{len(check.diverging)} output(s) fail it[/]" if check.diverging else ""))
+    if check.diverging and not result.target.pins:
+        console.print("full INT8 loses too much here: find the nodes to keep in float with `aligner precision MODEL --target "
+                      f"{escape(result.target.base)} --calib ... --out plan.json`, then build with --plan plan.json.")
 
 
 def print_tuning(tuning: TuneResult, console: Console) -> None:

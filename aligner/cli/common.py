@@ -178,10 +178,14 @@ def model_sidecar(args: argparse.Namespace):
             if sidecar.kind != "onnx":
                 raise InputError(f"{sidecar.path} describes a TensorRT engine ({sidecar.model}); this command takes the ONNX model.")
             args.model = str(sidecar.model)
-            if sidecar.target.precision not in ("fp32", "tf32"):
-                log.warning("%s is a %s build: the reference runs this built model as it is, so a comparison shows the runtime's "
+            if sidecar.target.is_quantized:
+                log.warning("%s is a built INT8 (QDQ) model: it runs as built; a comparison of it shows the runtime's error on the "
+                            "QDQ model, not quantization's. To measure the build, compare the original on the target it was built "
+                            "for (the same quantization): aligner compare original.onnx --target %s", sidecar.model.name, sidecar.target)
+            elif sidecar.target.precision not in ("fp32", "tf32"):
+                log.warning("%s is a built %s model: the reference runs this built model as it is, so a comparison shows the runtime's "
                             "error on it, not the build's; to measure the build, compare the original: aligner compare original.onnx "
-                            "--target-model %s --target %s", sidecar.model.name, sidecar.target.precision, sidecar.model.name,
+                            "--target-model %s --target %s", sidecar.model.name, sidecar.target.precision.upper(), sidecar.model.name,
                             sidecar.target.base)
         args._sidecar = sidecar
     return args._sidecar

@@ -38,6 +38,7 @@ QUANT_OPTIONS = {
     "types": "u8s8|s8s8|u8u8: activation then weight integer types (default u8s8, the fast one on x86 CPUs)",
     "reduce_range": "0|1: 7-bit weights (default 0; helps CPUs without VNNI whose int16 accumulation saturates)",
     "per_channel": "1|0: per-output-channel weight scales (default 1)",
+    "symmetric": "0|1: symmetric activation ranges, zero point 0 (default 0; trt:int8 always, the only INT8 TensorRT takes)",
 }
 CALIBRATE = ("minmax", "entropy", "percentile")
 KEEP_MODELS = 8  # quantized models kept on disk (the oldest is removed first)
@@ -53,30 +54,37 @@ class QuantSettings:
     reduce_range: bool = False
     per_channel: bool = True
     percentile: float = 99.999
+    symmetric: bool = False  # activations: zero point 0 (weights are symmetric in every setting)
 
     @classmethod
     def of(cls, target: Target) -> "QuantSettings":
         """The settings a target's options give (defaults for the rest); a bad value is a TargetError."""
-        o = target.option_dict
+        o, trt = target.option_dict, target.runtime == "trt"
         calibrate = choice_option(target, "calibrate", o.get("calibrate", "minmax"), CALIBRATE)
-        types = choice_option(target, "types", o.get("types", "u8s8"), TYPES)
-        flags = {k: choice_option(target, k, o.get(k, d), ("0", "1")) == "1" for k, d in (("reduce_range", "0"), ("per_channel", "1"))}
+        types = choice_option(target, "types", o.get("types", "s8s8" if trt else "u8s8"), TYPES)
+        flags = {k: choice_option(target, k, o.get(k, d), ("0", "1")) == "1"
+                 for k, d in (("reduce_range", "0"), ("per_channel", "1"), ("symmetric", "1" if trt else "0"))}
+        if trt and (types != "s8s8" or not flags["symmetric"]):
+            raise TargetError(f"Target {target}: TensorRT takes signed, symmetric INT8 only (types=s8s8, symmetric=1, the "
+                              "defaults of trt:int8); leave those options out.")
         try:
             percentile = float(o.get("percentile", "99.999"))
         except ValueError:
             percentile = -1.0
         if not 0 < percentile <= 100:
             raise TargetError(f"Target {target}: percentile={o.get('percentile')!r}; give a number in (0, 100], e.g. 99.99.")
-        return cls(calibrate, types, flags["reduce_range"], flags["per_channel"], percentile)
+        return cls(calibrate, types, flags["reduce_range"], flags["per_channel"], percentile, flags["symmetric"])
 
     def options(self) -> dict[str, str]:
         """These settings as target options (``target.with_options(settings.options())``)."""
         return {"calibrate": self.calibrate, "types": self.types, "reduce_range": str(int(self.reduce_range)),
-                "per_channel": str(int(self.per_channel)), **({"percentile": f"{self.percentile:g}"} if self.calibrate == "percentile" else {})}
+                "per_channel": str(int(self.per_channel)), **({"percentile": f"{self.percentile:g}"} if self.calibrate == "percentile" else {}),
+                **({"symmetric": "1"} if self.symmetric else {})}
 
     def describe(self) -> str:
         return (f"{self.calibrate}{f' {self.percentile:g}' if self.calibrate == 'percentile' else ''} {self.types}"
-                f"{' reduce_range' if self.reduce_range else ''}{' per-channel' if self.per_channel else ' per-tensor'}")
+                f"{' reduce_range' if self.reduce_range else ''}{' per-channel' if self.per_channel else ' per-tensor'}"
+                f"{' symmetric' if self.symmetric else ''}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -167,6 +175,8 @@ def _quantize_static(graph: ModelGraph, settings: QuantSettings, calibration: Ca
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[settings.calibrate]
     extra = {"CalibPercentile": settings.percentile} if settings.calibrate == "percentile" else {}
+    if settings.symmetric:
+        extra["ActivationSymmetric"] = True
     source = _CACHE.path("float", (model_sha(graph),)).with_suffix(".onnx")
     if not source.exists():
         onnx.save(graph.model, str(source))

@@ -25,12 +25,10 @@ class Int8Runner:
     """``graph`` quantized for ``target`` (its pins kept in float), run on ONNX Runtime."""
 
     def __init__(self, graph: ModelGraph, target: Target):
-        from aligner.backends.onnxruntime import OrtRunner
-
         self.target, self.label = target, str(target)
         self.quantized: QuantizedModel = quantize(graph, target)
         self.map = QdqMap(graph, self.quantized.model)
-        self._runner = OrtRunner(self.quantized.model, session_target(target), optimize=target.runtime == "ort", label=self.label)
+        self._runner = qdq_runner(self.quantized.model, target, graph.path, self.label)
         self.input_names, self.output_names = list(graph.input_names), list(graph.output_names)
         # Every tensor offered is a kernel output of the deployed graph (see match.py), so "boundaries" is "all" here.
         self.capture_policy = "outputs" if capture_policy(target) == "outputs" else "all"
@@ -51,4 +49,29 @@ class Int8Runner:
         return self._runner.describe_inputs()
 
 
-__all__ = ["Int8Runner"]
+def prequantized(model) -> bool:
+    """Whether ``model`` is quantized already: built by ``aligner build`` for an INT8 target (its
+    stamp), or holding QuantizeLinear/DequantizeLinear nodes (a QDQ model made elsewhere)."""
+    from aligner.graph.precision import built_precision
+
+    return built_precision(model) == "int8" or any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+
+
+def qdq_runner(qdq, target: Target, path=None, label: str | None = None):
+    """The runner of a QDQ model as it is, on ``target``'s runtime: ONNX Runtime (``ort``: optimized,
+    its integer kernels on CPU; ``emu``: not optimized, Q/DQ in float) or TensorRT (``trt``: the Q/DQ
+    define where it runs INT8, built strongly typed)."""
+    if target.runtime == "trt":
+        from aligner.backends.tensorrt import TRT_OPTIONS
+        from aligner.backends.trt_runner import TrtRunner
+
+        builder = {k: v for k, v in target.options if k in TRT_OPTIONS}
+        inner = TrtRunner(ModelGraph(qdq, path), Target("trt", "cuda", "fp32", options=tuple(sorted(builder.items()))))
+        inner.label = label or str(target)
+        return inner
+    from aligner.backends.onnxruntime import OrtRunner
+
+    return OrtRunner(qdq, session_target(target), optimize=target.runtime == "ort", label=label or str(target))
+
+
+__all__ = ["Int8Runner", "prequantized", "qdq_runner"]

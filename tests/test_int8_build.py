@@ -1,0 +1,92 @@
+"""INT8 builds and the other INT8 runtimes: ``aligner build --target ort:cpu:int8|ort:cuda:int8|trt:int8``.
+
+The model is the outlier-channel CNN of test_int8 (conv2's channel 0 x1000, compensated in conv3):
+full INT8 fails the check, the plan's float nodes pass it, and the built QDQ model then runs as
+built in every command (its sidecar names the target; nothing is quantized twice).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from test_int8 import CONSUMER, OUTLIER_CONV, _image, build_cnn_int8
+
+from aligner.backends import check_target, make_runner
+from aligner.backends.target import Target
+from aligner.build import build
+from aligner.cli.main import main
+from aligner.compare.metrics import rel_l2
+from aligner.errors import TargetError
+from aligner.graph.model import ModelGraph
+from aligner.graph.precision import built_precision
+from aligner.quant.quantize import QuantSettings, quantize
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("int8_build")
+    (root / "calib").mkdir()
+    for i in range(8):
+        np.savez(root / "calib" / f"{i}.npz", **_image(100 + i))
+    np.savez(root / "held_out.npz", **_image(7))
+    onnx.save(build_cnn_int8(True), str(root / "fault.onnx"))
+    plan = {"fp32_nodes": [{"node": OUTLIER_CONV}, {"node": CONSUMER}], "accept": ["outputs finite", "rel_l2<=0.05"],
+            "quantization": {"settings": {"calibrate": "minmax", "types": "u8s8", "reduce_range": False, "per_channel": True}}}
+    (root / "plan.json").write_text(json.dumps(plan))
+    return root
+
+
+def _cli(work, *args) -> int:
+    return main(["build", str(work / "fault.onnx"), "--calib", str(work / "calib"), "--inputs", str(work / "held_out.npz"), *args])
+
+
+def test_full_int8_build_is_refused_and_says_how_to_find_the_float_nodes(work, capsys):
+    out = work / "full.int8.onnx"
+    assert _cli(work, "--target", "ort:cpu:int8", "-o", str(out)) == 1
+    said = " ".join(capsys.readouterr().out.split())
+    assert "not written" in said and "aligner" in said and "precision" in said and "rel_l2<=0.05" in said
+    assert not out.exists()
+
+
+def test_int8_build_with_a_plan_writes_the_qdq_model_that_runs_as_built(work, capsys):
+    out = work / "plan.int8.onnx"
+    assert _cli(work, "--target", "ort:cpu:int8", "--plan", str(work / "plan.json"), "-o", str(out)) == 0
+    assert "2 node(s) kept in float" in " ".join(capsys.readouterr().out.split())
+    built = onnx.load(str(out))
+    assert built_precision(built) == "int8"
+    float_weights = {n.name for n in built.graph.node if n.op_type == "Conv" and n.input[1] == f"{n.name}.w"}
+    assert float_weights == {OUTLIER_CONV, CONSUMER}  # the plan's convs kept float weights; the others read DQ(int8 weights)
+    sidecar = json.loads((work / "plan.int8.onnx.json").read_text())
+    assert sidecar["quantization"]["excluded"] == sorted([OUTLIER_CONV, CONSUMER])
+    assert sidecar["check"]["passed"] and sidecar["check"]["on"] == "ort:cpu:int8" and sidecar["check"]["worst_rel_l2"] < 0.05
+    # The built model with its sidecar's target runs as built: the same outputs as the float model quantized the same way.
+    target = Target.parse("ort:cpu:int8", pins=[OUTLIER_CONV, CONSUMER]).with_options({"calib": str(work / "calib"), "reduce_range": "0"})
+    again = make_runner(ModelGraph.load(work / "fault.onnx"), target).run(_image(7))["y"]
+    as_built = make_runner(ModelGraph.load(out), Target.parse(sidecar["target"]["spec"])).run(_image(7))["y"]
+    assert rel_l2(again, as_built) < 1e-6
+    assert main(["bench", str(out), "--runs", "3", "--warmup", "1"]) == 0
+
+
+def test_trt_int8_quantizes_signed_and_symmetric(work):
+    target = Target.parse("trt:int8").with_options({"calib": str(work / "calib")})
+    check_target(target)
+    assert QuantSettings.of(target).types == "s8s8" and QuantSettings.of(target).symmetric
+    qdq = quantize(ModelGraph.load(work / "fault.onnx"), target).model
+    inits = {t.name: numpy_helper.to_array(t) for t in qdq.graph.initializer}
+    zero_points = [inits[n.input[2]] for n in qdq.graph.node if n.op_type == "QuantizeLinear"]
+    assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)  # what TensorRT takes
+    with pytest.raises(TargetError, match="signed, symmetric"):
+        QuantSettings.of(Target.parse("trt:int8@types=u8s8"))
+
+
+def test_gpu_int8_builds_are_checked_with_qdq_in_float_on_this_machine(work):
+    out = work / "cuda.int8.onnx"
+    plan = str(work / "plan.json")
+    result = build(ModelGraph.load(work / "fault.onnx"), Target.parse("ort:cuda:int8+plan", plan=plan).with_options({"calib": str(work / "calib")}),
+                   out, plan=plan, check_inputs=_image(7))
+    assert result.written and result.check.on == "emu:int8" and result.check.passed
+    assert built_precision(onnx.load(str(out))) == "int8"
