@@ -13,6 +13,10 @@ import io
 import math
 
 from aligner._optional import require
+from aligner.compare.metrics import HIGHER_IS_BETTER
+
+EMULATED = "#b0b7c3"
+BLAME_COLOURS = {"kernel": "#d62728", "quantization": "#ff7f0e", "": "#4a7ab8"}  # kernel_or_quantization's verdicts
 
 
 def _pyplot():
@@ -103,6 +107,49 @@ def trials_chart(trials: list[dict]) -> str:
     return svg
 
 
+def quantization_error_chart(rows: list[dict], metric: str, threshold: float, title: str = "") -> str:
+    """INT8: each node's own (isolated) error on the real integer kernels beside the same node with
+    Q/DQ evaluated in float, one pair of bars per node, worst first (``rows`` as the report ranks
+    them: node, op_type, real, emulated, blame). Nodes the kernel is blamed for (emulated within
+    the tolerance, real beyond it) are red, bar and label; those quantization is blamed for, orange."""
+    plt = _pyplot()
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    log = metric not in HIGHER_IS_BETTER
+    finite = [v for r in rows for v in (r["real"], r["emulated"]) if v is not None and math.isfinite(v) and (v > 0 or not log)]
+    floor = min(finite, default=1e-6) / 10 if log else min(finite + [0.0])
+    ceiling = max(finite, default=1.0) * (10 if log else 1.1)
+    fig, ax = plt.subplots(figsize=(8.0, 1.0 + 0.3 * len(rows)))
+    ys = range(len(rows))[::-1]  # the worst at the top
+    for y, r in zip(ys, rows):
+        for value, offset, colour in ((r["real"], 0.2, BLAME_COLOURS[r["blame"]]), (r["emulated"], -0.2, EMULATED)):
+            if value is None:
+                continue
+            shown = value if math.isfinite(value) else ceiling
+            ax.barh(y + offset, max(shown, floor) - floor, left=floor, height=0.38, color=colour, hatch="" if math.isfinite(value) else "//")
+    ax.set_yticks(list(ys), [_plain(f"{r['node']} ({r['op_type']})"[:48]) for r in rows], fontsize=7)
+    for label, r in zip(ax.get_yticklabels(), rows):
+        if r["blame"] == "kernel":
+            label.set_color(BLAME_COLOURS["kernel"])
+    if log:
+        ax.set_xscale("log")
+    ax.set_xlim(floor, ceiling)
+    ax.axvline(threshold, color="#888", lw=0.8, ls="--")
+    handles = [Patch(color=BLAME_COLOURS[""], label="real integer kernel: within tolerance"),
+               Patch(color=BLAME_COLOURS["kernel"], label="real: the kernel's error (emulated within tolerance)"),
+               Patch(color=BLAME_COLOURS["quantization"], label="real: quantization's error (emulated beyond too)"),
+               Patch(color=EMULATED, label="Q/DQ in float (emulated)"),
+               Line2D([], [], color="#888", lw=0.8, ls="--", label=f"tolerance {threshold:g}")]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
+    ax.set_xlabel(f"own {metric} of the node (isolated; hatched: NaN/inf)")
+    if title:
+        ax.set_title(_plain(title[:100]), loc="left")
+    svg = _svg(fig)
+    plt.close(fig)
+    return svg
+
+
 def latency_throughput_chart(rows: list[dict]) -> str:
     """Median latency vs throughput, one line per target, points labelled by batch size."""
     plt = _pyplot()
@@ -120,4 +167,4 @@ def latency_throughput_chart(rows: list[dict]) -> str:
     return svg
 
 
-__all__ = ["latency_throughput_chart", "layer_error_chart", "trials_chart"]
+__all__ = ["latency_throughput_chart", "layer_error_chart", "quantization_error_chart", "trials_chart"]

@@ -14,11 +14,14 @@ from pathlib import Path
 
 from aligner._optional import require
 from aligner.compare.metrics import HIGHER_IS_BETTER
+from aligner.compare.tolerance import Tolerance
 from aligner.errors import InputError
 from aligner.inputs import write_atomic
-from aligner.report.charts import latency_throughput_chart, layer_error_chart, trials_chart
+from aligner.report.charts import latency_throughput_chart, layer_error_chart, quantization_error_chart, trials_chart
 from aligner.report.graph_overlay import VIEWER_PORT, GraphOverlays
 from aligner.report.runs import Run, read_run
+from aligner.search.isolate import kernel_or_quantization
+from aligner.search.verdict import LocalError
 
 
 def _fmt(value) -> str:
@@ -52,6 +55,10 @@ def _view(run: Run, runs: list[Run]) -> dict:
             title=f"{r['target']} vs {r['reference']}")
         view["top"] = [t for t in r["tensors"] if t.get("diverges")][:20]
         view["kernels"] = _kernel_rows(r)
+    elif run.kind == "bisect" and (rows := quantization_rows(run.result)):
+        view["int8"] = rows
+        tol = run.result["tolerance"]
+        view["chart"] = quantization_error_chart(rows, tol["metric"], tol["threshold"], title=f"{run.result['target']}: own error per node")
     elif run.kind == "precision" and run.trials:
         view["chart"] = trials_chart(list(run.trials))
     elif run.kind == "bench" and run.result.get("rows"):
@@ -78,8 +85,37 @@ def _kernel_rows(result: dict, limit: int = 50) -> list[dict]:
         rows.append({"name": k.get("name", "?"), "op_type": k.get("op_type", ""), "originals": list(k.get("originals", [])),
                      "compared": [t["tensor"] for t in compared], "worst": worst,
                      "diverges": any(t.get("diverges") for t in compared), "perturbed": next((t["perturbed"] for t in compared if t.get("perturbed")), "")})
-    sign = 1 if higher else -1  # worst first: the lowest cosine/SNR, the highest error
-    return sorted(rows, key=lambda row: (row["worst"] is None, sign * (row["worst"] or 0)))[:limit]
+    return sorted(rows, key=lambda row: _worse_first(row["worst"], metric))[:limit]
+
+
+def quantization_rows(result: dict, limit: int = 30) -> list[dict]:
+    """INT8 bisect results: each isolated node's own error on the real integer kernels and with Q/DQ
+    in float (``emulated_<metric>``, recorded on ``ort:*:int8``), whom :func:`kernel_or_quantization`
+    blames, the ``limit`` worst (by the worse of the two) first; [] when nothing was emulated."""
+    tol = Tolerance(**result["tolerance"])
+    rows = []
+    for e in result.get("local_errors", []):
+        metrics = {k: float(v) for k, v in e.get("metrics", {}).items() if isinstance(v, (int, float, str))}  # "nan"/"inf" as JSON writes them
+        if f"emulated_{tol.metric}" not in metrics or tol.metric not in metrics:
+            continue
+        own = LocalError(e["node"], e["op_type"], e["index"], e.get("tensor", ""), metrics, bool(e.get("diverges")), bool(e.get("new_nonfinite")))
+        real, emulated = metrics[tol.metric], metrics[f"emulated_{tol.metric}"]
+        rows.append({"node": own.node, "op_type": own.op_type, "index": own.index, "real": real, "emulated": emulated,
+                     "blame": kernel_or_quantization(own, tol)})
+
+    def worse(row: dict) -> tuple:
+        return min(_worse_first(row["real"], tol.metric), _worse_first(row["emulated"], tol.metric)), row["index"]
+
+    return sorted(rows, key=worse)[:limit]
+
+
+def _worse_first(value: float | None, metric: str) -> tuple:
+    """Sort key, worst first: NaN, then the highest error (the lowest cosine/SNR), then no value."""
+    if value is None:
+        return (2, 0.0)
+    if math.isnan(value):
+        return (0, 0.0)
+    return (1, value if metric in HIGHER_IS_BETTER else -value)
 
 
 def _graph_link(overlays: GraphOverlays | None):
@@ -126,4 +162,4 @@ def write_report(run_dirs: list[str | Path], out: str | Path, force: bool = Fals
     return out
 
 
-__all__ = ["render_report", "write_report"]
+__all__ = ["quantization_rows", "render_report", "write_report"]
