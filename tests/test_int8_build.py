@@ -90,3 +90,23 @@ def test_gpu_int8_builds_are_checked_with_qdq_in_float_on_this_machine(work):
                    out, plan=plan, check_inputs=_image(7))
     assert result.written and result.check.on == "emu:int8" and result.check.passed
     assert built_precision(onnx.load(str(out))) == "int8"
+
+
+def test_fp16_fallback_puts_only_the_float_nodes_in_fp16(work):
+    graph = ModelGraph.load(work / "fault.onnx")
+    base = Target.parse(f"ort:cpu:int8+fp32={OUTLIER_CONV},{CONSUMER}").with_options({"calib": str(work / "calib")})
+    mixed = base.with_options({"fallback": "fp16"})
+    assert QuantSettings.of(mixed).fallback == "fp16" and Target.parse(str(mixed)) == mixed
+    with pytest.raises(TargetError, match="fp32, fp16"):
+        QuantSettings.of(base.with_options({"fallback": "bf8"}))
+    model = quantize(graph, mixed).model
+    inits = {t.name: t.data_type for t in model.graph.initializer}
+    convs = {n.name: n for n in model.graph.node if n.op_type == "Conv"}
+    for name in (OUTLIER_CONV, CONSUMER):  # the float nodes: FP16 weights
+        assert inits[convs[name].input[1]] == onnx.TensorProto.FLOAT16, name
+    for name in set(convs) - {OUTLIER_CONV, CONSUMER}:  # the quantized ones: DQ(int8 weights) -> Conv -> Q, untouched
+        assert convs[name].input[1].endswith("_DequantizeLinear_Output"), name
+    assert {t.data_type for t in model.graph.initializer if t.name.endswith("_scale")} == {onnx.TensorProto.FLOAT}  # Q/DQ untouched
+    x = _image(7)
+    fp32_fallback, fp16_fallback = (make_runner(graph, t).run(x)["y"] for t in (base, mixed))
+    assert fp16_fallback.dtype == np.float32 and 0 < rel_l2(fp32_fallback, fp16_fallback) < 5e-3  # FP16 rounding, nothing more

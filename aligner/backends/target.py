@@ -190,9 +190,10 @@ def read_plan_quantization(path: str | Path) -> dict[str, str]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         return {}
     out = {k: str(int(v)) if isinstance(v, bool) else str(v) for k, v in settings.items()
-           if k in ("calibrate", "types", "reduce_range", "per_channel", "symmetric")}
-    if out.get("symmetric") == "0":  # the default everywhere it may be given
-        del out["symmetric"]
+           if k in ("calibrate", "types", "reduce_range", "per_channel", "symmetric", "fallback")}
+    for key, default in (("symmetric", "0"), ("fallback", "fp32")):  # defaults everywhere they may be given
+        if out.get(key) == default:
+            del out[key]
     if settings.get("calibrate") == "percentile":
         out["percentile"] = f"{settings.get('percentile', 99.999):g}"
     return out

@@ -39,7 +39,10 @@ QUANT_OPTIONS = {
     "reduce_range": "0|1: 7-bit weights (default 0; helps CPUs without VNNI whose int16 accumulation saturates)",
     "per_channel": "1|0: per-output-channel weight scales (default 1)",
     "symmetric": "0|1: symmetric activation ranges, zero point 0 (default 0; trt:int8 always, the only INT8 TensorRT takes)",
+    "fallback": "fp32|fp16: the precision of what is not quantized, plan nodes included (default fp32; fp16 where the runtime "
+                "runs FP16: ort:cuda, trt; the Q/DQ and the quantized nodes between them stay as quantized)",
 }
+FALLBACK = ("fp32", "fp16")
 CALIBRATE = ("minmax", "entropy", "percentile")
 KEEP_MODELS = 8  # quantized models kept on disk (the oldest is removed first)
 TYPES = ("u8s8", "s8s8", "u8u8")
@@ -55,6 +58,7 @@ class QuantSettings:
     per_channel: bool = True
     percentile: float = 99.999
     symmetric: bool = False  # activations: zero point 0 (weights are symmetric in every setting)
+    fallback: str = "fp32"  # what is not quantized runs in this precision (mixed INT8 + FP16 with "fp16")
 
     @classmethod
     def of(cls, target: Target) -> "QuantSettings":
@@ -73,18 +77,19 @@ class QuantSettings:
             percentile = -1.0
         if not 0 < percentile <= 100:
             raise TargetError(f"Target {target}: percentile={o.get('percentile')!r}; give a number in (0, 100], e.g. 99.99.")
-        return cls(calibrate, types, flags["reduce_range"], flags["per_channel"], percentile, flags["symmetric"])
+        fallback = choice_option(target, "fallback", o.get("fallback", "fp32"), FALLBACK)
+        return cls(calibrate, types, flags["reduce_range"], flags["per_channel"], percentile, flags["symmetric"], fallback)
 
     def options(self) -> dict[str, str]:
         """These settings as target options (``target.with_options(settings.options())``)."""
         return {"calibrate": self.calibrate, "types": self.types, "reduce_range": str(int(self.reduce_range)),
                 "per_channel": str(int(self.per_channel)), **({"percentile": f"{self.percentile:g}"} if self.calibrate == "percentile" else {}),
-                **({"symmetric": "1"} if self.symmetric else {})}
+                **({"symmetric": "1"} if self.symmetric else {}), **({"fallback": self.fallback} if self.fallback != "fp32" else {})}
 
     def describe(self) -> str:
         return (f"{self.calibrate}{f' {self.percentile:g}' if self.calibrate == 'percentile' else ''} {self.types}"
                 f"{' reduce_range' if self.reduce_range else ''}{' per-channel' if self.per_channel else ' per-tensor'}"
-                f"{' symmetric' if self.symmetric else ''}")
+                f"{' symmetric' if self.symmetric else ''}{f', {self.fallback} fallback' if self.fallback != 'fp32' else ''}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -154,6 +159,8 @@ def quantize(graph: ModelGraph, target: Target, exclude: Iterable[str] | None = 
         path = _CACHE.path("model", key).with_suffix(".onnx")
         ranges = _CACHE.path("ranges", (sha, calibration.key, settings.calibrate, settings.percentile)).with_suffix(".json")
         _quantize_static(graph, settings, calibration, excluded, ranges, path)
+        if settings.fallback != "fp32":
+            onnx.save(low_precision_fallback(onnx.load(str(path)), settings.fallback), str(path))
         _CACHE.models[key] = path
         while len(_CACHE.models) > KEEP_MODELS:  # a pin search quantizes once per trial: keep the disk use bounded
             _CACHE.models.pop(next(iter(_CACHE.models))).unlink(missing_ok=True)
@@ -192,6 +199,21 @@ def _quantize_static(graph: ModelGraph, settings: QuantSettings, calibration: Ca
                              f"{len(excluded)} node(s) kept in float): {type(exc).__name__}: {str(exc)[:400]}") from None
 
 
+def low_precision_fallback(qdq: onnx.ModelProto, precision: str) -> onnx.ModelProto:
+    """Mixed INT8 + FP16: aligner's precision rewrite of the QDQ model with every Q/DQ and every node
+    whose output is quantized (the quantizer's DQ -> op -> Q units, which the runtime fuses into
+    integer kernels) kept as they are, everything else in ``precision`` (explicit Casts at the edges).
+    A float node that reads a dequantized tensor and writes an unquantized one runs in ``precision``."""
+    from aligner.graph.precision import rewrite_precision
+
+    nodes = qdq.graph.node
+    for i, node in enumerate(nodes):  # the rewrite pins by name
+        node.name = node.name or f"_unnamed_{i}_{node.op_type}"
+    quantized = {n.input[0] for n in nodes if n.op_type == "QuantizeLinear"}
+    keep = [n.name for n in nodes if n.op_type in ("QuantizeLinear", "DequantizeLinear") or any(o in quantized for o in n.output)]
+    return rewrite_precision(ModelGraph(qdq), keep, precision).model
+
+
 @contextlib.contextmanager
 def _quiet_root_logger():
     """ONNX Runtime's quantizer logs advice through the root logger on every call and its histogram
@@ -226,5 +248,5 @@ def session_target(target: Target) -> Target:
     return Target(target.runtime, target.device, target.precision, options=tuple(sorted(options.items())))
 
 
-__all__ = ["CALIBRATE", "QUANT_OPTIONS", "QuantSettings", "QuantizedModel", "TYPES", "calibration_of", "quantize", "save_quantized",
+__all__ = ["CALIBRATE", "FALLBACK", "QUANT_OPTIONS", "low_precision_fallback", "QuantSettings", "QuantizedModel", "TYPES", "calibration_of", "quantize", "save_quantized",
            "session_target"]

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -41,8 +41,8 @@ class SweepPoint:
 
 
 def candidate_settings(base: QuantSettings, methods: Sequence[str] = CALIBRATE, reduce_range: Sequence[bool] = (False, True)) -> list[QuantSettings]:
-    """Calibration method x reduce_range, the base's types and per-channel choice kept (u8s8 by default)."""
-    return [QuantSettings(m, base.types, rr, base.per_channel, base.percentile) for m in methods for rr in reduce_range]
+    """Calibration method x reduce_range, the base's other settings kept (types u8s8 by default, per-channel, symmetry, fallback)."""
+    return [replace(base, calibrate=m, reduce_range=rr) for m in methods for rr in reduce_range]
 
 
 def sweep_settings(graph: ModelGraph, target: Target, samples: Sequence[Feeds], metric: str = "rel_l2",
