@@ -79,7 +79,9 @@ def test_trt_int8_quantizes_signed_and_symmetric(work):
     inits = {t.name: numpy_helper.to_array(t) for t in qdq.graph.initializer}
     zero_points = [inits[n.input[2]] for n in qdq.graph.node if n.op_type == "QuantizeLinear"]
     assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)  # what TensorRT takes
-    with pytest.raises(TargetError, match="signed, symmetric"):
+    dequantized = {inits[n.input[0]].dtype for n in qdq.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
+    assert dequantized == {np.dtype(np.int8)}  # weights only: biases stay float (TensorRT rejects int32 DQ)
+    with pytest.raises(TargetError, match="signed, symmetric INT8 with float biases"):
         QuantSettings.of(Target.parse("trt:int8@types=u8s8"))
 
 

@@ -152,7 +152,7 @@ def _parse(spec: str, plan: str | Path | None) -> Target:
     if precision == "int8" and plan_path is not None:  # the quantizer settings the plan was verified with; explicit options win
         planned = read_plan_quantization(plan_path)
         if runtime == "trt":  # TensorRT's INT8 is s8s8 symmetric whatever the plan was searched with
-            planned = {k: v for k, v in planned.items() if k not in ("types", "symmetric")}
+            planned = {k: v for k, v in planned.items() if k not in ("types", "symmetric", "quantize_bias")}
         options = {**planned, **options}
     return Target(runtime, device, precision, pins, plan_path, tuple(sorted(options.items())))
 
@@ -190,8 +190,8 @@ def read_plan_quantization(path: str | Path) -> dict[str, str]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         return {}
     out = {k: str(int(v)) if isinstance(v, bool) else str(v) for k, v in settings.items()
-           if k in ("calibrate", "types", "reduce_range", "per_channel", "symmetric", "fallback")}
-    for key, default in (("symmetric", "0"), ("fallback", "fp32")):  # defaults everywhere they may be given
+           if k in ("calibrate", "types", "reduce_range", "per_channel", "symmetric", "fallback", "quantize_bias")}
+    for key, default in (("symmetric", "0"), ("fallback", "fp32"), ("quantize_bias", "1")):  # defaults everywhere they may be given
         if out.get(key) == default:
             del out[key]
     if settings.get("calibrate") == "percentile":

@@ -60,10 +60,12 @@ targets: runtime[:device][:precision][+plan.json][@key=value,...]
   ort:cuda:fp32|tf32|fp16|bf16, emu:fp16|bf16 (the FP16/BF16 emulator on ONNX Runtime CPU: the
   overflow/underflow of a GPU build, deterministic, on any machine), trt:fp32|fp16|bf16 (TensorRT,
   strongly typed), torch:cpu:fp32, torch:cuda:fp32|tf32|fp16|bf16|autocast (PyTorch eager),
-  ort:cpu:int8 (ONNX Runtime's QDQ quantization on its integer kernels; calibration from --calib)
-  and emu:int8 (the same QDQ model with Q/DQ evaluated in float: quantization error without the
-  kernels'); quantizer settings as options: @calibrate=minmax|entropy|percentile,types=u8s8|s8s8,
-  reduce_range=0|1,per_channel=1|0. Tensors are compared dequantized, by their original names.
+  ort:cpu:int8 (ONNX Runtime's QDQ quantization on its integer kernels; calibration from --calib),
+  emu:int8 (the same QDQ model with Q/DQ evaluated in float: quantization error without the
+  kernels'), ort:cuda:int8 (the QDQ model on the CUDA provider) and trt:int8 (TensorRT: s8s8,
+  symmetric, float biases); quantizer settings as options: @calibrate=minmax|entropy|percentile,types=u8s8|s8s8,
+  reduce_range=0|1,per_channel=1|0,symmetric=0|1,fallback=fp32|fp16 (fp16: what stays unquantized
+  runs in FP16). Tensors are compared dequantized, by their original names.
   +plan.json keeps a plan's nodes in FP32 (+plan: the file given with --plan); --fp32-nodes adds
   nodes; @key=value (or --target-option) sets runtime options, e.g. ort:cuda:fp16@cudnn_conv_algo_search=HEURISTIC.
   A target means the same in compare, bisect, precision, eval, bench and build.

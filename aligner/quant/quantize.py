@@ -39,6 +39,7 @@ QUANT_OPTIONS = {
     "reduce_range": "0|1: 7-bit weights (default 0; helps CPUs without VNNI whose int16 accumulation saturates)",
     "per_channel": "1|0: per-output-channel weight scales (default 1)",
     "symmetric": "0|1: symmetric activation ranges, zero point 0 (default 0; trt:int8 always, the only INT8 TensorRT takes)",
+    "quantize_bias": "1|0: biases as int32 DQ (default 1; trt:int8 always 0: TensorRT takes no int32 dequantization and adds biases in float)",
     "fallback": "fp32|fp16: the precision of what is not quantized, plan nodes included (default fp32; fp16 where the runtime "
                 "runs FP16: ort:cuda, trt; the Q/DQ and the quantized nodes between them stay as quantized)",
 }
@@ -59,6 +60,7 @@ class QuantSettings:
     percentile: float = 99.999
     symmetric: bool = False  # activations: zero point 0 (weights are symmetric in every setting)
     fallback: str = "fp32"  # what is not quantized runs in this precision (mixed INT8 + FP16 with "fp16")
+    quantize_bias: bool = True  # biases as int32 Q/DQ (ONNX Runtime's default); TensorRT takes float biases only
 
     @classmethod
     def of(cls, target: Target) -> "QuantSettings":
@@ -67,10 +69,11 @@ class QuantSettings:
         calibrate = choice_option(target, "calibrate", o.get("calibrate", "minmax"), CALIBRATE)
         types = choice_option(target, "types", o.get("types", "s8s8" if trt else "u8s8"), TYPES)
         flags = {k: choice_option(target, k, o.get(k, d), ("0", "1")) == "1"
-                 for k, d in (("reduce_range", "0"), ("per_channel", "1"), ("symmetric", "1" if trt else "0"))}
-        if trt and (types != "s8s8" or not flags["symmetric"]):
-            raise TargetError(f"Target {target}: TensorRT takes signed, symmetric INT8 only (types=s8s8, symmetric=1, the "
-                              "defaults of trt:int8); leave those options out.")
+                 for k, d in (("reduce_range", "0"), ("per_channel", "1"), ("symmetric", "1" if trt else "0"),
+                              ("quantize_bias", "0" if trt else "1"))}
+        if trt and (types != "s8s8" or not flags["symmetric"] or flags["quantize_bias"]):
+            raise TargetError(f"Target {target}: TensorRT takes signed, symmetric INT8 with float biases only (types=s8s8, "
+                              "symmetric=1, quantize_bias=0: the defaults of trt:int8); leave those options out.")
         try:
             percentile = float(o.get("percentile", "99.999"))
         except ValueError:
@@ -78,13 +81,15 @@ class QuantSettings:
         if not 0 < percentile <= 100:
             raise TargetError(f"Target {target}: percentile={o.get('percentile')!r}; give a number in (0, 100], e.g. 99.99.")
         fallback = choice_option(target, "fallback", o.get("fallback", "fp32"), FALLBACK)
-        return cls(calibrate, types, flags["reduce_range"], flags["per_channel"], percentile, flags["symmetric"], fallback)
+        return cls(calibrate, types, flags["reduce_range"], flags["per_channel"], percentile, flags["symmetric"], fallback,
+                   flags["quantize_bias"])
 
     def options(self) -> dict[str, str]:
         """These settings as target options (``target.with_options(settings.options())``)."""
         return {"calibrate": self.calibrate, "types": self.types, "reduce_range": str(int(self.reduce_range)),
                 "per_channel": str(int(self.per_channel)), **({"percentile": f"{self.percentile:g}"} if self.calibrate == "percentile" else {}),
-                **({"symmetric": "1"} if self.symmetric else {}), **({"fallback": self.fallback} if self.fallback != "fp32" else {})}
+                **({"symmetric": "1"} if self.symmetric else {}), **({"fallback": self.fallback} if self.fallback != "fp32" else {}),
+                **({} if self.quantize_bias else {"quantize_bias": "0"})}
 
     def describe(self) -> str:
         return (f"{self.calibrate}{f' {self.percentile:g}' if self.calibrate == 'percentile' else ''} {self.types}"
@@ -184,6 +189,8 @@ def _quantize_static(graph: ModelGraph, settings: QuantSettings, calibration: Ca
     extra = {"CalibPercentile": settings.percentile} if settings.calibrate == "percentile" else {}
     if settings.symmetric:
         extra["ActivationSymmetric"] = True
+    if not settings.quantize_bias:
+        extra["QuantizeBias"] = False
     source = _CACHE.path("float", (model_sha(graph),)).with_suffix(".onnx")
     if not source.exists():
         onnx.save(graph.model, str(source))
