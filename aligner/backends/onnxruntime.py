@@ -333,8 +333,7 @@ def _short(exc: Exception) -> str:
 
 def _externalize(model: onnx.ModelProto, directory: Path) -> onnx.ModelProto:
     """Small models stay in memory; large ones become a skeleton pointing at weights.bin."""
-    if model.ir_version > 10:
-        model = _with_ir_version(model, 10)
+    model = ort_readable(model)
     weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
     if weight_bytes < EXTERNALIZE_ABOVE:
         return model
@@ -347,13 +346,16 @@ def _externalize(model: onnx.ModelProto, directory: Path) -> onnx.ModelProto:
     return onnx.load(str(directory / "model.onnx"), load_external_data=False)
 
 
-def _with_ir_version(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
-    """Lower the IR version stamp when a newer onnx wrote a version ORT does not read yet."""
+def ort_readable(model: onnx.ModelProto, version: int = 10) -> onnx.ModelProto:
+    """``model``, or a copy with its IR version stamp lowered to ``version`` when a newer onnx wrote
+    one ONNX Runtime does not read yet (the graph itself is unchanged)."""
+    if model.ir_version <= version:
+        return model
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     copy.ir_version = version
     return copy
 
 
-__all__ = ["CUDA_OPTIONS", "OrtRunner", "SESSION_OPTIONS", "check_ort_options", "cuda_provider_options", "known_options", "make_session", "providers_for", "save_optimized",
+__all__ = ["CUDA_OPTIONS", "OrtRunner", "SESSION_OPTIONS", "check_ort_options", "cuda_provider_options", "known_options", "make_session", "ort_readable", "providers_for", "save_optimized",
            "session_options"]

@@ -192,8 +192,10 @@ def _quantize_static(graph: ModelGraph, settings: QuantSettings, calibration: Ca
     if not settings.quantize_bias:
         extra["QuantizeBias"] = False
     source = _CACHE.path("float", (model_sha(graph),)).with_suffix(".onnx")
-    if not source.exists():
-        onnx.save(graph.model, str(source))
+    if not source.exists():  # the quantizer's calibration session reads it: an IR version ORT reads
+        from aligner.backends.onnxruntime import ort_readable
+
+        onnx.save(ort_readable(graph.model), str(source))
     try:
         with _quiet_root_logger():
             quantize_static(str(source), str(out), None if ranges.exists() else Reader(), quant_format=QuantFormat.QDQ,
