@@ -239,7 +239,12 @@ def _build_onnx(graph: ModelGraph, target: Target, output: Path, feeds, fused, n
     if ort_optimized:
         from aligner.backends.onnxruntime import save_optimized
 
-        save_optimized(output, target, ort_optimized)
+        if target.is_quantized:
+            from aligner.quant.quantize import session_target
+
+            save_optimized(output, session_target(target), ort_optimized)
+        else:
+            save_optimized(output, target, ort_optimized)
     return _finish(replace(result, written=True, ort_optimized=str(ort_optimized) if ort_optimized else None))
 
 
@@ -252,7 +257,9 @@ def _build_engine(graph: ModelGraph, target: Target, output: Path, feeds, fused,
         model, result = _quantized(graph, target, feeds, result)
         if not result.passed and not write_anyway:
             return result
-        graph, target = ModelGraph(model, graph.path), Target("trt", "cuda", "fp32", options=target.options)
+        from aligner.quant.quantize import engine_target
+
+        graph, target = ModelGraph(model, graph.path), engine_target(target)
     elif target.precision != "fp32":
         rewrite = rewrite_precision(graph, target.pins, target.precision)
         result = _with_rewrite(result, rewrite, check_build(graph, target, feeds))
@@ -262,7 +269,7 @@ def _build_engine(graph: ModelGraph, target: Target, output: Path, feeds, fused,
     from aligner.backends.tensorrt import TRT_OPTIONS
 
     engine = build_engine(graph, target.precision, target.pins, shapes, plugins=plugins, layer_precision=layer_precision,
-                          options={k: v for k, v in target.options if k in TRT_OPTIONS})
+                          options={k: v for k, v in target.options if k in TRT_OPTIONS})  # not capture=, a comparison's option
     write_atomic(output, engine.data)
     described = {"module": engine.module, "version": engine.version, "bytes": len(engine.data), "strongly_typed": not layer_precision,
                  "outputs": list(engine.outputs), "input_shapes": {k: list(v) for k, v in shapes.items()}, "plugins": list(plugins)}
@@ -283,9 +290,11 @@ def _quantized(graph: ModelGraph, target: Target, feeds, result: BuildResult):
     from aligner.quant.check import check_int8
     from aligner.quant.quantize import quantize
 
-    quantized = quantize(graph, target)
-    model = type(quantized.model)()
-    model.CopyFrom(quantized.model)
+    if not target.option_dict.get("calib"):
+        raise InputError(f"Target {target}: an INT8 build needs calibration data: --calib FILE.npz|DIR/ with representative inputs "
+                         "(calibrating on generated inputs would ship ranges of random data).")
+    quantized = quantize(graph, target)  # loaded afresh: ours to stamp
+    model = quantized.model
     on, accept, worst, diverging, note = check_int8(graph, target, feeds)
     check = BuildCheck(on, None, worst, diverging, accept)
     return model, replace(result, check=check, pinned=len(target.pins), quantization=quantized.to_dict(),

@@ -20,7 +20,7 @@ from aligner.backends.target import Target
 from aligner.build import build
 from aligner.cli.main import main
 from aligner.compare.metrics import rel_l2
-from aligner.errors import TargetError
+from aligner.errors import InputError, TargetError
 from aligner.graph.model import ModelGraph
 from aligner.graph.precision import built_precision
 from aligner.quant.quantize import QuantSettings, quantize
@@ -96,12 +96,14 @@ def test_gpu_int8_builds_are_checked_with_qdq_in_float_on_this_machine(work):
 
 def test_fp16_fallback_puts_only_the_float_nodes_in_fp16(work):
     graph = ModelGraph.load(work / "fault.onnx")
-    base = Target.parse(f"ort:cpu:int8+fp32={OUTLIER_CONV},{CONSUMER}").with_options({"calib": str(work / "calib")})
-    mixed = base.with_options({"fallback": "fp16"})
+    pins = f"+fp32={OUTLIER_CONV},{CONSUMER}"
+    mixed = Target.parse(f"ort:cuda:int8{pins}@fallback=fp16").with_options({"calib": str(work / "calib")})
     assert QuantSettings.of(mixed).fallback == "fp16" and Target.parse(str(mixed)) == mixed
     with pytest.raises(TargetError, match="fp32, fp16"):
-        QuantSettings.of(base.with_options({"fallback": "bf8"}))
-    model = quantize(graph, mixed).model
+        QuantSettings.of(mixed.with_options({"fallback": "bf8"}))
+    with pytest.raises(TargetError, match="CPU provider runs most FP16 ops in FP32"):  # it would be FP16 in name only
+        QuantSettings.of(Target.parse("ort:cpu:int8@fallback=fp16"))
+    model = quantize(graph, mixed).model  # what ORT CUDA / TensorRT get: no GPU needed to make it
     inits = {t.name: t.data_type for t in model.graph.initializer}
     convs = {n.name: n for n in model.graph.node if n.op_type == "Conv"}
     for name in (OUTLIER_CONV, CONSUMER):  # the float nodes: FP16 weights
@@ -110,5 +112,44 @@ def test_fp16_fallback_puts_only_the_float_nodes_in_fp16(work):
         assert convs[name].input[1].endswith("_DequantizeLinear_Output"), name
     assert {t.data_type for t in model.graph.initializer if t.name.endswith("_scale")} == {onnx.TensorProto.FLOAT}  # Q/DQ untouched
     x = _image(7)
-    fp32_fallback, fp16_fallback = (make_runner(graph, t).run(x)["y"] for t in (base, mixed))
-    assert fp16_fallback.dtype == np.float32 and 0 < rel_l2(fp32_fallback, fp16_fallback) < 5e-3  # FP16 rounding, nothing more
+    fp32, fp16 = (make_runner(graph, Target.parse(f"emu:int8{pins}{o}").with_options({"calib": str(work / "calib")})).run(x)["y"]
+                  for o in ("", "@fallback=fp16"))
+    assert 0 < rel_l2(fp32, fp16) < 2e-2  # FP16 rounding of the two float convs (emulated), within FP16 tolerance
+
+
+def test_fp16_fallback_overflow_is_caught_by_the_build_check(work, tmp_path):
+    """conv2's outlier channel x1e5 (compensated in conv3): kept in float it is fine in FP32 and
+    overflows FP16 (its outputs reach ~1e5 > 65504); the build of ort:cuda:int8@fallback=fp16 is
+    checked with that FP16 emulated, so it is refused."""
+    model = build_cnn_int8(True)
+    inits = {t.name: t for t in model.graph.initializer}
+    for name, scale, index in (("conv2.w", 100.0, (0,)), ("conv2.b", 100.0, (0,)), ("conv3.w", 0.01, (slice(None), 0))):
+        value = numpy_helper.to_array(inits[name]).copy()
+        value[index] *= scale
+        inits[name].CopyFrom(numpy_helper.from_array(value, name))
+    graph = ModelGraph(model, tmp_path / "big.onnx")
+    calib = {"calib": str(work / "calib")}
+    base = Target.parse(f"ort:cuda:int8+fp32={OUTLIER_CONV},{CONSUMER}").with_options(calib)
+    assert build(graph, base, tmp_path / "fp32.onnx", check_inputs=_image(7)).passed
+    refused = build(graph, base.with_options({"fallback": "fp16"}), tmp_path / "fp16.onnx", check_inputs=_image(7))
+    assert not refused.written and refused.check.on == "emu:int8" and refused.check.diverging == ("y",)
+
+
+def test_int8_plans_and_models_are_not_mistaken_for_others(work, tmp_path):
+    fp16_plan = tmp_path / "fp16.json"
+    fp16_plan.write_text(json.dumps({"precision": "fp16", "fp32_nodes": [{"node": OUTLIER_CONV}], "accept": ["rel_l2<=0.001"]}))
+    with pytest.raises(InputError, match="searched for fp16"):
+        Target.parse(f"ort:cpu:int8+{fp16_plan}")
+    int8_plan = tmp_path / "int8.json"
+    int8_plan.write_text(json.dumps({"precision": "int8", "fp32_nodes": [{"node": OUTLIER_CONV}],
+                                     "quantization": {"settings": {"types": "u8s8", "reduce_range": True, "calibrate": "entropy"}}}))
+    trt = Target.parse(f"trt:int8+{int8_plan}")  # TensorRT's quantization whatever the CPU plan was searched with
+    assert trt.option_dict == {"calibrate": "entropy"} and QuantSettings.of(trt).types == "s8s8"
+    # A QDQ model (here aligner's own, unstamped) is run as it is, never quantized again; TensorRT is told what it cannot take.
+    qdq = quantize(ModelGraph.load(work / "fault.onnx"), Target.parse("ort:cpu:int8").with_options({"calib": str(work / "calib")})).model
+    graph = ModelGraph(qdq, tmp_path / "qdq.onnx")
+    with pytest.raises(InputError, match="quantized already"):
+        quantize(graph, Target.parse("ort:cpu:int8"))
+    assert make_runner(graph, Target.parse("ort:cpu:int8")).run(_image(7))["y"].shape == (1, 4, 16, 16)
+    with pytest.raises(TargetError, match="int32 DequantizeLinear .* uint8 zero points"):
+        make_runner(graph, Target.parse("trt:int8"))

@@ -149,10 +149,12 @@ def _parse(spec: str, plan: str | Path | None) -> Target:
     if rest or precision not in devices[device]:
         raise TargetError(_unknown(spec))
     pins, plan_path = _pins(spec, extra, plan)
+    if plan_path is not None:
+        _check_plan_precision(plan_path, f"{runtime}:{device}:{precision}")
     if precision == "int8" and plan_path is not None:  # the quantizer settings the plan was verified with; explicit options win
         planned = read_plan_quantization(plan_path)
         if runtime == "trt":  # TensorRT's INT8 is s8s8 symmetric whatever the plan was searched with
-            planned = {k: v for k, v in planned.items() if k not in ("types", "symmetric", "quantize_bias")}
+            planned = {k: v for k, v in planned.items() if k not in ("types", "symmetric", "quantize_bias", "reduce_range")}
         options = {**planned, **options}
     return Target(runtime, device, precision, pins, plan_path, tuple(sorted(options.items())))
 
@@ -180,6 +182,18 @@ def read_plan(path: str | Path) -> list[str]:
     if not all(isinstance(n, str) for n in nodes):
         raise InputError(f"Plan {path}: fp32_nodes must name nodes (strings).")
     return nodes
+
+
+def _check_plan_precision(path: str | Path, base: str) -> None:
+    """An INT8 plan names nodes kept in float, an FP16/BF16 plan nodes kept in FP32: one is no plan for the other."""
+    try:
+        planned = json.loads(Path(path).read_text()).get("precision")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return  # read_plan says what is wrong with the file
+    if isinstance(planned, str) and (planned == "int8") != base.endswith(":int8"):
+        raise InputError(f"Plan {path} was searched for {planned}, target {base} is {base.rsplit(':', 1)[-1]}: an INT8 plan keeps nodes "
+                         "in float, an FP16/BF16 plan keeps nodes in FP32. Search one for this target: aligner precision MODEL "
+                         f"--target {base} --out plan.json")
 
 
 def read_plan_quantization(path: str | Path) -> dict[str, str]:

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from aligner.build import BuildResult, build, build_outputs, build_target
 from aligner.cli.common import add_input_arguments, add_model_arguments, check_writable, positive_int, resolve_feeds, resolve_target
+from aligner.errors import InputError
 from aligner.graph.model import ModelGraph
 from aligner.inputs import parse_input_shapes
 from aligner.tune import TuneResult, TuneSettings, check_tunable
@@ -118,6 +119,10 @@ def run(args: argparse.Namespace) -> int:
     if args.timing_cache:
         target = target.with_options({"timing_cache": args.timing_cache})
     target = build_target(target)  # checked before the model is loaded
+    given = [args.calib, args.target or "", *args.target_option]
+    if target.is_quantized and not (args.calib or any("calib=" in g for g in given[1:])):
+        raise InputError(f"Target {target.base}: an INT8 build needs calibration data: --calib FILE.npz|DIR/ with representative "
+                         "inputs (not the --inputs the build is checked on).")
     if args.tune:
         check_tunable(target)
     graph = ModelGraph.load(args.model, check=not args.no_check)

@@ -24,7 +24,7 @@ import onnx
 
 from aligner.backends.base import choice_option
 from aligner.backends.target import Target
-from aligner.errors import TargetError, TargetRunError
+from aligner.errors import InputError, TargetError, TargetRunError
 from aligner.graph.model import ModelGraph
 from aligner.quant.calib import Calibration, load_calibration
 
@@ -81,6 +81,10 @@ class QuantSettings:
         if not 0 < percentile <= 100:
             raise TargetError(f"Target {target}: percentile={o.get('percentile')!r}; give a number in (0, 100], e.g. 99.99.")
         fallback = choice_option(target, "fallback", o.get("fallback", "fp32"), FALLBACK)
+        if fallback != "fp32" and (target.runtime, target.device) == ("ort", "cpu"):
+            raise TargetError(f"Target {target}: fallback={fallback} needs a runtime that computes in {fallback}: ONNX Runtime's CPU "
+                              f"provider runs most FP16 ops in FP32. Use ort:cuda:int8 or trt:int8, or emu:int8@fallback={fallback} "
+                              "to emulate it here.")
         return cls(calibrate, types, flags["reduce_range"], flags["per_channel"], percentile, flags["symmetric"], fallback,
                    flags["quantize_bias"])
 
@@ -153,19 +157,25 @@ def quantize(graph: ModelGraph, target: Target, exclude: Iterable[str] | None = 
     """The QDQ model of ``graph`` for INT8 ``target``: ONNX Runtime's ``quantize_static`` with the
     target's settings, calibration and pins (or ``exclude``) kept in float. Cached."""
     from aligner.graph.precision import check_nodes
+    from aligner.quant.runner import prequantized
 
+    if prequantized(graph.model):
+        raise InputError(f"{graph.path or 'The model'} is quantized already (Q/DQ nodes, or an aligner INT8 build): aligner quantizes "
+                         f"float models. Give the float model with --target {target.base} --calib ..., or run this one as it is "
+                         "(aligner bench / eval MODEL).")
     settings = QuantSettings.of(target)
     excluded = tuple(sorted(check_nodes(graph, target.pins if exclude is None else exclude)))
     calibration = calibration_of(graph, target)
     sha = model_sha(graph)
-    key = (sha, settings, calibration.key, excluded)
+    emulate = settings.fallback != "fp32" and target.runtime == "emu"  # the fallback's rounding emulated, as emu:fp16 does
+    key = (sha, settings, calibration.key, excluded, emulate)
     path = _CACHE.models.get(key)
     if path is None:
         path = _CACHE.path("model", key).with_suffix(".onnx")
         ranges = _CACHE.path("ranges", (sha, calibration.key, settings.calibrate, settings.percentile)).with_suffix(".json")
         _quantize_static(graph, settings, calibration, excluded, ranges, path)
         if settings.fallback != "fp32":
-            onnx.save(low_precision_fallback(onnx.load(str(path)), settings.fallback), str(path))
+            onnx.save(low_precision_fallback(onnx.load(str(path)), settings.fallback, emulate), str(path))
         _CACHE.models[key] = path
         while len(_CACHE.models) > KEEP_MODELS:  # a pin search quantizes once per trial: keep the disk use bounded
             _CACHE.models.pop(next(iter(_CACHE.models))).unlink(missing_ok=True)
@@ -208,11 +218,13 @@ def _quantize_static(graph: ModelGraph, settings: QuantSettings, calibration: Ca
                              f"{len(excluded)} node(s) kept in float): {type(exc).__name__}: {str(exc)[:400]}") from None
 
 
-def low_precision_fallback(qdq: onnx.ModelProto, precision: str) -> onnx.ModelProto:
+def low_precision_fallback(qdq: onnx.ModelProto, precision: str, emulate: bool = False) -> onnx.ModelProto:
     """Mixed INT8 + FP16: aligner's precision rewrite of the QDQ model with every Q/DQ and every node
     whose output is quantized (the quantizer's DQ -> op -> Q units, which the runtime fuses into
     integer kernels) kept as they are, everything else in ``precision`` (explicit Casts at the edges).
-    A float node that reads a dequantized tensor and writes an unquantized one runs in ``precision``."""
+    A float node that reads a dequantized tensor and writes an unquantized one runs in ``precision``.
+    ``emulate``: the FP16 emulator's model instead (every such node's output rounded to ``precision``
+    on a runtime that computes in FP32, so overflows show on the CPU as on the GPU)."""
     from aligner.graph.precision import rewrite_precision
 
     nodes = qdq.graph.node
@@ -220,7 +232,15 @@ def low_precision_fallback(qdq: onnx.ModelProto, precision: str) -> onnx.ModelPr
         node.name = node.name or f"_unnamed_{i}_{node.op_type}"
     quantized = {n.input[0] for n in nodes if n.op_type == "QuantizeLinear"}
     keep = [n.name for n in nodes if n.op_type in ("QuantizeLinear", "DequantizeLinear") or any(o in quantized for o in n.output)]
-    return rewrite_precision(ModelGraph(qdq), keep, precision).model
+    if emulate:
+        from aligner.backends.emulate import emulate_model
+
+        return emulate_model(ModelGraph(qdq), keep, precision).model
+    rewrite = rewrite_precision(ModelGraph(qdq), keep, precision)
+    for o in rewrite.overflows:
+        log.warning("fallback=%s: weight %s has %d value(s) up to %.3g, beyond %s's range (they become inf)", precision, o.tensor,
+                    o.count, o.max_abs, precision)
+    return rewrite.model
 
 
 @contextlib.contextmanager
@@ -251,11 +271,20 @@ def save_quantized(graph: ModelGraph, target: Target, out: str | Path) -> Quanti
     return quantized
 
 
+def engine_target(target: Target) -> Target:
+    """The TensorRT target a QDQ model of ``trt:int8`` is built on: FP32 types (the Q/DQ say where it
+    runs INT8), TensorRT's builder settings and the capture policy, not the quantizer's settings."""
+    from aligner.backends.tensorrt import TRT_OPTIONS
+
+    options = {k: v for k, v in target.options if k in TRT_OPTIONS or k == "capture"}
+    return Target("trt", "cuda", "fp32", options=tuple(sorted(options.items())))
+
+
 def session_target(target: Target) -> Target:
     """The target ONNX Runtime sessions of the QDQ model run under: the session options only."""
     options = {k: v for k, v in target.options if k not in QUANT_OPTIONS}
     return Target(target.runtime, target.device, target.precision, options=tuple(sorted(options.items())))
 
 
-__all__ = ["CALIBRATE", "FALLBACK", "QUANT_OPTIONS", "low_precision_fallback", "QuantSettings", "QuantizedModel", "TYPES", "calibration_of", "quantize", "save_quantized",
+__all__ = ["CALIBRATE", "FALLBACK", "QUANT_OPTIONS", "low_precision_fallback", "QuantSettings", "QuantizedModel", "TYPES", "calibration_of", "engine_target", "quantize", "save_quantized",
            "session_target"]

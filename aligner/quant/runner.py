@@ -16,6 +16,7 @@ import numpy as np
 
 from aligner.backends.base import InputInfo, capture_policy, check_capture
 from aligner.backends.target import Target
+from aligner.errors import TargetError
 from aligner.graph.model import ModelGraph
 from aligner.quant.match import QdqMap
 from aligner.quant.quantize import QuantizedModel, quantize, session_target
@@ -62,16 +63,37 @@ def qdq_runner(qdq, target: Target, path=None, label: str | None = None):
     its integer kernels on CPU; ``emu``: not optimized, Q/DQ in float) or TensorRT (``trt``: the Q/DQ
     define where it runs INT8, built strongly typed)."""
     if target.runtime == "trt":
-        from aligner.backends.tensorrt import TRT_OPTIONS
         from aligner.backends.trt_runner import TrtRunner
+        from aligner.quant.quantize import engine_target
 
-        builder = {k: v for k, v in target.options if k in TRT_OPTIONS}
-        inner = TrtRunner(ModelGraph(qdq, path), Target("trt", "cuda", "fp32", options=tuple(sorted(builder.items()))))
+        _check_tensorrt_qdq(qdq, target)
+        inner = TrtRunner(ModelGraph(qdq, path), engine_target(target))
         inner.label = label or str(target)
         return inner
     from aligner.backends.onnxruntime import OrtRunner
 
     return OrtRunner(qdq, session_target(target), optimize=target.runtime == "ort", label=label or str(target))
+
+
+def _check_tensorrt_qdq(qdq, target: Target) -> None:
+    """TensorRT takes signed INT8 Q/DQ with zero points 0 and float biases: a QDQ model made for
+    ONNX Runtime's CPU (u8 activations, int32 biases) is named as such, not left to its parser."""
+    from onnx import TensorProto
+
+    inits = {t.name: t for t in qdq.graph.initializer}
+    bad = set()
+    for node in qdq.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        zero = inits.get(node.input[2]) if len(node.input) > 2 else None
+        if zero is not None and zero.data_type == TensorProto.UINT8:
+            bad.add("uint8 zero points (asymmetric u8 activations)")
+        source = inits.get(node.input[0])
+        if node.op_type == "DequantizeLinear" and source is not None and source.data_type == TensorProto.INT32:
+            bad.add("int32 DequantizeLinear (quantized biases)")
+    if bad:
+        raise TargetError(f"Target {target}: this QDQ model has {' and '.join(sorted(bad))}, which TensorRT does not take. Quantize the "
+                          f"float model for TensorRT instead: --target {target.base} --calib ... (s8s8, symmetric, float biases).")
 
 
 __all__ = ["Int8Runner", "prequantized", "qdq_runner"]

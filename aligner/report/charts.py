@@ -118,6 +118,7 @@ def quantization_error_chart(rows: list[dict], metric: str, threshold: float, ti
 
     log = metric not in HIGHER_IS_BETTER
     finite = [v for r in rows for v in (r["real"], r["emulated"]) if v is not None and math.isfinite(v) and (v > 0 or not log)]
+    finite += [threshold] if threshold > 0 or not log else []  # the tolerance line stays on the chart
     floor = min(finite, default=1e-6) / 10 if log else min(finite + [0.0])
     ceiling = max(finite, default=1.0) * (10 if log else 1.1)
     fig, ax = plt.subplots(figsize=(8.0, 1.0 + 0.3 * len(rows)))
