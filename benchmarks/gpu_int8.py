@@ -33,6 +33,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def main() -> None:
@@ -65,20 +66,10 @@ def _step(report: dict, name: str, fn) -> None:
 
 
 def run(args, work: Path, report: dict) -> None:
-    from aligner import examples
     from aligner.backends.target import Target
-    from aligner.eval.dataset import CocoDataset
-    from aligner.examples.shapes import write_split
-    from aligner.graph.model import ModelGraph
+    from int8_detector import detector_and_calibration
 
-    graph = ModelGraph.load(examples.shapes_detector_path())
-    images, ann = examples.shapes_val()
-    dataset, pre, adapter = CocoDataset(images, ann), examples.shapes_preprocess(), examples.shapes_adapter()
-    write_split(work / "calib_split", 32, seed=4242)
-    calib = work / "calib"
-    calib.mkdir()
-    for i, (x, _, _) in enumerate(CocoDataset(work / "calib_split" / "images", work / "calib_split" / "instances.json").batches(pre, 1)):
-        np.savez(calib / f"{i:03d}.npz", pixels=x)
+    graph, dataset, pre, adapter, calib = detector_and_calibration(work)
     cpu = json.loads((ROOT / "benchmarks" / "int8_detector.json").read_text())["plan_ap"]
     settings = {k: str(int(v)) if isinstance(v, bool) else str(v) for k, v in cpu["settings"].items() if k != "percentile"}
     d = args.device

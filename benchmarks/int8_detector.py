@@ -33,16 +33,13 @@ def main() -> None:
     print(json.dumps(report, indent=1))
 
 
-def run(args: argparse.Namespace, work: Path) -> dict:
+def detector_and_calibration(work: Path):
+    """The example detector, its val set (200 images), preprocessing and adapter, and a folder of 32
+    calibration .npz from a separate split (seed 4242): (graph, dataset, preprocess, adapter, calib dir)."""
     from aligner import examples
-    from aligner.backends import make_runner, reference_runner
-    from aligner.backends.target import Target
-    from aligner.compare.metrics import rel_l2
     from aligner.eval.dataset import CocoDataset
-    from aligner.eval.run import coco_acceptance, evaluate_detector
     from aligner.examples.shapes import write_split
     from aligner.graph.model import ModelGraph
-    from aligner.search.precision import Acceptance, search_precision
 
     graph = ModelGraph.load(examples.shapes_detector_path())
     images, ann = examples.shapes_val()
@@ -52,6 +49,17 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     calib.mkdir()
     for i, (x, _, _) in enumerate(CocoDataset(work / "calib_split" / "images", work / "calib_split" / "instances.json").batches(pre, 1)):
         np.savez(calib / f"{i:03d}.npz", pixels=x)
+    return graph, dataset, pre, adapter, calib
+
+
+def run(args: argparse.Namespace, work: Path) -> dict:
+    from aligner.backends import make_runner, reference_runner
+    from aligner.backends.target import Target
+    from aligner.compare.metrics import rel_l2
+    from aligner.eval.run import coco_acceptance, evaluate_detector
+    from aligner.search.precision import Acceptance, search_precision
+
+    graph, dataset, pre, adapter, calib = detector_and_calibration(work)
     held = [{"pixels": x} for i, (x, _, _) in zip(range(16), dataset.batches(pre, 1))]
     int8 = Target.parse("ort:cpu:int8").with_options({"calib": str(calib)})
     report: dict = {"model": "aligner/examples/data/shapes_detector.onnx", "calibration": "32 images, separate split (seed 4242)",
