@@ -99,6 +99,9 @@ def precision_inversions(rows: Sequence[BenchRow], targets: Mapping[str, Target]
 def _advice(target: Target) -> str:
     """The option to try when ``target`` is slower than a higher precision."""
     tune = f"or measure the candidates with: aligner build MODEL --target {target.base} --tune"
+    if target.precision == "int8" and (target.runtime, target.device) == ("ort", "cuda"):
+        return ("ONNX Runtime's CUDA provider has no integer Conv/MatMul kernels: the Q/DQ run as kernels of their own around "
+                "float compute. INT8 on NVIDIA GPUs ships through TensorRT (trt:int8); keep FP16/FP32 on ORT CUDA")
     if target.precision == "int8":
         return ("INT8 does not pay on this hardware as quantized (few integer kernels, or Q/DQ pairs around float "
                 "fallbacks): try @reduce_range or another types= setting, fewer float nodes, or ship the faster precision")
