@@ -166,12 +166,7 @@ def build_target(target: str | Target, plan: str | Path | None = None) -> Target
     if target.runtime == "ort":
         from aligner.backends.onnxruntime import session_options
 
-        if target.is_quantized:
-            from aligner.quant.quantize import session_target
-
-            session_options(session_target(target), optimize=True)
-        else:
-            session_options(target, optimize=True)  # option values too (threads=x), before any work
+        session_options(_session(target), optimize=True)  # option values too (threads=x), before any work
     if target.runtime == "trt":
         from aligner.backends.tensorrt import load_tensorrt
 
@@ -239,12 +234,7 @@ def _build_onnx(graph: ModelGraph, target: Target, output: Path, feeds, fused, n
     if ort_optimized:
         from aligner.backends.onnxruntime import save_optimized
 
-        if target.is_quantized:
-            from aligner.quant.quantize import session_target
-
-            save_optimized(output, session_target(target), ort_optimized)
-        else:
-            save_optimized(output, target, ort_optimized)
+        save_optimized(output, _session(target), ort_optimized)
     return _finish(replace(result, written=True, ort_optimized=str(ort_optimized) if ort_optimized else None))
 
 
@@ -282,6 +272,15 @@ def check_build(graph: ModelGraph, target: Target, feeds) -> BuildCheck:
     checked = compare(graph, target=emulator, feeds=feeds, tensors=graph.output_names)
     worst = max((t.metrics.get("rel_l2", 0.0) for t in checked.tensors), default=0.0)
     return BuildCheck(emulator.base, checked.tolerance, float(worst), tuple(t.tensor for t in checked.tensors if t.diverges))
+
+
+def _session(target: Target) -> Target:
+    """The target ONNX Runtime's session options are read from: an INT8 target's without its quantizer settings."""
+    if not target.is_quantized:
+        return target
+    from aligner.quant.quantize import session_target
+
+    return session_target(target)
 
 
 def _quantized(graph: ModelGraph, target: Target, feeds, result: BuildResult):

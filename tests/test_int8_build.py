@@ -153,3 +153,12 @@ def test_int8_plans_and_models_are_not_mistaken_for_others(work, tmp_path):
     assert make_runner(graph, Target.parse("ort:cpu:int8")).run(_image(7))["y"].shape == (1, 4, 16, 16)
     with pytest.raises(TargetError, match="int32 DequantizeLinear .* uint8 zero points"):
         make_runner(graph, Target.parse("trt:int8"))
+
+
+def test_int8_build_writes_ort_optimized_graph_and_needs_calibration(work, capsys):
+    out, optimized = work / "opt.int8.onnx", work / "opt.int8.ort.onnx"
+    assert _cli(work, "--target", "ort:cpu:int8", "--plan", str(work / "plan.json"), "-o", str(out), "--ort-optimized", str(optimized)) == 0
+    assert "QLinearConv" in {n.op_type for n in onnx.load(str(optimized)).graph.node}  # ONNX Runtime's integer kernels, as deployed
+    no_calib = main(["build", str(work / "fault.onnx"), "--target", "ort:cpu:int8", "--inputs", str(work / "held_out.npz"),
+                     "-o", str(work / "nocalib.onnx")])
+    assert no_calib == 2 and "needs calibration data" in capsys.readouterr().err and not (work / "nocalib.onnx").exists()

@@ -16,9 +16,8 @@ from aligner.graph.model import ModelGraph
 
 
 def _int8(graph: ModelGraph, target: Target) -> Runner:
-    from aligner.quant.runner import Int8Runner, prequantized, qdq_runner
-
     from aligner.graph.precision import built_precision
+    from aligner.quant.runner import Int8Runner, prequantized, qdq_runner
 
     if prequantized(graph.model):  # an INT8 build (its pins are what it was built with), or a QDQ model made elsewhere: as it is
         if target.pins and built_precision(graph.model) != "int8":
