@@ -162,3 +162,30 @@ def test_int8_build_writes_ort_optimized_graph_and_needs_calibration(work, capsy
     no_calib = main(["build", str(work / "fault.onnx"), "--target", "ort:cpu:int8", "--inputs", str(work / "held_out.npz"),
                      "-o", str(work / "nocalib.onnx")])
     assert no_calib == 2 and "needs calibration data" in capsys.readouterr().err and not (work / "nocalib.onnx").exists()
+
+
+def test_compare_reads_a_qdq_model_quantized_elsewhere_through_its_qdq_pairs(work, tmp_path):
+    """A QDQ model made by ONNX Runtime's quantizer called directly (not through aligner) given as
+    --target-model: its tensors are read through its Q/DQ pairs, dequantized, in the float model's
+    names — the same comparison as aligner quantizing the float model itself with the same settings."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from aligner.compare.layerwise import compare
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(_image(100 + i) for i in range(8))
+
+        def get_next(self):
+            return next(self.it, None)
+
+    elsewhere = tmp_path / "elsewhere.qdq.onnx"
+    quantize_static(str(work / "fault.onnx"), str(elsewhere), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    graph = ModelGraph.load(work / "fault.onnx")
+    target = Target.parse("ort:cpu:int8").with_options({"calib": str(work / "calib")})
+    own = compare(graph, target=target, feeds=_image(7))
+    theirs = compare(graph, target=target, target_model=elsewhere, feeds=_image(7))
+    assert [d.tensor for d in theirs.tensors] == [d.tensor for d in own.tensors] == ["a0", "a1", "a2", "a3", "y"]
+    assert theirs.first_divergent.tensor == own.first_divergent.tensor == "a3"  # conv3 reads the outlier tensor quantized
+    assert all(abs(a.metrics["rel_l2"] - b.metrics["rel_l2"]) < 1e-4 for a, b in zip(own.tensors, theirs.tensors))

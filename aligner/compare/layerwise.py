@@ -112,16 +112,20 @@ def compare(
     tol = tolerance or tolerance_for(tgt_target, ref_target)
 
     ref_runner = reference_runner(graph, ref_target)
-    tgt_runner: Runner = make_runner(other, tgt_target)
+    from aligner.quant.runner import matched_qdq
+
+    qdq = matched_qdq(graph, other, tgt_target)  # a QDQ model of this graph: read through its Q/DQ pairs, in graph's names
+    tgt_runner: Runner = qdq or make_runner(other, tgt_target)
+    view = graph if qdq is not None else other  # the graph whose tensor names the target answers in
     notes = []
     # the observer first: on TensorRT its layer information decides what is capturable
     segmentable = segments and target_model is None and tensors is None and _segmentable(tgt_target)
     # segments need the uncaptured run only at the end: it runs meanwhile (in the sandbox's child)
-    observer = Observer.of(tgt_runner, other if target_model is not None else graph, feeds, background=segmentable)
+    observer = Observer.of(tgt_runner, view, feeds, background=segmentable)
     if tgt_target.runtime == "trt" and tensors is None and observer.policy == "outputs":
         notes.append("TensorRT target with capture=outputs: the outputs are compared (capture=boundaries compares every "
                      "tensor its layers write)")
-    names, unmatched = _select(graph, other, tgt_runner, tensors)
+    names, unmatched = _select(graph, view, tgt_runner, tensors)
     sizes = estimate_sizes(graph, feeds)
     groups = plan_groups(names, sizes, int(capture_budget_mb * 2**20) // 2)  # half per side
     log.info("comparing %d tensors in %d capture group(s)", len(names), len(groups))

@@ -23,13 +23,15 @@ from aligner.quant.quantize import QuantizedModel, quantize, session_target
 
 
 class Int8Runner:
-    """``graph`` quantized for ``target`` (its pins kept in float), run on ONNX Runtime."""
+    """``graph`` quantized for ``target`` (its pins kept in float), or ``qdq`` (a QDQ model of ``graph``
+    quantized elsewhere, run as it is), on the target's runtime, read back in ``graph``'s tensor names."""
 
-    def __init__(self, graph: ModelGraph, target: Target):
+    def __init__(self, graph: ModelGraph, target: Target, qdq: ModelGraph | None = None):
         self.target, self.label = target, str(target)
-        self.quantized: QuantizedModel = quantize(graph, target)
-        self.map = QdqMap(graph, self.quantized.model)
-        self._runner = qdq_runner(self.quantized.model, target, graph.path, self.label)
+        self.quantized: QuantizedModel | None = quantize(graph, target) if qdq is None else None  # None: ``qdq`` given, made elsewhere
+        model = self.quantized.model if qdq is None else qdq.model
+        self.map = QdqMap(graph, model)
+        self._runner = qdq_runner(model, target, graph.path if qdq is None else qdq.path, self.label)
         self.input_names, self.output_names = list(graph.input_names), list(graph.output_names)
         # Every tensor offered is a kernel output of the deployed graph (see match.py), so "boundaries" is "all" here.
         self.capture_policy = "outputs" if capture_policy(target) == "outputs" else "all"
@@ -48,6 +50,18 @@ class Int8Runner:
 
     def describe_inputs(self) -> tuple[InputInfo, ...]:
         return self._runner.describe_inputs()
+
+
+def matched_qdq(graph: ModelGraph, other: ModelGraph, target: Target) -> "Int8Runner | None":
+    """``other`` (``--target-model``) as a QDQ model of the float ``graph`` made by any quantizer, run on
+    INT8 ``target`` and read through its Q/DQ pairs in ``graph``'s tensor names (dequantized), or
+    None when that is not the case (then ``other`` runs as a second graph, tensors matched by name)."""
+    if not target.is_quantized or other is graph or prequantized(graph.model) or not prequantized(other.model):
+        return None
+    if target.pins:
+        raise TargetError(f"Target {target}: the second model is quantized already; nodes kept in float apply when aligner quantizes "
+                          "the float model. Drop the pins, or compare the float model alone on the target.")
+    return Int8Runner(graph, target, qdq=other)
 
 
 def prequantized(model) -> bool:
@@ -96,4 +110,4 @@ def _check_tensorrt_qdq(qdq, target: Target) -> None:
                           f"float model for TensorRT instead: --target {target.base} --calib ... (s8s8, symmetric, float biases).")
 
 
-__all__ = ["Int8Runner", "prequantized", "qdq_runner"]
+__all__ = ["Int8Runner", "matched_qdq", "prequantized", "qdq_runner"]
