@@ -17,12 +17,11 @@ from aligner.graph.model import ModelGraph
 
 def _int8(graph: ModelGraph, target: Target) -> Runner:
     from aligner.graph.precision import built_precision
-    from aligner.quant.runner import Int8Runner, prequantized, qdq_runner
+    from aligner.quant.runner import Int8Runner, prequantized, qdq_runner, refuse_pins
 
     if prequantized(graph.model):  # an INT8 build (its pins are what it was built with), or a QDQ model made elsewhere: as it is
-        if target.pins and built_precision(graph.model) != "int8":
-            raise TargetError(f"Target {target}: {graph.path or 'the model'} is already quantized (Q/DQ nodes); nodes kept in float "
-                              "apply when aligner quantizes the float model. Give the float model, or drop the +plan/pins.")
+        if built_precision(graph.model) != "int8":
+            refuse_pins(target, graph)
         return qdq_runner(graph.model, target, graph.path)
     return Int8Runner(graph, target)
 

@@ -184,12 +184,18 @@ def read_plan(path: str | Path) -> list[str]:
     return nodes
 
 
+def plan_doc(path: str | Path) -> dict:
+    """A plan file's JSON, or {} when it cannot be read as one (:func:`read_plan` says what is wrong)."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
 def _check_plan_precision(path: str | Path, base: str) -> None:
     """An INT8 plan names nodes kept in float, an FP16/BF16 plan nodes kept in FP32: one is no plan for the other."""
-    try:
-        planned = json.loads(Path(path).read_text()).get("precision")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return  # read_plan says what is wrong with the file
+    planned = plan_doc(path).get("precision")
     if isinstance(planned, str) and (planned == "int8") != base.endswith(":int8"):
         raise InputError(f"Plan {path} was searched for {planned}, target {base} is {base.rsplit(':', 1)[-1]}: an INT8 plan keeps nodes "
                          "in float, an FP16/BF16 plan keeps nodes in FP32. Search one for this target: aligner precision MODEL "
@@ -199,9 +205,8 @@ def _check_plan_precision(path: str | Path, base: str) -> None:
 def read_plan_quantization(path: str | Path) -> dict[str, str]:
     """The quantizer settings an INT8 plan was searched and verified with, as target options ({} for
     FP16 plans): ``ort:cpu:int8+plan.json`` quantizes as the plan did."""
-    try:
-        settings = json.loads(Path(path).read_text()).get("quantization", {}).get("settings", {})
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+    settings = (plan_doc(path).get("quantization") or {}).get("settings") or {}
+    if not isinstance(settings, dict):
         return {}
     out = {k: str(int(v)) if isinstance(v, bool) else str(v) for k, v in settings.items()
            if k in ("calibrate", "types", "reduce_range", "per_channel", "symmetric", "fallback", "quantize_bias")}
@@ -218,5 +223,5 @@ def _unknown(spec: str) -> str:
             "runtime[:device][:precision][+plan.json][@key=value], e.g. ort:cuda:fp16+plan.json, emu:fp16, ort:cpu:int8@calib=calib/, torch:cuda:bf16.")
 
 
-__all__ = ["DEFAULT_DEVICE", "DEFAULT_PRECISION", "REFERENCE", "SUPPORTED", "Target", "parse_target", "read_plan", "read_plan_quantization",
+__all__ = ["DEFAULT_DEVICE", "DEFAULT_PRECISION", "REFERENCE", "SUPPORTED", "Target", "parse_target", "plan_doc", "read_plan", "read_plan_quantization",
            "valid_targets"]

@@ -119,8 +119,8 @@ def run(args: argparse.Namespace) -> int:
     if args.timing_cache:
         target = target.with_options({"timing_cache": args.timing_cache})
     target = build_target(target)  # checked before the model is loaded
-    given = [args.calib, args.target or "", *args.target_option]
-    if target.is_quantized and not (args.calib or any("calib=" in g for g in given[1:])):
+    calibrated = args.calib or any("calib=" in s for s in (args.target or "", *args.target_option))  # not --inputs, the check's data
+    if target.is_quantized and not calibrated:
         raise InputError(f"Target {target.base}: an INT8 build needs calibration data: --calib FILE.npz|DIR/ with representative "
                          "inputs (not the --inputs the build is checked on).")
     if args.tune:

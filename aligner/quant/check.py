@@ -9,10 +9,7 @@ needed to build) with Q/DQ evaluated in float, ``emu:int8``, with the target's q
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-from aligner.backends.target import Target
+from aligner.backends.target import Target, plan_doc
 from aligner.errors import InputError
 from aligner.graph.model import ModelGraph
 from aligner.inputs import Feeds
@@ -26,7 +23,7 @@ def check_int8(graph: ModelGraph, target: Target, feeds: Feeds) -> tuple[str, tu
     note = ""
     accept = default_acceptance("int8")
     if target.plan:
-        planned = _plan_accept(target.plan)
+        planned = [str(a) for a in plan_doc(target.plan).get("accept") or []]
         accept = Acceptance.parse([s for s in planned if _is_bound(s)])
         if not accept.bounds:
             note = (f"the plan was accepted by {'; '.join(p for p in planned if p != 'outputs finite') or 'its own check'}: "
@@ -46,13 +43,6 @@ def emulated(target: Target) -> Target:
 
     options = {k: v for k, v in target.options if k in QUANT_OPTIONS} | QuantSettings.of(target).options()
     return Target("emu", "cpu", "int8", target.pins, target.plan, tuple(sorted(options.items())))
-
-
-def _plan_accept(plan: str) -> list[str]:
-    try:
-        return [str(s) for s in json.loads(Path(plan).read_text()).get("accept", [])]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return []
 
 
 def _is_bound(spec: str) -> bool:

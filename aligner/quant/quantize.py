@@ -286,5 +286,5 @@ def session_target(target: Target) -> Target:
     return Target(target.runtime, target.device, target.precision, options=tuple(sorted(options.items())))
 
 
-__all__ = ["CALIBRATE", "FALLBACK", "QUANT_OPTIONS", "low_precision_fallback", "QuantSettings", "QuantizedModel", "TYPES", "calibration_of", "engine_target", "quantize", "save_quantized",
-           "session_target"]
+__all__ = ["CALIBRATE", "FALLBACK", "QUANT_OPTIONS", "QuantSettings", "QuantizedModel", "TYPES", "calibration_of", "engine_target",
+           "low_precision_fallback", "quantize", "save_quantized", "session_target"]

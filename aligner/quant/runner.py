@@ -58,10 +58,15 @@ def matched_qdq(graph: ModelGraph, other: ModelGraph, target: Target) -> "Int8Ru
     None when that is not the case (then ``other`` runs as a second graph, tensors matched by name)."""
     if not target.is_quantized or other is graph or prequantized(graph.model) or not prequantized(other.model):
         return None
-    if target.pins:
-        raise TargetError(f"Target {target}: the second model is quantized already; nodes kept in float apply when aligner quantizes "
-                          "the float model. Drop the pins, or compare the float model alone on the target.")
+    refuse_pins(target, other)
     return Int8Runner(graph, target, qdq=other)
+
+
+def refuse_pins(target: Target, qdq: ModelGraph) -> None:
+    """Nodes kept in float are an instruction to aligner's quantizer: on a model quantized already they mean nothing."""
+    if target.pins:
+        raise TargetError(f"Target {target}: {qdq.path or 'the model'} is quantized already (Q/DQ nodes); nodes kept in float apply "
+                          "when aligner quantizes the float model. Give the float model, or drop the +plan/pins.")
 
 
 def prequantized(model) -> bool:
@@ -110,4 +115,4 @@ def _check_tensorrt_qdq(qdq, target: Target) -> None:
                           f"float model for TensorRT instead: --target {target.base} --calib ... (s8s8, symmetric, float biases).")
 
 
-__all__ = ["Int8Runner", "matched_qdq", "prequantized", "qdq_runner"]
+__all__ = ["Int8Runner", "matched_qdq", "prequantized", "qdq_runner", "refuse_pins"]
