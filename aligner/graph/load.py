@@ -56,6 +56,7 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
     base = path.parent
     for tensor in external:
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        _check_inside(path, tensor.name, location)
         if not (base / location).exists():
             raise ModelLoadError(
                 f"{path} keeps weight {tensor.name!r} in the external file {location!r}, "
@@ -63,8 +64,29 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
             )
     try:
         load_external_data_for_model(model, str(base))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
         raise ModelLoadError(f"Could not read the external data of {path}: {exc}") from None
+
+
+def _check_inside(path: Path, tensor: str, location: str) -> None:
+    """ONNX reads external data only from files inside the model's folder (an absolute path or a
+    ``..`` that leaves it is refused, a guard against reading arbitrary files): say so, and the fix."""
+    base = path.parent.resolve()
+    if (base / location).is_symlink():
+        raise ModelLoadError(
+            f"{path} keeps weight {tensor!r} in {location!r}, a symbolic link: ONNX reads external data only from regular "
+            f"files inside the model's folder. Fix: replace the link with a copy of the file (cp --remove-destination "
+            f"\"$(readlink -f {base / location})\" {base / location})."
+        )
+    target = Path(os.path.normpath(base / location))
+    if os.path.isabs(location) or (target != base and base not in target.parents):
+        raise ModelLoadError(
+            f"{path} keeps weight {tensor!r} in the external file {location!r}, outside the model's folder {base}: "
+            "ONNX reads external data only from files inside the model's folder (a relative path without '..'; "
+            f"no absolute path). Fix: move {location!r} into {base} (or the model beside its data) and set the "
+            f"location to the file's name ({Path(location).name!r}): onnx.load(model, load_external_data=False), edit each "
+            "initializer's external_data 'location' entry, onnx.save; or re-export with the data beside the model."
+        )
 
 
 def check_model(model: onnx.ModelProto, path: Path | None = None) -> None:
