@@ -173,6 +173,9 @@ def _pins(spec: str, extra: str, plan: str | Path | None) -> tuple[tuple[str, ..
 
 def read_plan(path: str | Path) -> list[str]:
     """The FP32 nodes of a plan file written by ``aligner precision --out``."""
+    if not Path(path).is_file():
+        raise InputError(f"Plan {path}: file not found (cwd is {Path.cwd()}). Check the path, or write one with: "
+                         "aligner precision model.onnx --out plan.json")
     try:
         data = json.loads(Path(path).read_text())
         nodes = [p["node"] for p in data["fp32_nodes"]]
