@@ -25,7 +25,7 @@ from aligner.backends import make_runner
 from aligner.backends.target import Target
 from aligner.errors import InputError
 from aligner.graph.model import ModelGraph
-from aligner.inputs import make_inputs
+from aligner.inputs import make_inputs, validate_feeds
 from aligner.tune import NOISE
 
 TIMED_RUNTIMES = ("ort", "trt", "torch")
@@ -120,8 +120,11 @@ def _advice(target: Target) -> str:
 
 def bench(model: ModelGraph | str | Path, targets: Iterable[str | Target], batches: Iterable[int] = (1,),
           plan: str | Path | None = None, runs: int = 100, warmup: int = 10,
-          progress: Callable[[str, int, int], None] | None = None, torch_module=None) -> BenchResult:
-    """Time ``model`` on each target and batch size (generated inputs, the batch dimension set).
+          progress: Callable[[str, int, int], None] | None = None, torch_module=None, *,
+          inputs: Mapping[str, np.ndarray] | None = None, shapes: Mapping[str, Sequence[int]] | None = None) -> BenchResult:
+    """Time ``model`` on each target and batch size: ``inputs`` when given (their samples repeated
+    along a symbolic batch dimension to each batch size), else generated inputs whose symbolic dims
+    take their sizes from ``shapes`` (``{name: dims}``, as ``--input-shapes``), the batch dim set.
 
     ``plan`` is the plan file of ``+plan`` targets; ``torch:*`` targets time ``torch_module``
     eagerly on the same inputs. Peak GPU memory per row: PyTorch's ``max_memory_allocated`` for
@@ -142,7 +145,7 @@ def bench(model: ModelGraph | str | Path, targets: Iterable[str | Target], batch
     batches, notes = _batches(graph, batches)
     rows, total = [], len(parsed) * len(batches)
     for target in parsed:
-        for batch, times, memory in _time_target(graph, target, batches, runs, warmup, torch_module):
+        for batch, times, memory in _time_target(graph, target, batches, runs, warmup, torch_module, inputs, shapes):
             rows.append(_row(str(target), batch, times, runs, memory))
             if progress:
                 progress(str(target), len(rows), total)
@@ -163,7 +166,7 @@ def _batches(graph: ModelGraph, batches: Iterable[int]) -> tuple[list[int], list
 
 
 def _time_target(graph: ModelGraph, target: Target, batches: list[int], runs: int, warmup: int,
-                 torch_module) -> Iterator[tuple[int, list[float], float | None]]:
+                 torch_module, inputs=None, shapes=None) -> Iterator[tuple[int, list[float], float | None]]:
     """(batch, latencies in ms, peak GPU MiB) per batch, from the target's runner."""
     on_torch_gpu = target.runtime == "torch" and target.device == "cuda"
     base = _gpu_memory_mb() if target.device == "cuda" and not on_torch_gpu else None
@@ -173,7 +176,7 @@ def _time_target(graph: ModelGraph, target: Target, batches: list[int], runs: in
             import torch
 
             torch.cuda.reset_peak_memory_stats()
-        times = runner.time(_batch_feeds(graph, batch), runs, warmup)
+        times = runner.time(_batch_feeds(graph, batch, inputs, shapes), runs, warmup)
         if on_torch_gpu:
             import torch
 
@@ -191,10 +194,23 @@ def _row(target: str, batch: int, times: list[float], runs: int, memory_mb: floa
                     batch * 1e3 / median, runs, memory_mb)
 
 
-def _batch_feeds(graph: ModelGraph, batch: int) -> dict:
-    """Generated inputs with the symbolic leading dims set to ``batch`` (fixed dims kept)."""
-    shapes = {i.name: tuple(batch if k == 0 and not isinstance(d, int) else d for k, d in enumerate(i.shape or ())) for i in graph.input_infos()}
-    return make_inputs(graph, {k: v for k, v in shapes.items() if all(isinstance(d, int) for d in v)})
+def _batch_feeds(graph: ModelGraph, batch: int, inputs: Mapping[str, np.ndarray] | None = None,
+                 shapes: Mapping[str, Sequence[int]] | None = None) -> dict:
+    """Inputs of one batch size: ``inputs`` with their samples repeated (or cut) to ``batch`` along a
+    symbolic leading dim, else generated ones, symbolic dims from ``shapes``, the leading one ``batch``."""
+    symbolic = {i.name: bool(i.shape) and not (isinstance(i.shape[0], int) and i.shape[0] > 0) for i in graph.input_infos()}
+    if inputs is not None:
+        inputs = validate_feeds(graph, dict(inputs))
+        return {k: np.take(v, np.arange(batch) % len(v), axis=0) if symbolic[k] and v.ndim and len(v) else v for k, v in inputs.items()}
+    given = {k: tuple(v) for k, v in (shapes or {}).items()}
+    out = {}
+    for i in graph.input_infos():
+        dims = list(given.get(i.name, i.shape or ()))
+        if symbolic[i.name] and dims:
+            dims[0] = batch
+        if all(isinstance(d, int) and d > 0 for d in dims) or i.name in given:
+            out[i.name] = tuple(dims)
+    return make_inputs(graph, out)
 
 
 def _gpu_memory_mb() -> float | None:

@@ -13,10 +13,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from aligner.bench import BenchResult, bench
-from aligner.cli.common import add_model_arguments, add_report_arguments, check_writable, emit_run, model_sidecar, report_paths, resolve_targets
-from aligner.errors import InputError
+from aligner.cli.common import (add_input_arguments, add_model_arguments, add_report_arguments, check_writable, emit_run, model_sidecar,
+                                report_paths, resolve_targets)
+from aligner.errors import InputError, TargetError
 from aligner.graph.model import ModelGraph
-from aligner.inputs import write_atomic
+from aligner.inputs import load_inputs, parse_input_shapes, write_atomic
 
 EPILOG = """\
 Targets are ONNX Runtime targets (ort:cpu:fp32|fp16|bf16, ort:cuda:fp32|tf32|fp16|bf16), TensorRT
@@ -42,6 +43,12 @@ examples:
   aligner bench model.onnx --target ort:cuda:fp32,ort:cuda:fp16,ort:cuda:fp16+plan --plan plan.json --batch 1,8 --report bench.html
   aligner bench model.onnx --target ort:cuda:fp16,ort:cuda:fp16@cudnn_conv_algo_search=HEURISTIC --batch 8
   aligner bench model.fp16.onnx --batch 1,8            # a build: its sidecar's target and tuned options
+  aligner bench det.onnx --input-shapes x:1x3x640x640 --batch 1,4   # symbolic dims: sizes given, batch set per row
+  aligner bench det.onnx --inputs sample.npz            # sizes (and the default batch) from the data
+
+inputs: generated (uniform [0, 1)) unless --inputs gives them; symbolic dims take their sizes from
+--inputs or --input-shapes, and a symbolic batch dim is set to each --batch (default: the batch of
+the inputs or shapes given, else 1); --inputs samples are repeated to fill a larger batch.
 
 exit status: 0 measured, 2 usage or input error, 3 a target failed to build or run
 """
@@ -54,25 +61,27 @@ def add_parser(sub) -> None:
     add_model_arguments(p)
     p.add_argument("--target", help="comma-separated targets (default: a built model's own target, else ort:cpu:fp32); "
                    "a target's own @key=value,... options stay with it")
-    p.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
+    p.add_argument("--batch", help="comma-separated batch sizes (default: the batch of --inputs / --input-shapes, else 1)")
     p.add_argument("--plan", metavar="PLAN.json", help="precision plan for the +plan targets")
     p.add_argument("--runs", type=int, default=100, help="timed runs per point (default 100)")
     p.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
     p.add_argument("--torch", metavar="MODULE:FUNCTION", help="the PyTorch module for torch:* targets (eager), fed the ONNX input's shape")
     p.add_argument("--json", metavar="FILE", help="write {device, rows: [{target, batch, latency_ms, throughput}]}")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    add_input_arguments(p, generated=False)
     add_report_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     check_writable([args.json] + report_paths(args), args.force)
-    try:
-        batches = [int(b) for b in args.batch.split(",")]
-    except ValueError:
-        raise InputError(f"--batch {args.batch!r}: write comma-separated integers, e.g. 1,2,4,8.") from None
     specs = split_targets(args.target) if args.target else None
     targets = resolve_targets(args, specs if specs or model_sidecar(args) else ["ort:cpu:fp32"])  # a built model: its sidecar
     graph = ModelGraph.load(args.model, check=not args.no_check)
+    if specs is None and model_sidecar(args) is not None:
+        targets = [_runnable_here(t) for t in targets]
+    inputs = load_inputs(args.inputs)[0] if args.inputs else None
+    shapes = parse_input_shapes(args.input_shapes)
+    batches = _batch_sizes(args.batch, graph, inputs, shapes)
     module = None
     if args.torch:
         from aligner.cli.common import load_torch_factory
@@ -80,12 +89,48 @@ def run(args: argparse.Namespace) -> int:
         module = load_torch_factory(args.torch)
     with Progress(TextColumn("[bold]timing"), BarColumn(), MofNCompleteColumn(), console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task("bench", total=len(targets) * len(batches))
-        result = bench(graph, targets, batches, args.plan, args.runs, args.warmup, lambda s, d, t: bar.update(task, completed=d), module)
+        result = bench(graph, targets, batches, args.plan, args.runs, args.warmup, lambda s, d, t: bar.update(task, completed=d), module,
+                       inputs=inputs, shapes=shapes)
     print_bench(result)
     if args.json:
         write_atomic(Path(args.json), json.dumps(result.to_dict(), indent=1).encode())
     emit_run(args, "bench", graph, result.to_dict())
     return 0
+
+
+def _batch_sizes(text: str | None, graph: ModelGraph, inputs: dict | None, shapes: dict) -> list[int]:
+    """--batch, else the leading dim of the first input as given (--inputs, --input-shapes), else 1."""
+    if text is None:
+        first = graph.input_names[0]
+        given = inputs[first].shape if inputs and first in inputs else shapes.get(first)
+        return [given[0]] if given and given[0] > 0 else [1]
+    try:
+        return [int(b) for b in text.split(",")]
+    except ValueError:
+        raise InputError(f"--batch {text!r}: write comma-separated integers, e.g. 1,2,4,8.") from None
+
+
+def _runnable_here(target):
+    """A built model's own target, or, where this machine cannot run its device (a model built for
+    ort:cuda on a machine without CUDA), the same precision on the CPU, said on stderr."""
+    if target.device == "cpu" or target.runtime != "ort":
+        return target
+    from dataclasses import replace
+
+    from aligner.backends.onnxruntime import providers_for
+
+    try:
+        providers_for(target)
+        return target
+    except TargetError as exc:
+        try:
+            cpu = replace(target, device="cpu", options=())
+        except TargetError:  # a precision the CPU provider lacks (tf32)
+            cpu = replace(target, device="cpu", precision="fp32", options=())
+        Console(stderr=True, highlight=False, soft_wrap=True).print(
+            f"note: the model was built for {escape(str(target))}, which cannot run on this machine: {escape(str(exc))}\n"
+            f"Timing it on {escape(str(cpu))} instead; give --target to choose.")
+        return cpu
 
 
 _STARTS_TARGET = re.compile(r"^\s*(ort|emu|trt|torch)(?=$|[:+@\s])")
@@ -108,12 +153,14 @@ def split_targets(text: str) -> list[str]:
 def print_bench(result: BenchResult, console: Console | None = None) -> None:
     console = console or Console(highlight=False)
     table = Table(title=f"latency and throughput on {escape(result.device)}", title_justify="left")
+    gpu = any(r.gpu_memory_mb is not None for r in result.rows)  # no GPU column on a CPU machine: the table fits 80 columns
     table.add_column("target", min_width=16, overflow="fold")
-    for col in ("batch", "median ms", "p90 ms", "p99 ms", "items/s", "peak GPU MiB"):
+    for col in ("batch", "median ms", "p90 ms", "p99 ms", "items/s") + (("GPU MiB",) if gpu else ()):
         table.add_column(col, justify="right", no_wrap=True)
     for r in result.rows:
+        memory = ("-" if r.gpu_memory_mb is None else f"{r.gpu_memory_mb:.0f}",) if gpu else ()
         table.add_row(escape(r.target), str(r.batch), f"{r.latency_ms['median']:.3f}", f"{r.latency_ms['p90']:.3f}",
-                      f"{r.latency_ms['p99']:.3f}", f"{r.throughput:.1f}", "-" if r.gpu_memory_mb is None else f"{r.gpu_memory_mb:.0f}")
+                      f"{r.latency_ms['p99']:.3f}", f"{r.throughput:.1f}", *memory)
     console.print(table)
     for note in result.notes:
         console.print(f"note: {escape(note)}")

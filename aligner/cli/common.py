@@ -93,12 +93,16 @@ def add_target_arguments(p: argparse.ArgumentParser, verb: str) -> None:
                    "folder of .npz files); without it the command's inputs are used, which overstates accuracy")
 
 
-def add_input_arguments(p: argparse.ArgumentParser) -> None:
+def add_input_arguments(p: argparse.ArgumentParser, generated: bool = True) -> argparse._ArgumentGroup:
+    """--inputs and --input-shapes (every command that runs the model), and with ``generated`` the
+    seed of generated inputs and --save-inputs."""
     g = p.add_argument_group("inputs")
     g.add_argument("--inputs", metavar="FILE", help="input values: .npz, or Polygraphy's JSON (polygraphy run --save-inputs)")
     g.add_argument("--input-shapes", nargs="+", metavar="NAME:DIMS", help="shapes for symbolic dims, e.g. images:1x3x800x800")
-    g.add_argument("--seed", type=int, default=0, help="seed of the generated random inputs (default 0)")
-    g.add_argument("--save-inputs", metavar="FILE", help="write the inputs used (.npz, or .json in Polygraphy's format)")
+    if generated:
+        g.add_argument("--seed", type=int, default=0, help="seed of the generated random inputs (default 0)")
+        g.add_argument("--save-inputs", metavar="FILE", help="write the inputs used (.npz, or .json in Polygraphy's format)")
+    return g
 
 
 def resolve_feeds(graph: ModelGraph, args: argparse.Namespace) -> dict:
