@@ -4,23 +4,40 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from aligner.cli.bench import split_targets
-from aligner.cli.common import add_report_arguments, check_writable, emit_run, report_paths, resolve_targets
+from aligner.cli.common import add_input_arguments, add_report_arguments, check_writable, emit_run, report_paths, resolve_targets
 from aligner.backends.target import Target
 from aligner.errors import InputError
 from aligner.eval.adapters import ADAPTERS
 from aligner.eval.dataset import CocoDataset, Preprocess
 from aligner.eval.run import EvalResult, evaluate_detector, label_map_for
 from aligner.graph.model import ModelGraph
-from aligner.inputs import write_atomic
+from aligner.inputs import load_inputs, parse_input_shapes, write_atomic
+
+log = logging.getLogger(__name__)
+
+TOPK_EPILOG = """\
+examples:
+  aligner eval topk classifier.onnx --images dir/ --targets ort:cpu:fp32,emu:fp16 \\
+      --scale 0.00392157 --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225
+  aligner eval topk cls.onnx --images dir/ --input-shapes x:1x3x48x192    # symbolic H, W: the size to feed
+  aligner eval topk cls.onnx --inputs samples.npz --targets ort:cpu:fp32,ort:cpu:int8 --calib calib/
+
+inputs: --images are read, resized to --input-size (default: the model's input H, W, or those of
+--input-shapes) and normalised; --inputs gives preprocessed arrays instead (an .npz, N first).
+
+exit status: 0 evaluated, 1 a top-1 agreement below --min-top1, 2 usage or input error
+"""
 
 EPILOG = """\
 With no model, the built-in example runs: the shapes detector (a small transformer detector
@@ -78,16 +95,17 @@ def add_parser(sub) -> None:
     t = kinds.add_parser("topk", help="classifier top-1/top-5 agreement with the reference, MVRE of logits",
                          description="Run a classifier on a folder of images on several targets and measure how often each target "
                                      "agrees with the first one (top-1, and reference top-1 within top-5), plus the MVRE of the logits.",
-                         epilog="example:\n  aligner eval topk classifier.onnx --images dir/ --targets ort:cpu:fp32,emu:fp16 "
-                                "--scale 0.00392157 --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225\n\nexit status: 0 evaluated, "
-                                "1 a top-1 agreement below --min-top1, 2 usage or input error",
+                         epilog=TOPK_EPILOG,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("model", help="classifier .onnx (one image input, logits output)")
     t.add_argument("--no-check", action="store_true", help="skip the ONNX checker when loading")
-    t.add_argument("--images", required=True, metavar="DIR", help="folder of images (searched recursively)")
+    t.add_argument("--images", metavar="DIR", help="folder of images (searched recursively); or give preprocessed arrays with --inputs")
     t.add_argument("--output", help="the logits output (default: the first output)")
     t.add_argument("--targets", default="ort:cpu:fp32,emu:fp16", help="comma-separated targets; the first is the reference")
     t.add_argument("--plan", metavar="PLAN.json", help="precision plan for the +plan targets")
+    t.add_argument("--calib", metavar="NPZ|DIR", help="INT8 targets: calibration inputs (.npz or a folder of them; default: --inputs, "
+                   "else generated inputs, with a warning that this overstates accuracy)")
+    add_input_arguments(t, generated=False)
     _add_preprocess_arguments(t, batch=32)
     to = t.add_argument_group("output")
     to.add_argument("--json", metavar="FILE", help="write the agreement per target as JSON")
@@ -155,27 +173,47 @@ def run(args: argparse.Namespace) -> int:
 def _run_topk(args: argparse.Namespace) -> int:
     from aligner.eval.topk import evaluate_topk, image_files
 
+    from aligner.quant.calib import with_calibration
+
     check_writable([args.json], args.force)
+    if not args.images and not args.inputs:
+        raise InputError("Give the images: --images DIR (read and preprocessed), or --inputs FILE.npz (preprocessed arrays, N first).")
     targets = resolve_targets(args, split_targets(args.targets))  # a built model: its sidecar's options
+    targets = [with_calibration(t, args.calib, args.inputs) for t in targets]  # INT8 targets: --calib, else --inputs
     graph = ModelGraph.load(args.model, check=not args.no_check)
-    files = image_files(args.images, args.limit)
-    results = evaluate_topk(graph, files, _preprocess(args, graph), [str(t) for t in targets], args.plan,
-                            args.batch, args.output)
+    if args.inputs:
+        if args.images:
+            log.warning("--images %s is ignored: --inputs %s gives the arrays.", args.images, args.inputs)
+        images = _topk_arrays(graph, args.inputs, args.limit)
+        preprocess = None
+    else:
+        images, preprocess = image_files(args.images, args.limit), _preprocess(args, graph)
+    results = evaluate_topk(graph, images, preprocess, [str(t) for t in targets], args.plan, args.batch, args.output)
     console = Console(highlight=False)
-    table = Table(title=f"agreement with {escape(results[0].target)} on {len(files)} images", title_justify="left")
+    table = Table(title=f"agreement with {escape(results[0].target)} on {len(images)} images", title_justify="left")
     table.add_column("target", min_width=16, overflow="fold")
-    for col in ("top-1", "top-5", "MVRE logits", "NaN/inf images", "img/s"):
+    for col in ("top-1", "top-5", "MVRE logits", "NaN/inf img", "img/s"):
         table.add_column(col, justify="right", no_wrap=True)
     for r in results:
         table.add_row(escape(r.target), f"{r.top1_agreement:.2%}", f"{r.top5_agreement:.2%}",
                       "" if r is results[0] else f"{r.mvre:.2e}", str(r.nonfinite_images), f"{r.images / r.seconds:.0f}" if r.seconds else "-")
     console.print(table)
     if args.json:
-        doc = {"reference": results[0].target, "images": len(files), "targets": {r.target: r.to_dict() for r in results}}
+        doc = {"reference": results[0].target, "images": len(images), "targets": {r.target: r.to_dict() for r in results}}
         write_atomic(Path(args.json), json.dumps(doc, indent=1).encode())
     if args.min_top1 is not None and any(r.top1_agreement < args.min_top1 for r in results):
         return 1
     return 0
+
+
+def _topk_arrays(graph: ModelGraph, path: str, limit: int | None) -> np.ndarray:
+    """The image input's arrays from an --inputs file (every sample of the file, N first)."""
+    from aligner.inputs import validate_feeds
+
+    name = graph.input_names[0]
+    samples = [validate_feeds(graph, s)[name] for s in load_inputs(path)]
+    arrays = np.concatenate(samples) if len(samples) > 1 else samples[0]
+    return arrays[:limit] if limit else arrays
 
 
 def _adapter(args, builtin: bool):
@@ -200,9 +238,11 @@ def _preprocess(args, graph: ModelGraph) -> Preprocess:
         except ValueError:
             raise InputError(f"--input-size {args.input_size!r}: write HxW, e.g. 800x800.") from None
     else:
-        shape = graph.tensor(graph.input_names[0]).shape or ()
-        if len(shape) != 4 or not all(isinstance(d, int) for d in shape[2:]):
-            raise InputError(f"The model's input shape {shape} does not say the image size; pass --input-size HxW.")
+        name = graph.input_names[0]
+        shape = parse_input_shapes(getattr(args, "input_shapes", None)).get(name) or graph.tensor(name).shape or ()
+        if len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape[2:]):
+            raise InputError(f"The model's input {name!r} has shape {graph.tensor(name).shape_str()}, which does not say the image "
+                             f"size; pass --input-size HxW (or --input-shapes {name}:1x3xHxW).")
         h, w = shape[2], shape[3]
     try:
         mean, std = (tuple(float(v) for v in s.split(",")) for s in (args.mean, args.std))

@@ -45,12 +45,15 @@ def image_files(folder: str | Path, limit: int | None = None) -> list[Path]:
     return files
 
 
-def evaluate_topk(model: ModelGraph | str | Path, images: Sequence[Path], preprocess: Preprocess,
+def evaluate_topk(model: ModelGraph | str | Path, images: Sequence[Path] | np.ndarray, preprocess: Preprocess | None,
                   targets: Iterable[str] = ("ort:cpu:fp32", "emu:fp16"), plan: str | Path | None = None, batch: int = 32,
                   output: str | None = None, progress: Callable[[str, int, int], None] | None = None) -> list[TopkEval]:
-    """Agreement of each target's predictions with the first target's, image by image."""
-    require("PIL", "reading images", package="pillow")
-    from PIL import Image
+    """Agreement of each target's predictions with the first target's, image by image. ``images`` are
+    image files (read with ``preprocess``) or one array of preprocessed images, N first."""
+    given = isinstance(images, np.ndarray)
+    if not given:
+        require("PIL", "reading images", package="pillow")
+        from PIL import Image
 
     graph = model if isinstance(model, ModelGraph) else ModelGraph.load(model)
     targets = list(targets)
@@ -65,10 +68,10 @@ def evaluate_topk(model: ModelGraph | str | Path, images: Sequence[Path], prepro
     err, count, seconds = [0.0] * len(targets), [0] * len(targets), [0.0] * len(targets)
     for start in range(0, len(images), batch):
         arrays = []
-        for path in images[start:start + batch]:
+        for path in [] if given else images[start:start + batch]:
             with Image.open(path) as im:
                 arrays.append(preprocess(im.convert("RGB"))[0])
-        x = np.stack(arrays)
+        x = images[start:start + batch] if given else np.stack(arrays)
         ref_logits = None
         for i, runner in enumerate(runners):
             t0 = time.perf_counter()
