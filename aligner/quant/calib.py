@@ -1,14 +1,20 @@
-"""Calibration data for INT8 targets: an .npz of inputs, or a folder of them.
+"""Calibration data for INT8 targets: an .npz of inputs, or a folder of them, read one sample at a time.
 
 The source is the target's ``calib`` option (``ort:cpu:int8@calib=calib/``; the CLI's ``--calib``
 sets it). Without one, the quantizer calibrates on the command's generated inputs, with a warning:
 calibrating on the data a comparison then measures overstates accuracy.
+
+Samples stay on disk (:class:`CalibrationSamples` reads one when asked), and the value ranges are
+computed by :mod:`aligner.quant.ranges` sample by sample, so memory does not grow with their number.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import logging
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,11 +31,82 @@ NO_CALIB_WARNING = ("INT8 target without calibration data (--calib): ONNX Runtim
                     "Pass --calib FILE.npz or --calib DIR/ with representative inputs.")
 
 
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+_PROGRESS: contextvars.ContextVar[Progress | None] = contextvars.ContextVar("aligner_int8_progress", default=None)
+
+
+@contextlib.contextmanager
+def reporting(progress: Progress | None):
+    """Within the block, INT8's long phases (calibration, the settings sweep, the ranking) call
+    ``progress(phase, done, total)`` as they go (the CLI shows it); library code never prints."""
+    token = _PROGRESS.set(progress)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
+def report(phase: str, done: int, total: int) -> None:
+    """Tell the caller of :func:`reporting` (if any) how far ``phase`` is; logged at debug level too."""
+    log.debug("%s %d/%d", phase, done, total)
+    progress = _PROGRESS.get()
+    if progress is not None:
+        progress(phase, done, total)
+
+
+class CalibrationSamples(Sequence):
+    """The samples of a calibration source, read from disk when asked (one file held at a time):
+    hundreds of images cost one sample's memory. ``index``: (file, sample within the file) per sample;
+    ``generated``: samples held in memory instead (the generated inputs)."""
+
+    def __init__(self, graph: ModelGraph, index: Sequence[tuple[Path, int]] = (), generated: Sequence[Feeds] = ()):
+        self._graph, self._index, self._generated = graph, tuple(index), tuple(generated)
+        self._file: tuple[Path | None, list[Feeds]] = (None, [])
+
+    def __len__(self) -> int:
+        return len(self._generated) or len(self._index)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if self._generated:
+            return self._generated[i]
+        path, k = self._index[i]
+        if self._file[0] != path:
+            self._file = (path, [validate_feeds(self._graph, s) for s in load_inputs(path)])
+        return self._file[1][k]
+
+
+class ChainedSamples(Sequence):
+    """Several sample sequences read as one, lazily (``[*a, *b]`` would load every calibration sample)."""
+
+    def __init__(self, *parts: Sequence[Feeds]):
+        self._parts = parts
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self._parts)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = range(len(self))[i]
+        for part in self._parts:
+            if i < len(part):
+                return part[i]
+            i -= len(part)
+        raise IndexError(i)
+
+    def __iter__(self) -> Iterator[Feeds]:
+        for part in self._parts:
+            yield from part
+
+
 @dataclass(frozen=True)
 class Calibration:
-    """Calibration samples, where they came from, and a key identifying their values (for caches)."""
+    """Calibration samples (read from disk when asked), where they came from, and a key identifying
+    their values (for caches)."""
 
-    samples: tuple[Feeds, ...]
+    samples: Sequence[Feeds]
     source: str  # the path, or "generated inputs"
     key: str
 
@@ -62,28 +139,30 @@ def check_calibration_source(source: str | Path) -> None:
 def load_calibration(graph: ModelGraph, source: str | Path | None) -> Calibration:
     """The samples of ``source`` checked against ``graph``'s inputs; None: the generated inputs (seed 0,
     what a command generates when given no --inputs), with :data:`NO_CALIB_WARNING`."""
+    h = hashlib.sha256()
     if source is None:
         log.warning(NO_CALIB_WARNING)
-        samples = (make_inputs(graph),)
-        label = "generated inputs (no --calib: accuracy is overstated)"
-    else:
-        samples = tuple(validate_feeds(graph, s) for f in calibration_files(source) for s in load_inputs(f))
-        if not samples:
-            raise InputError(f"--calib {source}: no input samples in it.")
-        label = str(source)
-    return Calibration(samples, label, _digest(samples))
+        samples = CalibrationSamples(graph, generated=[make_inputs(graph)])
+        _digest(h, samples[0])
+        return Calibration(samples, "generated inputs (no --calib: accuracy is overstated)", h.hexdigest()[:16])
+    index = []
+    for f in calibration_files(source):  # each file read once here (checked and hashed), then dropped
+        for k, sample in enumerate(load_inputs(f)):
+            _digest(h, validate_feeds(graph, sample))
+            index.append((f, k))
+    if not index:
+        raise InputError(f"--calib {source}: no input samples in it.")
+    return Calibration(CalibrationSamples(graph, index), str(source), h.hexdigest()[:16])
 
 
-def _digest(samples: tuple[Feeds, ...]) -> str:
-    h = hashlib.sha256()
-    for feeds in samples:
-        for name in sorted(feeds):
-            value = np.ascontiguousarray(feeds[name])
-            h.update(name.encode() + str(value.dtype).encode() + str(value.shape).encode() + value.tobytes())
-    return h.hexdigest()[:16]
+def _digest(h, feeds: Feeds) -> None:
+    for name in sorted(feeds):
+        value = np.ascontiguousarray(feeds[name])
+        h.update(name.encode() + str(value.dtype).encode() + str(value.shape).encode() + value.tobytes())
 
 
-__all__ = ["Calibration", "NO_CALIB_WARNING", "calibration_files", "check_calibration_source", "calibrate_targets", "load_calibration", "with_calibration"]
+__all__ = ["Calibration", "CalibrationSamples", "ChainedSamples", "NO_CALIB_WARNING", "Progress", "calibration_files", "check_calibration_source", "calibrate_targets", "load_calibration", "report", "reporting",
+           "with_calibration"]
 
 
 def with_calibration(target, calib: str | None = None, inputs: str | None = None):

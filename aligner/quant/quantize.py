@@ -2,10 +2,16 @@
 
 :func:`quantize` calls ``onnxruntime.quantization.quantize_static`` (QDQ format) with the target's
 settings (:class:`QuantSettings`, from its runtime options) and its pins as ``nodes_to_exclude``
-(kept in float). Calibration runs once per (model, calibration data, method): its ranges go to a
-calibration cache file that every later quantization of the same model reuses, so a pin-search
-trial costs one quantization (no calibration) and one run. Quantized models are cached per
-(model, settings, calibration, excluded nodes) in one private temp directory, removed at exit.
+(kept in float). Calibration runs once per (model, calibration data, method), sample by sample
+(:mod:`aligner.quant.ranges`: memory flat in the number of samples; the sweep's methods share one
+pass): its ranges go to the calibration cache file ``quantize_static`` reads
+(``calibration_cache_path``), which every later quantization of the same model reuses, so a
+pin-search trial costs one quantization (no calibration) and one run. Quantized models are cached
+per (model, settings, calibration, excluded nodes) in one private temp directory, removed at exit.
+
+Per-channel Q/DQ needs opset 13 (``DequantizeLinear``'s ``axis``): a model below it is upgraded with
+``onnx.version_converter`` (node and tensor names kept), else quantized per-tensor; either way
+:attr:`QuantizedModel.opset_note` says which.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import onnx
@@ -46,6 +52,8 @@ QUANT_OPTIONS = {
 FALLBACK = ("fp32", "fp16")
 CALIBRATE = ("minmax", "entropy", "percentile")
 KEEP_MODELS = 8  # quantized models kept on disk (the oldest is removed first)
+PER_CHANNEL_OPSET = 13  # DequantizeLinear's axis (per-channel scales) appeared in opset 13
+CALIB_BUDGET_MB = 1024  # one sample's calibrated tensors captured per session at most (larger: in groups)
 TYPES = ("u8s8", "s8s8", "u8u8")
 
 
@@ -112,10 +120,12 @@ class QuantizedModel:
     settings: QuantSettings
     excluded: tuple[str, ...]
     calibration: Calibration
+    opset_note: str = ""  # a model below opset 13: upgraded, or quantized per-tensor (and why)
 
     def to_dict(self) -> dict:
         return {"quantizer": "onnxruntime.quantization.quantize_static (QDQ)", "settings": self.settings.to_dict(),
-                "excluded": list(self.excluded), "calibration": self.calibration.to_dict()}
+                "excluded": list(self.excluded), "calibration": self.calibration.to_dict(),
+                **({"opset": self.opset_note} if self.opset_note else {})}
 
 
 class _Cache:
@@ -125,6 +135,7 @@ class _Cache:
         self._dir: Path | None = None
         self.calibrations: dict[tuple, Calibration] = {}
         self.models: dict[tuple, Path] = {}
+        self.opsets: dict[str, tuple[Path, str, bool]] = {}  # model sha -> (float model file to quantize, opset note, per-channel possible)
 
     @property
     def dir(self) -> Path:
@@ -167,31 +178,97 @@ def quantize(graph: ModelGraph, target: Target, exclude: Iterable[str] | None = 
     excluded = tuple(sorted(check_nodes(graph, target.pins if exclude is None else exclude)))
     calibration = calibration_of(graph, target)
     sha = model_sha(graph)
+    source, note, per_channel_ok = quantizable_model(graph)
+    quantizer_settings = settings if per_channel_ok else replace(settings, per_channel=False)
     emulate = settings.fallback != "fp32" and target.runtime == "emu"  # the fallback's rounding emulated, as emu:fp16 does
     key = (sha, settings, calibration.key, excluded, emulate)
     path = _CACHE.models.get(key)
     if path is None:
         path = _CACHE.path("model", key).with_suffix(".onnx")
-        ranges = _CACHE.path("ranges", (sha, calibration.key, settings.calibrate, settings.percentile)).with_suffix(".json")
-        _quantize_static(graph, settings, calibration, excluded, ranges, path)
+        ranges = calibrate_ranges(graph, target, (settings.calibrate,))[settings.calibrate]
+        _quantize_static(source, quantizer_settings, excluded, ranges, path)
         if settings.fallback != "fp32":
             onnx.save(low_precision_fallback(onnx.load(str(path)), settings.fallback, emulate), str(path))
         _CACHE.models[key] = path
         while len(_CACHE.models) > KEEP_MODELS:  # a pin search quantizes once per trial: keep the disk use bounded
             _CACHE.models.pop(next(iter(_CACHE.models))).unlink(missing_ok=True)
-    return QuantizedModel(onnx.load(str(path)), settings, excluded, calibration)
+    return QuantizedModel(onnx.load(str(path)), settings, excluded, calibration, note)
 
 
-def _quantize_static(graph: ModelGraph, settings: QuantSettings, calibration: Calibration, excluded: tuple[str, ...],
-                     ranges: Path, out: Path) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+def quantizable_model(graph: ModelGraph) -> tuple[Path, str, bool]:
+    """The float model file ONNX Runtime's quantizer reads for ``graph`` (an IR version it reads; below
+    opset 13 upgraded to 13 where ``onnx.version_converter`` keeps every node and tensor name), what was
+    done about the opset (empty: nothing), and whether per-channel Q/DQ is possible. Cached per model."""
+    sha = model_sha(graph)
+    if sha not in _CACHE.opsets:
+        from aligner.backends.onnxruntime import ort_readable
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self._it = iter(calibration.samples)
+        model, note, per_channel = graph.model, "", True
+        opset = next((o.version for o in graph.model.opset_import if o.domain in ("", "ai.onnx")), PER_CHANNEL_OPSET)
+        if opset < PER_CHANNEL_OPSET:
+            model, why = _upgraded(graph, PER_CHANNEL_OPSET)
+            if model is not None:
+                note = (f"opset {opset} < {PER_CHANNEL_OPSET} (per-channel Q/DQ needs {PER_CHANNEL_OPSET}): upgraded to opset "
+                        f"{PER_CHANNEL_OPSET} with onnx.version_converter before quantizing")
+            else:
+                model, per_channel = graph.model, False
+                note = (f"opset {opset} < {PER_CHANNEL_OPSET} (per-channel Q/DQ needs {PER_CHANNEL_OPSET}) and the upgrade failed "
+                        f"({why}): quantized per-tensor (one scale per weight); upgrade the model to opset {PER_CHANNEL_OPSET}+ "
+                        "for per-channel scales")
+            log.warning("INT8: %s.", note)
+        path = _CACHE.path("float", (sha,)).with_suffix(".onnx")
+        onnx.save(ort_readable(model), str(path), save_as_external_data=model.ByteSize() > 2**31 - 2**24)
+        _CACHE.opsets[sha] = (path, note, per_channel)
+    return _CACHE.opsets[sha]
 
-        def get_next(self):
-            return next(self._it, None)
+
+def _upgraded(graph: ModelGraph, opset: int) -> tuple[onnx.ModelProto | None, str]:
+    """``graph``'s model at ``opset`` by onnx's version converter, or (None, why not): the converter
+    failed, the result fails the checker, or it lost a node or tensor name (plans and Q/DQ matching
+    speak in the original names)."""
+    from onnx import version_converter
+
+    try:
+        model = version_converter.convert_version(graph.model, opset)
+        onnx.checker.check_model(model)
+    except Exception as exc:  # noqa: BLE001 - the converter raises many types
+        return None, f"{type(exc).__name__}: {str(exc)[:200]}"
+    nodes = {n.name for n in model.graph.node}
+    tensors = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+    lost = [n.name for n in graph.nodes if n.name not in nodes] + [t for t in graph.activations() if t not in tensors]
+    if lost:
+        return None, f"the converted model lost {len(lost)} name(s), e.g. {lost[0]!r}"
+    return model, ""
+
+
+def calibrate_ranges(graph: ModelGraph, target: Target, methods: Iterable[str]) -> dict[str, Path]:
+    """The calibration cache file of each method in ``methods`` for ``target``'s calibration data,
+    computed where missing in one streaming pass shared by the missing methods (entropy and
+    percentile share their histogram pass; minmax comes with them free). Cached per model and data."""
+    from aligner.quant.ranges import HISTOGRAM_METHODS, calibrate, save_ranges
+
+    settings = QuantSettings.of(target)
+    calibration = calibration_of(graph, target)
+    sha = model_sha(graph)
+    paths = {m: _CACHE.path("ranges", (sha, calibration.key, m, settings.percentile if m == "percentile" else None)).with_suffix(".json")
+             for m in (*methods, *HISTOGRAM_METHODS, "minmax")}
+    missing = [m for m in dict.fromkeys(methods) if not paths[m].exists()]
+    if missing:
+        if any(m in HISTOGRAM_METHODS for m in missing):  # the histogram pass serves the others at no extra pass
+            missing = [m for m in paths if not paths[m].exists()]
+        source, _, _ = quantizable_model(graph)
+        try:
+            computed = calibrate(source, calibration.samples, missing, settings.percentile, CALIB_BUDGET_MB)
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises many types
+            raise TargetRunError(f"Calibrating {graph.path or 'the model'} on {calibration.source} failed ({', '.join(missing)}): "
+                                 f"{type(exc).__name__}: {str(exc)[:400]}") from None
+        for method, data in computed.items():
+            save_ranges(data, paths[method])
+    return {m: paths[m] for m in methods}
+
+
+def _quantize_static(source: Path, settings: QuantSettings, excluded: tuple[str, ...], ranges: Path, out: Path) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     qtype = {"u8": QuantType.QUInt8, "s8": QuantType.QInt8}
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -201,14 +278,9 @@ def _quantize_static(graph: ModelGraph, settings: QuantSettings, calibration: Ca
         extra["ActivationSymmetric"] = True
     if not settings.quantize_bias:
         extra["QuantizeBias"] = False
-    source = _CACHE.path("float", (model_sha(graph),)).with_suffix(".onnx")
-    if not source.exists():  # the quantizer's calibration session reads it: an IR version ORT reads
-        from aligner.backends.onnxruntime import ort_readable
-
-        onnx.save(ort_readable(graph.model), str(source))
     try:
         with _quiet_root_logger():
-            quantize_static(str(source), str(out), None if ranges.exists() else Reader(), quant_format=QuantFormat.QDQ,
+            quantize_static(str(source), str(out), None, quant_format=QuantFormat.QDQ,  # ranges from the cache file: no calibration here
                             per_channel=settings.per_channel, reduce_range=settings.reduce_range,
                             activation_type=qtype[settings.types[:2]], weight_type=qtype[settings.types[2:]],
                             nodes_to_exclude=list(excluded), calibrate_method=method, extra_options=extra,
@@ -248,13 +320,15 @@ def _quiet_root_logger():
     """ONNX Runtime's quantizer logs advice through the root logger on every call and its histogram
     calibrators print progress: library code stays quiet (what they say goes to our debug log)."""
     import io
+    import warnings
 
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
     printed = io.StringIO()
     try:
-        with contextlib.redirect_stdout(printed):
+        with contextlib.redirect_stdout(printed), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # numpy's divide-by-zero on constant tensors, not the user's concern
             yield
     finally:
         root.setLevel(level)
@@ -286,5 +360,5 @@ def session_target(target: Target) -> Target:
     return Target(target.runtime, target.device, target.precision, options=tuple(sorted(options.items())))
 
 
-__all__ = ["CALIBRATE", "FALLBACK", "QUANT_OPTIONS", "QuantSettings", "QuantizedModel", "TYPES", "calibration_of", "engine_target",
-           "low_precision_fallback", "quantize", "save_quantized", "session_target"]
+__all__ = ["CALIBRATE", "FALLBACK", "PER_CHANNEL_OPSET", "QUANT_OPTIONS", "QuantSettings", "QuantizedModel", "TYPES", "calibrate_ranges",
+           "calibration_of", "engine_target", "low_precision_fallback", "quantizable_model", "quantize", "save_quantized", "session_target"]
