@@ -18,6 +18,7 @@ from aligner.cli.common import (add_input_arguments, add_model_arguments, add_re
 from aligner.errors import InputError, TargetError
 from aligner.graph.model import ModelGraph
 from aligner.inputs import load_inputs, parse_input_shapes, write_atomic
+from aligner.report.console import fit_table
 
 EPILOG = """\
 Targets are ONNX Runtime targets (ort:cpu:fp32|fp16|bf16, ort:cuda:fp32|tf32|fp16|bf16), TensorRT
@@ -154,14 +155,14 @@ def print_bench(result: BenchResult, console: Console | None = None) -> None:
     console = console or Console(highlight=False)
     table = Table(title=f"latency and throughput on {escape(result.device)}", title_justify="left")
     gpu = any(r.gpu_memory_mb is not None for r in result.rows)  # no GPU column on a CPU machine: the table fits 80 columns
-    table.add_column("target", min_width=16, overflow="fold")
+    table.add_column("target", overflow="fold")
     for col in ("batch", "median ms", "p90 ms", "p99 ms", "items/s") + (("GPU MiB",) if gpu else ()):
         table.add_column(col, justify="right", no_wrap=True)
     for r in result.rows:
         memory = ("-" if r.gpu_memory_mb is None else f"{r.gpu_memory_mb:.0f}",) if gpu else ()
         table.add_row(escape(r.target), str(r.batch), f"{r.latency_ms['median']:.3f}", f"{r.latency_ms['p90']:.3f}",
                       f"{r.latency_ms['p99']:.3f}", f"{r.throughput:.1f}", *memory)
-    console.print(table)
+    console.print(fit_table(console, table))
     for note in result.notes:
         console.print(f"note: {escape(note)}")
     for inversion in result.inversions:

@@ -14,6 +14,7 @@ from aligner.cli.common import (TARGETS_HELP, non_negative_float, non_negative_i
                                 resolve_target, tolerance_from_args)
 from aligner.inputs import write_atomic
 from aligner.search import STRATEGIES, BisectResult, bisect
+from aligner.report.console import fit_table
 
 EPILOG = f"""\
 strategies (all answer the same question as compare, with the same tolerance, and name the same
@@ -106,7 +107,7 @@ def print_result(result: BisectResult, console: Console | None = None) -> None:
     for i, p in enumerate(result.probes, 1):
         table.add_row(str(i), p.phase if p.status == "ok" else f"[red]{p.phase} FAILED[/]", "" if p.cut is None else str(p.cut),
                       escape(p.node), str(p.tensors), flag[p.diverged], flag[p.nonfinite])
-    console.print(table)
+    console.print(fit_table(console, table))  # names elided in the middle at narrow widths, never wrapped per letter
     cause = result.root_cause
     if result.first_divergent is not None:
         f = result.first_divergent

@@ -14,6 +14,7 @@ from aligner.cli.common import (TARGETS_HELP, non_negative_float, non_negative_i
                                resolve_target, tolerance_from_args)
 from aligner.compare import CompareResult, compare
 from aligner.inputs import write_atomic
+from aligner.report.console import fit_table
 from pathlib import Path
 
 EPILOG = f"""\
@@ -104,7 +105,7 @@ def print_result(result: CompareResult, top: int = 10, console: Console | None =
         for t in rows:
             table.add_row(str(t.index), escape(t.node), escape(t.op_type), "x".join(map(str, t.shape)),
                           f"{t.metrics.get(metric, float('nan')):.3g}", f"{t.nonfinite_ref.total}→{t.nonfinite_target.total}")
-        console.print(table)
+        console.print(fit_table(console, table))  # names elided in the middle at narrow widths, never wrapped per letter
     if result.unmatched:
         console.print(f"{len(result.unmatched)} reference tensor(s) have no counterpart in the target and were skipped.")
     for note in result.notes:

@@ -23,6 +23,7 @@ from aligner.eval.dataset import CocoDataset, Preprocess
 from aligner.eval.run import EvalResult, evaluate_detector, label_map_for
 from aligner.graph.model import ModelGraph
 from aligner.inputs import load_inputs, parse_input_shapes, write_atomic
+from aligner.report.console import fit_table
 
 log = logging.getLogger(__name__)
 
@@ -191,13 +192,13 @@ def _run_topk(args: argparse.Namespace) -> int:
     results = evaluate_topk(graph, images, preprocess, [str(t) for t in targets], args.plan, args.batch, args.output)
     console = Console(highlight=False)
     table = Table(title=f"agreement with {escape(results[0].target)} on {len(images)} images", title_justify="left")
-    table.add_column("target", min_width=16, overflow="fold")
+    table.add_column("target", overflow="fold")
     for col in ("top-1", "top-5", "MVRE logits", "NaN/inf img", "img/s"):
         table.add_column(col, justify="right", no_wrap=True)
     for r in results:
         table.add_row(escape(r.target), f"{r.top1_agreement:.2%}", f"{r.top5_agreement:.2%}",
                       "" if r is results[0] else f"{r.mvre:.2e}", str(r.nonfinite_images), f"{r.images / r.seconds:.0f}" if r.seconds else "-")
-    console.print(table)
+    console.print(fit_table(console, table))
     if args.json:
         doc = {"reference": results[0].target, "images": len(images), "targets": {r.target: r.to_dict() for r in results}}
         write_atomic(Path(args.json), json.dumps(doc, indent=1).encode())
@@ -257,13 +258,13 @@ def print_eval(result: EvalResult, console: Console | None = None) -> None:
     console = console or Console(highlight=False)
     ref = result.targets[0]
     table = Table(title=f"COCO metrics on {ref.images} images (Δ vs {escape(result.reference)})", title_justify="left")
-    table.add_column("target", min_width=16, overflow="fold")
+    table.add_column("target", overflow="fold")
     for col in ("AP", "ΔAP", "AP50", "AR100", "MVRE", "NaN img", "img/s"):
-        table.add_column(col, justify="right", no_wrap=True)
+        table.add_column(col, justify="right", no_wrap=col != "MVRE")  # MVRE per output, wrapped at its commas
     for t in result.targets:
         delta = t.stats["AP"] - ref.stats["AP"]
         mvre = ", ".join(f"{v:.1e}" for v in t.mvre.values() if not math.isnan(v)) or "-"
         table.add_row(escape(t.target), f"{t.stats['AP']:.4f}", "" if t is ref else f"{delta:+.4f}", f"{t.stats['AP50']:.3f}",
                       f"{t.stats['AR100']:.3f}", "" if t is ref else mvre, str(t.nonfinite_images),
                       f"{t.images / t.seconds:.0f}" if t.seconds else "-")
-    console.print(table)
+    console.print(fit_table(console, table))

@@ -20,6 +20,7 @@ from aligner.graph.model import ModelGraph
 from aligner.inputs import load_inputs, make_inputs, parse_input_shapes, save_inputs, write_atomic
 from aligner.search.plan import PrecisionPlan
 from aligner.search.precision import Acceptance, search_precision
+from aligner.report.console import fit_table
 
 EPILOG = """\
 how it searches:
@@ -154,7 +155,7 @@ def print_plan(plan: PrecisionPlan, console: Console | None = None) -> None:
         table.add_column("why", overflow="fold", ratio=3)
         for pin in plan.pins:
             table.add_row(escape(pin.node), escape(pin.op_type), escape(pin.reason))
-        console.print(table)
+        console.print(fit_table(console, table))  # names elided in the middle at narrow widths, never wrapped per letter
         console.print("op types: " + ", ".join(f"{escape(k)} x{v}" for k, v in plan.op_type_summary().items()))
     metrics = ", ".join(f"{k} {v:.3g}" for k, v in plan.final_metrics.items() if k in ("rel_l2", "max_abs", "cosine"))
     head = "[bold green]PASSED[/]" if plan.passed else "[bold red]NO PASSING PLAN[/]"
