@@ -22,6 +22,8 @@ from aligner.search.plan import PrecisionPlan
 from aligner.search.precision import Acceptance, search_precision
 from aligner.report.console import fit_table
 
+TABLE_ROWS = 40  # the final table's rows at most (the plan JSON and the report list every node)
+
 EPILOG = """\
 how it searches:
   1. pure low precision (a model that passes needs no plan: one trial);
@@ -114,11 +116,15 @@ def run(args: argparse.Namespace) -> int:
     samples = _samples(graph, args)
     accept = Acceptance.parse(args.accept, args.accept_cmd) if (args.accept or args.accept_cmd) else None
     console = Console(stderr=True, highlight=False)
-    with console.status("measuring value ranges on the reference...") as status:
+    from aligner.quant.calib import reporting
+
+    with console.status("measuring value ranges on the reference...") as status, \
+            reporting(lambda phase, done, total: status.update(f"{escape(phase)} {done}/{total}")):
         def progress(trial, n: int) -> None:
             mark = "[green]pass[/]" if trial.passed else ("[red]error[/]" if trial.error else "fail")
-            console.print(f"trial {n:3d} {trial.phase:<8} {len(trial.pins):4d} pins  {mark}  {escape(trial.reason or trial.error)[:90]}")
-            status.update(f"trial {n + 1}...")
+            console.print(f"trial {n:3d}/{args.max_trials} {trial.phase:<8} {len(trial.pins):4d} pins  {mark}  "
+                          f"{escape(trial.reason or trial.error)[:90]}")
+            status.update(f"trial {n + 1}/{args.max_trials}...")
 
         plan = search_precision(graph, target=target, samples=samples, accept=accept, trials_log=trials,
                                 resume=args.resume, max_trials=args.max_trials, save_model=args.save_model, progress=progress,
@@ -153,8 +159,10 @@ def print_plan(plan: PrecisionPlan, console: Console | None = None) -> None:
         table.add_column("node", overflow="fold", ratio=2)
         table.add_column("op", no_wrap=True)
         table.add_column("why", overflow="fold", ratio=3)
-        for pin in plan.pins:
+        for pin in plan.pins[:TABLE_ROWS]:
             table.add_row(escape(pin.node), escape(pin.op_type), escape(pin.reason))
+        if len(plan.pins) > TABLE_ROWS:
+            table.add_row(f"... {len(plan.pins) - TABLE_ROWS} more", "", "every node with its reason: the plan JSON (--out) and the report")
         console.print(fit_table(console, table))  # names elided in the middle at narrow widths, never wrapped per letter
         console.print("op types: " + ", ".join(f"{escape(k)} x{v}" for k, v in plan.op_type_summary().items()))
     metrics = ", ".join(f"{k} {v:.3g}" for k, v in plan.final_metrics.items() if k in ("rel_l2", "max_abs", "cosine"))
@@ -168,7 +176,10 @@ def print_plan(plan: PrecisionPlan, console: Console | None = None) -> None:
         console.print(f"note: {escape(note)}")
     if plan.fusion_dependence:
         console.print(f"[bold yellow]fusion:[/] {escape(plan.fusion_dependence)}")
-    if not plan.passed:
+    if not plan.passed and plan.precision == "int8":
+        console.print("Tried pure INT8 and keeping the ranked quantized tensors' nodes in float (the shortest passing prefix); "
+                      "see the trials log for each attempt.")
+    elif not plan.passed:
         console.print(f"Tried pure {plan.precision}, the {len(plan.seeds)} seed(s) from the value ranges, and growing by "
                       "each failing trial's NaN/inf origin; see the trials log for each attempt.")
 
@@ -187,6 +198,8 @@ def print_quantization(record: dict, console: Console) -> None:
             value = point.get(metric)
             table.add_row(escape(point["settings"]), "failed" if value is None else f"{value:.4g}", f"{point['seconds']:.1f}")
         console.print(table)
+    if record.get("opset"):
+        console.print(f"opset: {escape(record['opset'])}")
     calib = record.get("calibration", {})
     console.print("quantizer: " + ", ".join(f"{k}={v}" for k, v in settings.items()) + f"; calibration: {escape(str(calib.get('source')))} "
                   f"({calib.get('samples')} sample(s))")

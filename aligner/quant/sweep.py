@@ -52,8 +52,12 @@ def sweep_settings(graph: ModelGraph, target: Target, samples: Sequence[Feeds], 
 
     ref = reference_runner(graph)
     expected = [ref.run(dict(s)) for s in samples]
+    from aligner.quant.calib import report
+
     points = []
-    for settings in candidates or candidate_settings(QuantSettings.of(target)):
+    candidates = candidates or candidate_settings(QuantSettings.of(target))
+    for i, settings in enumerate(candidates):
+        report(f"quantizer sweep: {settings.describe()}", i + 1, len(candidates))
         trial = target.with_pins(()).with_options(settings.options())
         start = time.perf_counter()
         try:

@@ -35,6 +35,7 @@ from aligner.quant.match import DQ, Q, QdqMap, _RENAMED_OUTPUT
 _QUANTIZED_WEIGHT = "_quantized"  # ONNX Runtime's name for a weight stored quantized: W -> W_quantized
 _FLOAT_WEIGHT = "__aligner_float"
 MASK = "aligner_quantize_mask"  # graph input of the switchable model: one bool per switchable tensor
+BATCH_BUDGET_MB = 512  # samples stacked into one batch of the ranking: their activations fit this (compare's capture budget)
 
 
 class SwitchableQdq:
@@ -132,12 +133,15 @@ class SwitchableQdq:
         self.runs += 1
         return self._runner.run({**feeds, MASK: mask})
 
-    def sensitivity(self, samples: Sequence[Mapping[str, np.ndarray]], seconds: float = 120.0) -> tuple[dict[str, float], int]:
+    def sensitivity(self, samples: Sequence[Mapping[str, np.ndarray]], seconds: float = 120.0,
+                    budget_mb: float = BATCH_BUDGET_MB) -> tuple[dict[str, float], int]:
         """Each tensor's own share of the output error: the worst output rel_l2 (against every switch
         off, the float model) with only that tensor quantized. Reads as many of ``samples`` as fit in
-        about ``seconds`` (one tensor per run; samples stacked into one batch where the inputs' first
-        dimension is dynamic). Returns (shares, samples read)."""
+        about ``seconds`` (one tensor per run; samples stacked into batches where the inputs' first
+        dimension is dynamic, as many per batch as one sample's activations fit in ``budget_mb``).
+        Returns (shares, samples read)."""
         from aligner.compare.metrics import rel_l2
+        from aligner.quant.calib import report
 
         off = np.zeros(len(self.tensors), dtype=bool)
         self.run(samples[0], off)  # builds the session
@@ -145,10 +149,11 @@ class SwitchableQdq:
         self.run(samples[0], off)
         per_run = time.perf_counter() - start
         count = max(1, min(len(samples), int(seconds / max(per_run * len(self.tensors), 1e-9))))
-        batches = _batches(self.graph, samples[:count])
+        batches = _batches(self.graph, samples[:count], _per_batch(self.graph, samples[0], budget_mb))
         reference = [self.run(feeds, off) for feeds in batches]
         out = {}
         for i, tensor in enumerate(self.tensors):
+            report(f"ranking quantized tensors ({count} sample(s), emulated)", i + 1, len(self.tensors))
             mask = off.copy()
             mask[i] = True
             worst = 0.0
@@ -162,15 +167,24 @@ class SwitchableQdq:
         return out, count
 
 
-def _batches(graph: ModelGraph, samples: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    """``samples`` as one batch (concatenated on axis 0) when every input's first dimension is dynamic
-    and the samples agree on the rest; else as they are."""
+def _per_batch(graph: ModelGraph, feeds: Mapping[str, np.ndarray], budget_mb: float) -> int:
+    """How many samples one batch takes: one sample's activations (estimated by shape inference) times
+    that fits in ``budget_mb``; at least one."""
+    from aligner.compare.layerwise import estimate_sizes
+
+    per_sample = sum(estimate_sizes(graph, dict(feeds)).values()) or 1
+    return max(1, int(budget_mb * 2**20 // per_sample))
+
+
+def _batches(graph: ModelGraph, samples: Sequence[Mapping[str, np.ndarray]], size: int = 2**31) -> list[dict[str, np.ndarray]]:
+    """``samples`` in batches of up to ``size`` (concatenated on axis 0) when every input's first
+    dimension is dynamic and the samples agree on the rest; else as they are."""
     dynamic = all(graph.tensor(n).shape and not isinstance(graph.tensor(n).shape[0], int) or
                   (graph.tensor(n).shape and graph.tensor(n).shape[0] in (-1, 0)) for n in graph.input_names)
     same = all(set(s) == set(samples[0]) and all(np.shape(s[k])[1:] == np.shape(samples[0][k])[1:] for k in s) for s in samples)
     if len(samples) < 2 or not dynamic or not same:
         return [dict(s) for s in samples]
-    return [{k: np.concatenate([np.asarray(s[k]) for s in samples]) for k in samples[0]}]
+    return [{k: np.concatenate([np.asarray(s[k]) for s in samples[i:i + size]]) for k in samples[0]} for i in range(0, len(samples), size)]
 
 
 class SwitchRunner:

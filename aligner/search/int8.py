@@ -71,12 +71,16 @@ def rank_key(error, metric: str) -> tuple[float, float]:
 
 def quantizer_settings(graph: ModelGraph, target: Target, samples: Sequence[Feeds], accept, sweep: bool) -> tuple[Target, dict]:
     """The INT8 target to search on (the sweep's best setting when ``sweep``) and what to record in the plan."""
-    from aligner.quant.quantize import QuantSettings, calibration_of
+    from aligner.quant.quantize import CALIBRATE, QuantSettings, calibrate_ranges, calibration_of, quantizable_model
 
     record: dict = {"quantizer": "onnxruntime.quantization.quantize_static (QDQ)"}
+    _, opset_note, _ = quantizable_model(graph)
+    if opset_note:
+        record["opset"] = opset_note
     if sweep:
         from aligner.quant.sweep import sweep_settings
 
+        calibrate_ranges(graph, target, CALIBRATE)  # every method's ranges in one streaming pass, before the sweep uses them
         metric = next((m for m, _, _ in accept.bounds), "rel_l2")
         target, points = sweep_settings(graph, target, samples, metric)
         record["sweep"] = [p.to_dict() for p in points]
@@ -99,12 +103,14 @@ class FallbackRanking:
 
     def __init__(self, graph: ModelGraph, target: Target, samples: Sequence[Feeds], universe: Sequence[str], kernel: Sequence[str] = (),
                  seconds: float = 120.0):
+        from aligner.quant.calib import ChainedSamples
         from aligner.quant.quantize import calibration_of, quantize
         from aligner.quant.switch import SwitchableQdq
 
         switch = SwitchableQdq(graph, quantize(graph, target, exclude=()).model, universe)
         # The calibration data ranks too: one sample's error says little (a classifier's output moves on a few images).
-        share, self.samples_read = switch.sensitivity([*samples, *calibration_of(graph, target).samples], seconds)
+        # Read lazily: only the samples the time allows are loaded.
+        share, self.samples_read = switch.sensitivity(ChainedSamples(samples, calibration_of(graph, target).samples), seconds)
         tensors = switch.tensors
         ranked = sorted((t for t in tensors if switch.adjacent[t]), key=lambda t: (-share[t], tensors.index(t)))
         self.groups = [FallbackGroup(frozenset([n]), n, math.inf, "seed") for n in kernel]
