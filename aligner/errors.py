@@ -24,6 +24,11 @@ class TargetError(AlignerError):
     """A target spec is unknown or the target cannot be built on this machine."""
 
 
+class PlanError(InputError):
+    """A plan does not replay here: another model than the one it was verified on, or its calibration
+    data missing, changed or replaced (:mod:`aligner.backends.replay`)."""
+
+
 class MissingDependencyError(AlignerError):
     """An optional dependency is not installed."""
 

@@ -136,6 +136,10 @@ def make_runner(graph: ModelGraph, target: Target | str, fp32_nodes: Iterable[st
     if module is not None and target.runtime != "torch":
         raise TargetError(f"Target {target} runs the ONNX graph; a PyTorch module is only for torch:* targets.")
     OPTIONS[target.runtime](target)
+    if target.plan is not None:  # the model (and calibration) the plan was verified with, or a PlanError
+        from aligner.backends.replay import check_replay
+
+        check_replay(graph, target)
     return RUNNERS[target.runtime](graph, target, keep_io_types, module)
 
 

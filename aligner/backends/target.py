@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from aligner.errors import InputError, TargetError
+from aligner.errors import InputError, PlanError, TargetError
 
 # runtime -> device -> precisions that exist in this version
 SUPPORTED: dict[str, dict[str, tuple[str, ...]]] = {
@@ -70,6 +70,8 @@ class Target:
             target = target.with_pins([*target.pins, *pins])
         if options:
             target = target.with_options(options)
+        if target.plan is not None and target.is_quantized and not isinstance(spec, Target):
+            _check_plan_settings(target)
         return target
 
     @property
@@ -151,11 +153,11 @@ def _parse(spec: str, plan: str | Path | None) -> Target:
     pins, plan_path = _pins(spec, extra, plan)
     if plan_path is not None:
         _check_plan_precision(plan_path, f"{runtime}:{device}:{precision}")
-    if precision == "int8" and plan_path is not None:  # the quantizer settings the plan was verified with; explicit options win
+    if precision == "int8" and plan_path is not None:  # the quantizer settings and calibration the plan was verified with
         planned = read_plan_quantization(plan_path)
         if runtime == "trt":  # TensorRT's INT8 is s8s8 symmetric whatever the plan was searched with
-            planned = {k: v for k, v in planned.items() if k not in ("types", "symmetric", "quantize_bias", "reduce_range")}
-        options = {**planned, **options}
+            planned = {k: v for k, v in planned.items() if k not in TRT_FORCED}
+        options = {**planned, **options}  # explicit options contradicting the plan are refused by Target.parse
     return Target(runtime, device, precision, pins, plan_path, tuple(sorted(options.items())))
 
 
@@ -206,11 +208,15 @@ def _check_plan_precision(path: str | Path, base: str) -> None:
 
 
 def read_plan_quantization(path: str | Path) -> dict[str, str]:
-    """The quantizer settings an INT8 plan was searched and verified with, as target options ({} for
-    FP16 plans): ``ort:cpu:int8+plan.json`` quantizes as the plan did."""
-    settings = (plan_doc(path).get("quantization") or {}).get("settings") or {}
+    """The quantizer settings and calibration data (``calib``: the path it recorded) an INT8 plan was
+    searched and verified with, as target options ({} for FP16 plans): ``ort:cpu:int8+plan.json``
+    quantizes as the plan did (:mod:`aligner.backends.replay` checks the data is the same)."""
+    quantization = plan_doc(path).get("quantization")
+    settings = quantization.get("settings") if isinstance(quantization, dict) else None
     if not isinstance(settings, dict):
         return {}
+    calibration = quantization.get("calibration")
+    calib = calibration.get("path") if isinstance(calibration, dict) else None
     out = {k: str(int(v)) if isinstance(v, bool) else str(v) for k, v in settings.items()
            if k in ("calibrate", "types", "reduce_range", "per_channel", "symmetric", "fallback", "quantize_bias")}
     for key, default in (("symmetric", "0"), ("fallback", "fp32"), ("quantize_bias", "1")):  # defaults everywhere they may be given
@@ -218,7 +224,34 @@ def read_plan_quantization(path: str | Path) -> dict[str, str]:
             del out[key]
     if settings.get("calibrate") == "percentile":
         out["percentile"] = f"{settings.get('percentile', 99.999):g}"
-    return out
+    return {**out, **({"calib": calib} if isinstance(calib, str) and calib else {})}
+
+
+TRT_FORCED = ("types", "symmetric", "quantize_bias", "reduce_range")  # trt:int8 quantizes s8s8 symmetric, float biases, whatever a plan says
+
+
+def _check_plan_settings(target: Target) -> None:
+    """An INT8 ``+plan.json`` target quantizes with the settings the plan was verified with: an option
+    that contradicts them is refused (other settings make another QDQ model than the one verified)."""
+    from aligner.quant.quantize import QuantSettings
+
+    quantization = plan_doc(target.plan).get("quantization")
+    recorded = quantization.get("settings") if isinstance(quantization, dict) else None
+    if not isinstance(recorded, dict) or not recorded:
+        return
+    try:
+        planned = QuantSettings(**{k: v for k, v in recorded.items() if k in QuantSettings.__dataclass_fields__}).options()
+    except TypeError:
+        return
+    given = QuantSettings.of(target).options()
+    skip = TRT_FORCED if target.runtime == "trt" else ()
+    differ = sorted(k for k in set(planned) | set(given) if k not in skip and planned.get(k) != given.get(k))
+    if differ:
+        shown = lambda opts: ", ".join(f"{k}={opts.get(k, '(default)')}" for k in differ)  # noqa: E731
+        raise PlanError(f"Target {target.base}+{target.plan}: the plan was verified with {shown(planned)}; this target sets "
+                        f"{shown(given)}, which quantizes another model. Drop those options to replay the plan, or search a plan "
+                        f"with them: aligner precision MODEL --target {target.base}@{','.join(f'{k}={given.get(k)}' for k in differ if k in given)} "
+                        "--out plan.json")
 
 
 def _unknown(spec: str) -> str:

@@ -168,15 +168,27 @@ __all__ = ["Calibration", "CalibrationSamples", "ChainedSamples", "NO_CALIB_WARN
 def with_calibration(target, calib: str | None = None, inputs: str | None = None):
     """``target`` (an INT8 Target) with its calibration source: ``calib`` (``--calib``) wins over the
     target's own ``calib`` option; without either, the command's ``inputs`` file, with a warning
-    (the runner warns likewise when it falls back to generated inputs). Other targets unchanged."""
+    (the runner warns likewise when it falls back to generated inputs). Other targets unchanged.
+    A ``+plan.json`` target calibrates on what its plan was verified with (the plan's data, which
+    target parsing put in ``calib``, or generated inputs), never on ``inputs``; other or changed data
+    is refused (:func:`aligner.backends.replay.check_calibration`)."""
+    from aligner.backends.replay import check_calibration, planned_calibration
+
     if not target.is_quantized:
         if calib:
             log.warning("--calib %s is ignored: %s is not an INT8 target.", calib, target)
         return target
+    planned = planned_calibration(target.plan) if target.plan else None
     source = calib or target.option_dict.get("calib")
     if source:
-        check_calibration_source(source)
-        return target.with_options({"calib": str(source)})
+        if planned is None:  # a plan's data is checked by check_calibration, which names the plan
+            check_calibration_source(source)
+        target = target.with_options({"calib": str(source)})
+        check_calibration(target)
+        return target
+    if planned is not None:
+        check_calibration(target)
+        return target
     if inputs:
         log.warning("%s Calibrating on --inputs %s.", NO_CALIB_WARNING, inputs)
         return target.with_options({"calib": str(inputs)})
@@ -190,9 +202,14 @@ def calibrate_targets(targets, calib: str | None, dataset, preprocess, input_nam
     Returns (targets, the temp folder's handle or None: keep it alive while the targets run)."""
     import tempfile
 
+    from aligner.backends.replay import planned_calibration
+
+    def uncalibrated(t) -> bool:  # a +plan.json target calibrates as its plan was verified (its data, or generated inputs)
+        return t.is_quantized and not t.option_dict.get("calib") and not (t.plan and planned_calibration(t.plan) is not None)
+
     if not any(t.is_quantized for t in targets):
         return list(targets), None
-    if calib or all(t.option_dict.get("calib") for t in targets if t.is_quantized):
+    if calib or not any(uncalibrated(t) for t in targets):
         return [with_calibration(t, calib) for t in targets], None
     folder = tempfile.TemporaryDirectory(prefix="aligner-calib-")
     for i, (x, _, _) in enumerate(dataset.batches(preprocess, 1)):
@@ -201,4 +218,4 @@ def calibrate_targets(targets, calib: str | None, dataset, preprocess, input_nam
         np.savez(Path(folder.name) / f"{i:04d}.npz", **{input_name: x})
     log.warning("INT8 target without --calib: calibrating on the first %d evaluation images, which overstates accuracy "
                 "(the test data is the calibration data). Pass --calib DIR/ with other representative images.", count)
-    return [with_calibration(t, folder.name if t.is_quantized and not t.option_dict.get("calib") else None) for t in targets], folder
+    return [with_calibration(t, folder.name if uncalibrated(t) else None) for t in targets], folder

@@ -10,6 +10,7 @@ values (:mod:`aligner.quant.match`).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,9 +18,12 @@ import numpy as np
 from aligner.backends.base import InputInfo, capture_policy, check_capture
 from aligner.backends.target import Target
 from aligner.errors import TargetError
+from aligner.graph.fingerprint import model_digest
 from aligner.graph.model import ModelGraph
 from aligner.quant.match import QdqMap
 from aligner.quant.quantize import QuantizedModel, quantize, session_target
+
+log = logging.getLogger(__name__)
 
 
 class Int8Runner:
@@ -30,6 +34,8 @@ class Int8Runner:
         self.target, self.label = target, str(target)
         self.quantized: QuantizedModel | None = quantize(graph, target) if qdq is None else None  # None: ``qdq`` given, made elsewhere
         model = self.quantized.model if qdq is None else qdq.model
+        self.model_sha = model_digest(model)  # the QDQ model it runs: a plan's replay runs the one the search verified
+        log.info("%s runs the QDQ model with content sha %s", self.label, self.model_sha)
         self.map = QdqMap(graph, model)
         self._runner = qdq_runner(model, target, graph.path if qdq is None else qdq.path, self.label)
         self.input_names, self.output_names = list(graph.input_names), list(graph.output_names)

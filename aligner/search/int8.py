@@ -71,6 +71,7 @@ def rank_key(error, metric: str) -> tuple[float, float]:
 
 def quantizer_settings(graph: ModelGraph, target: Target, samples: Sequence[Feeds], accept, sweep: bool) -> tuple[Target, dict]:
     """The INT8 target to search on (the sweep's best setting when ``sweep``) and what to record in the plan."""
+    from aligner.backends.replay import calibration_record, verification
     from aligner.quant.quantize import CALIBRATE, QuantSettings, calibrate_ranges, calibration_of, quantizable_model
 
     record: dict = {"quantizer": "onnxruntime.quantization.quantize_static (QDQ)"}
@@ -85,7 +86,9 @@ def quantizer_settings(graph: ModelGraph, target: Target, samples: Sequence[Feed
         target, points = sweep_settings(graph, target, samples, metric)
         record["sweep"] = [p.to_dict() for p in points]
     record["settings"] = QuantSettings.of(target).to_dict()
-    record["calibration"] = calibration_of(graph, target).to_dict()
+    # what +plan.json replays (aligner.backends.replay): the data's path and content hash, the model and samples
+    record["calibration"] = {**calibration_of(graph, target).to_dict(), **calibration_record(target)}
+    record["verified"] = verification(graph, samples)  # the plan's "verified" block (PrecisionPlan takes it from here)
     return target, record
 
 

@@ -61,7 +61,7 @@ def isolate(
         ref = reference.run(dict(feeds), [t for t in dict.fromkeys(inputs + outputs) if t in reference.capturable])
         values = {t: ref[t] for t in inputs}
         piece = ModelGraph(subgraph_model(other, group, values, decoupled=True))
-        runner = make_runner(piece, target.with_pins([n for n in group if n in pinned]))
+        runner = make_runner(piece, replace(target, pins=tuple(n for n in group if n in pinned), plan=None))  # a piece: no plan's model
         got = _probed(lambda: runner.run(values), len(outputs), on_probe)
         for name in group:
             errors.append(_local_error(graph, other, name, ref, got, tolerance))

@@ -51,6 +51,16 @@ class PrecisionPlan:
     notes: tuple[str, ...] = ()
     quantization: dict = field(default_factory=dict)  # INT8: quantizer, settings, calibration, sweep
     fusion_dependence: str = ""  # the plan passes only because the runtime fuses some nodes: which, and what without
+    # What the acceptance was verified with (aligner.backends.replay.verification: the model's content hash, its node count
+    # and inputs, the number of samples): TARGET+plan.json refuses another model. INT8 searches record it with their
+    # quantizer settings (aligner.search.int8.quantizer_settings), from where it moves here.
+    verified: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.verified and isinstance(self.quantization.get("verified"), dict):
+            quantization = dict(self.quantization)
+            object.__setattr__(self, "verified", quantization.pop("verified"))
+            object.__setattr__(self, "quantization", quantization)
 
     @property
     def fp32_nodes(self) -> list[str]:
@@ -78,6 +88,7 @@ class PrecisionPlan:
             "notes": list(self.notes),
             **({"quantization": self.quantization} if self.quantization else {}),
             **({"fusion_dependence": self.fusion_dependence} if self.fusion_dependence else {}),
+            **({"verified": self.verified} if self.verified else {}),
         }
 
 
