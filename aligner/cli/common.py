@@ -68,6 +68,8 @@ targets: runtime[:device][:precision][+plan.json][@key=value,...]
   runs in FP16). Tensors are compared dequantized, by their original names.
   +plan.json keeps a plan's nodes in FP32 (+plan: the file given with --plan); --fp32-nodes adds
   nodes; @key=value (or --target-option) sets runtime options, e.g. ort:cuda:fp16@cudnn_conv_algo_search=HEURISTIC.
+  A plan replays what it was verified with or refuses (exit 2): the model it was searched on (content
+  hash) and, INT8, its quantizer settings and calibration data (not --inputs; --calib must hold the same).
   A target means the same in compare, bisect, precision, eval, bench and build.
 
 tolerance: one rule for every command and strategy. A tensor diverges when its NaN/inf pattern
