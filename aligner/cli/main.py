@@ -12,6 +12,7 @@ from aligner.cli import bisect as bisect_cmd
 from aligner.cli import build as build_cmd
 from aligner.cli import compare as compare_cmd
 from aligner.cli import demo as demo_cmd
+from aligner.cli import doctor as doctor_cmd
 from aligner.cli import eval as eval_cmd
 from aligner.cli import inspect as inspect_cmd
 from aligner.cli import plugins as plugins_cmd
@@ -20,12 +21,13 @@ from aligner.cli import report as report_cmd
 from aligner.cli import view as view_cmd
 from aligner.errors import AlignerError
 
-COMMANDS = {"inspect": inspect_cmd, "compare": compare_cmd, "bisect": bisect_cmd, "precision": precision_cmd, "eval": eval_cmd, "bench": bench_cmd, "build": build_cmd, "plugins": plugins_cmd, "report": report_cmd, "view": view_cmd, "demo": demo_cmd}
+COMMANDS = {"inspect": inspect_cmd, "compare": compare_cmd, "bisect": bisect_cmd, "precision": precision_cmd, "eval": eval_cmd, "bench": bench_cmd, "build": build_cmd, "plugins": plugins_cmd, "report": report_cmd, "view": view_cmd, "demo": demo_cmd, "doctor": doctor_cmd}
 
 DESCRIPTION = """\
 aligner finds where and why a deployed ONNX model's numbers drift from the reference.
 
   aligner demo                                   built-in example with an FP16 overflow
+  aligner doctor model.onnx --target ort:cuda:fp16   all of the below on your model, one report
   aligner inspect model.onnx                     opset, I/O, op histogram, FP16 risks
   aligner compare model.onnx --target emu:fp16   layer-by-layer diff against ORT CPU FP32
   aligner bisect model.onnx                      first divergent node, root cause, repro

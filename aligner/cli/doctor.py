@@ -1,0 +1,91 @@
+"""``aligner doctor``: the demo's pipeline (inspect → compare → bisect → precision → build → bench →
+report) on the user's own model; the work is :func:`aligner.doctor.doctor`."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+from rich.markup import escape
+
+from aligner.cli.common import OutputDir, TARGETS_HELP, add_input_arguments, add_model_arguments, check_writable, positive_int, resolve_feeds
+from aligner.doctor import STEPS, DoctorResult, doctor
+
+EPILOG = f"""\
+steps (each writes under --out and prints the command that re-runs it alone on the same inputs,
+saved as OUT/inputs.npz):
+  1 inspect    nodes at static FP16 risk                      OUT/inspect.json
+  2 compare    the target against the reference, every tensor OUT/runs/compare, compare.json
+  3 bisect     first divergent node, root cause, repro        OUT/runs/bisect, OUT/culprit/
+  4 precision  smallest verified set of nodes kept FP32       OUT/plan.json, plan.trials.jsonl
+  5 build      the deployable model, checked against FP32     OUT/model.<precision>.onnx (+ .json sidecar)
+  6 bench      its latency beside FP32 and the pure precision OUT/bench.json, OUT/runs/bench
+  7 report     one self-contained HTML page                   OUT/report.html
+bisect and precision run only when the target diverges. An emulated target (emu:fp16) is built and
+timed on ONNX Runtime CPU at its precision (the emulator's own speed means nothing). A target that
+cannot run here (ort:cuda without a GPU, a missing extra) stops at the step that needs it, exit 3.
+
+examples:
+  aligner doctor model.onnx                                   # emu:fp16, generated inputs
+  aligner doctor det.onnx --target ort:cuda:fp16 --inputs sample.npz --out doctor-det
+  aligner doctor det.onnx --input-shapes x:1x3x640x640        # symbolic dims: the sizes to run
+  aligner doctor cls.onnx --target ort:cpu:int8 --calib calib/ --inputs test.npz
+
+exit status: 0 the target agrees with the reference, or a verified plan and a checked build fix it;
+1 it diverges and no plan fixes it; 2 usage or input error; 3 a step's target cannot run here
+
+{TARGETS_HELP}"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("doctor", help="the whole pipeline on your model: risks, divergence, root cause, plan, build, speed, report",
+                       description="Run inspect, compare, bisect, precision, build and bench on a model for one target and write one "
+                                   "report; every step's outputs stay under --out with the command that re-runs it alone.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(p)
+    p.add_argument("--target", default="emu:fp16", help="the target to check and fix (default emu:fp16); see 'targets' below")
+    p.add_argument("--calib", metavar="NPZ|DIR", help="INT8 targets: calibration inputs (.npz or a folder of them; default: --inputs, "
+                   "which overstates accuracy)")
+    p.add_argument("--out", default="aligner-doctor", help="folder for every step's outputs (default ./aligner-doctor)")
+    p.add_argument("--bench-runs", type=positive_int, default=20, help="timed runs per target in the bench step (default 20)")
+    p.add_argument("--force", action="store_true", help="write into an --out folder that already holds files")
+    add_input_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from aligner.backends.target import Target
+    from aligner.graph.model import ModelGraph
+    from aligner.quant.calib import with_calibration
+
+    check_writable([OutputDir(args.out)], args.force)
+    target = with_calibration(Target.parse(args.target), args.calib, args.inputs)
+    graph = ModelGraph.load(args.model, check=not args.no_check)
+    feeds = resolve_feeds(graph, args)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)  # progress on stderr; commands stay copyable
+
+    def progress(number: int, step: str, message: str) -> None:
+        console.print(f"[bold][{number}/{len(STEPS)}] {step}[/]: {escape(message)}")
+
+    result = doctor(graph, target, args.out, feeds, bench_runs=args.bench_runs, progress=progress)
+    print_summary(result)
+    return result.exit_code
+
+
+def print_summary(result: DoctorResult, console: Console | None = None) -> None:
+    console = console or Console(highlight=False)
+    console.rule(f"[bold]aligner doctor: {escape(result.target)}")
+    mark = {"ok": "[green]ok[/]", "passed": "[green]passed[/]", "diverged": "[red]diverged[/]", "failed": "[red]failed[/]",
+            "skipped": "skipped"}
+    for step in result.steps:
+        console.print(f"{step.name:<10} {mark[step.status]}: {escape(step.summary)}")
+    if not result.diverged:
+        verdict = "[bold green]OK[/] the target agrees with the reference on these inputs."
+    elif result.fixed and not result.pins:
+        verdict = ("[bold green]OK at the outputs[/]: tensors inside diverge (see compare and bisect), but the outputs stay within "
+                   "the tolerance in pure low precision; check a task metric (aligner eval) before shipping.")
+    elif result.fixed:
+        verdict = "[bold green]FIXED[/] the plan's nodes in higher precision bring the target back within tolerance; the build is checked."
+    else:
+        verdict = "[bold red]DIVERGED[/] and not fixed: see the bisect and precision steps."
+    console.print(verdict)
+    console.print(f"report: {escape(result.report or '-')}; every step's files and re-run commands: {escape(result.out)}/doctor.json")

@@ -1,0 +1,355 @@
+"""``doctor``: the demo's pipeline on the user's own model, one step after another.
+
+inspect (static FP16 risks) → compare (the target against the reference, every tensor) → bisect
+(first divergent node, its root cause, a standalone repro) → precision (the smallest verified set
+of nodes kept in FP32, or in float for INT8) → build (the deployable model, checked against FP32)
+→ bench (its speed beside FP32 and the pure low precision) → one HTML report.
+
+Every step writes under ``out`` (a run directory per step in ``out/runs/``) and records the command
+that re-runs it alone on the same inputs (``out/inputs.npz``). A step whose target cannot run here
+(no GPU, a missing extra) stops the pipeline with :class:`StepError` (exit 3) naming the step;
+a bench that fails is recorded and the rest goes on (speed is information, not a verdict).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from aligner.backends.target import REFERENCE, Target
+from aligner.errors import InputError, MissingDependencyError, TargetError, TargetRunError
+from aligner.graph.model import ModelGraph
+from aligner.inputs import save_inputs, write_atomic
+
+STEPS = ("inspect", "compare", "bisect", "precision", "build", "bench", "report")
+Status = Literal["ok", "diverged", "passed", "failed", "skipped"]
+Progress = Callable[[int, str, str], None]  # (step number from 1, step name, message)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of the pipeline: what it found, where it wrote, and the command that re-runs it."""
+
+    name: str
+    status: Status
+    summary: str
+    command: str = ""  # re-runs this step alone ("" for steps with no command of their own)
+    outputs: tuple[str, ...] = ()
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {**vars(self), "outputs": list(self.outputs)}
+
+
+@dataclass(frozen=True)
+class DoctorResult:
+    model: str
+    target: str
+    out: str
+    steps: tuple[Step, ...]
+    diverged: bool
+    fixed: bool | None  # None: nothing to fix; else whether a plan passed and its build passed the check
+    report: str | None
+    pins: int | None = None  # nodes the plan keeps in higher precision (None: no search ran)
+
+    @property
+    def exit_code(self) -> int:
+        """0: the target agrees with the reference, or a verified plan and a checked build fix it; 1: it diverges and is not fixed."""
+        return 1 if self.diverged and not self.fixed else 0
+
+    def step(self, name: str) -> Step | None:
+        return next((s for s in self.steps if s.name == name), None)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "target": self.target, "out": self.out, "diverged": self.diverged, "fixed": self.fixed,
+                "report": self.report, "pins": self.pins, "exit_code": self.exit_code, "steps": [s.to_dict() for s in self.steps]}
+
+
+class StepError(TargetRunError):
+    """A step whose target cannot run here (exit 3), with the steps done so far."""
+
+    def __init__(self, number: int, name: str, cause: Exception, command: str, out: Path):
+        again = f" Re-run it alone with: {command}" if command else ""
+        super().__init__(f"step {number}/{len(STEPS)} ({name}) could not run: {cause} The steps before it are in {out}/.{again}")
+        self.step = name
+
+
+def doctor(model: ModelGraph | str | Path, target: str | Target, out: str | Path, feeds: Mapping[str, np.ndarray],
+           reference: str = REFERENCE, bench_runs: int = 20, progress: Progress | None = None) -> DoctorResult:
+    """Run the pipeline (module docstring) for ``target`` on ``feeds``, writing under ``out`` (the
+    caller checks it may). Returns what each step found; raises :class:`StepError` when a step's
+    target cannot run here."""
+    graph = model if isinstance(model, ModelGraph) else ModelGraph.load(model)
+    target = Target.parse(target)
+    if target.runtime == "torch":
+        raise InputError(f"aligner doctor runs the ONNX model on its target; {target} runs a PyTorch module. Compare the module "
+                         "with: aligner compare model.onnx --torch MODULE:FUNCTION --target torch:cpu:fp32")
+    run = _Run(graph, target, Path(out), dict(feeds), reference, progress or (lambda n, s, m: None))
+    run.out.mkdir(parents=True, exist_ok=True)
+    save_inputs([run.feeds], run.out / "inputs.npz", force=True)
+    run.inspect()
+    result = run.compare()
+    diverged = result.first_divergent is not None or bool(getattr(result, "failed", ""))
+    fixed = pins = None
+    if diverged:
+        run.bisect()
+        plan = run.precision()
+        build = run.build(plan if plan.passed else None)
+        fixed, pins = bool(plan.passed and (build is None or build.passed)), len(plan.pins)
+    else:
+        run.skip("bisect", "the target agrees with the reference: nothing to locate")
+        run.skip("precision", "no node needs to stay in FP32")
+        run.build(None)
+    run.bench()
+    report = run.report()
+    doc = DoctorResult(str(graph.path or "<in-memory>"), str(target), str(run.out), tuple(run.steps), diverged, fixed, report, pins)
+    write_atomic(run.out / "doctor.json", json.dumps(doc.to_dict(), indent=1).encode())
+    return doc
+
+
+class _Run:
+    """The state one doctor run carries from step to step."""
+
+    def __init__(self, graph: ModelGraph, target: Target, out: Path, feeds: dict, reference: str, progress: Progress):
+        self.graph, self.target, self.out, self.feeds, self.reference, self.say = graph, target, out, feeds, reference, progress
+        self.model = shlex.quote(str(graph.path))
+        self.inputs = shlex.quote(str(out / "inputs.npz"))
+        self.steps: list[Step] = []
+        self.runs: list[Path] = []
+        self.plan_path: Path | None = None
+
+    # -- bookkeeping -------------------------------------------------------------------------------
+    @property
+    def number(self) -> int:
+        return len(self.steps) + 1
+
+    def _do(self, name: str, command: str, what: str, work: Callable[[], tuple[Status, str, tuple[str, ...], object]],
+            fatal: bool = True):
+        self.say(self.number, name, what)
+        start = time.perf_counter()
+        try:
+            status, summary, outputs, value = work()
+        except (TargetError, TargetRunError, MissingDependencyError) as exc:
+            if fatal:
+                raise StepError(self.number, name, exc, command, self.out) from None
+            status, summary, outputs, value = "failed", str(exc), (), None
+        step = Step(name, status, summary, command, outputs, round(time.perf_counter() - start, 2))
+        self.steps.append(step)
+        self.say(step_number := len(self.steps), name, f"{status}: {summary} ({step.seconds:.1f} s)")
+        if command:
+            self.say(step_number, name, f"re-run alone: {command}")
+        return value
+
+    def skip(self, name: str, why: str) -> None:
+        self.steps.append(Step(name, "skipped", why))
+        self.say(len(self.steps), name, f"skipped: {why}")
+
+    def _write_run(self, kind: str, doc: dict, trials: Path | None = None) -> Path:
+        from aligner.report import write_run
+
+        path = write_run(self.out / "runs" / kind, kind, self.graph, doc, trials, force=True)
+        self.runs.append(path)
+        return path
+
+    def _cmd(self, *words: str) -> str:
+        return " ".join(["aligner", *words])
+
+    # -- the steps ---------------------------------------------------------------------------------
+    def inspect(self) -> None:
+        from aligner.graph.risk import fp16_risks
+
+        def work():
+            risks = fp16_risks(self.graph)
+            doc = {"nodes": len(self.graph.nodes), "opset": self.graph.opset, "risks": [vars(r) for r in risks]}
+            write_atomic(self.out / "inspect.json", json.dumps(doc, indent=1, default=str).encode())
+            summary = (f"{len(risks)} node(s) at static FP16 risk, e.g. {risks[0].node}: {risks[0].reason}" if risks
+                       else f"no static FP16 risk among {len(self.graph.nodes)} nodes")
+            return "ok", summary, (str(self.out / "inspect.json"),), risks
+
+        self._do("inspect", self._cmd("inspect", self.model), f"{len(self.graph.nodes)} nodes, opset {self.graph.opset}", work)
+
+    def compare(self):
+        from aligner.compare import compare
+
+        run_dir = self.out / "runs" / "compare"
+        command = self._cmd("compare", self.model, "--target", shlex.quote(str(self.target)), "--inputs", self.inputs,
+                            "--run", shlex.quote(str(run_dir)), "--force")
+
+        def work():
+            result = compare(self.graph, target=self.target, reference=self.reference, feeds=self.feeds)
+            write_atomic(self.out / "compare.json", json.dumps(result.to_dict(), indent=1).encode())
+            self._write_run("compare", result.to_dict())
+            first = result.first_divergent
+            status = "diverged" if first is not None else "ok"
+            return status, result.verdict(), (str(run_dir),), result
+
+        return self._do("compare", command, f"{self.target} vs {self.reference}, every tensor", work)
+
+    def bisect(self):
+        from aligner.search import bisect
+
+        run_dir, repro = self.out / "runs" / "bisect", self.out / "culprit"
+        command = self._cmd("bisect", self.model, "--target", shlex.quote(str(self.target)), "--inputs", self.inputs,
+                            "--save-repro", shlex.quote(str(repro)), "--run", shlex.quote(str(run_dir)), "--force")
+
+        def work():
+            note = ""
+            try:
+                verdict = bisect(self.graph, target=self.target, reference=self.reference, feeds=self.feeds, strategy="auto",
+                                 save_repro=repro, force=True)
+            except InputError as exc:  # the repro's own run can refuse what the whole model takes (INT8 calibration on a subgraph)
+                verdict = bisect(self.graph, target=self.target, reference=self.reference, feeds=self.feeds, strategy="auto")
+                note = f"; no repro saved ({exc})"
+            self._write_run("bisect", verdict.to_dict())
+            cause = verdict.root_cause
+            summary = (f"root cause {cause.node} ({cause.op_type}, node #{cause.index}, kind {cause.kind}): {cause.reason}"
+                       if cause is not None else verdict.explanation)
+            if verdict.repro is not None:
+                summary += f"; repro {verdict.repro.model}"
+            summary += note
+            return "diverged" if verdict.first_divergent is not None else "ok", summary, (str(run_dir), str(repro)), verdict
+
+        return self._do("bisect", command, "first divergent node, its root cause and a standalone repro", work)
+
+    def precision(self):
+        from aligner.search.precision import search_precision
+
+        self.plan_path = self.out / "plan.json"
+        trials, mixed = self.out / "plan.trials.jsonl", self.out / f"model.{self.target.precision}.mixed.onnx"
+        command = self._cmd("precision", self.model, "--target", shlex.quote(str(self.target)), "--inputs", self.inputs,
+                            "--out", shlex.quote(str(self.plan_path)), "--save-model", shlex.quote(str(mixed)),
+                            "--run", shlex.quote(str(self.out / "runs" / "precision")), "--force")
+
+        def work():
+            trials.unlink(missing_ok=True)  # a fresh search (doctor's own folder)
+            plan = search_precision(self.graph, target=self.target, samples=[self.feeds], trials_log=trials, save_model=mixed)
+            write_atomic(self.plan_path, json.dumps(plan.to_dict(), indent=1).encode())
+            self._write_run("precision", plan.to_dict(), trials)
+            kept = "in float" if self.target.is_quantized else "in FP32"
+            if plan.passed and not plan.pins:
+                summary = (f"the pure {self.target.precision.upper()} target already passes the acceptance "
+                           f"({'; '.join(plan.accept)}): no node needs to be kept {kept}")
+            elif plan.passed:
+                summary = (f"{len(plan.pins)} node(s) kept {kept} ({', '.join(plan.fp32_nodes[:6])}"
+                           f"{', ...' if len(plan.pins) > 6 else ''}), each verified necessary, {plan.trials} trials")
+            else:
+                summary = f"no plan passed in {plan.trials} trials; see {trials}"
+            return "passed" if plan.passed else "failed", summary, (str(self.plan_path), str(trials), str(mixed)), plan
+
+        return self._do("precision", command, "the smallest verified set of nodes to keep in higher precision", work)
+
+    def build(self, plan):
+        from aligner.build import build
+
+        target = self.deployed()
+        if target.precision in ("fp32",):
+            self.skip("build", f"{self.target} is FP32: the model ships as it is")
+            return None
+        spec = _with_plan(target) if plan is not None and plan.pins else str(target)
+        output = self.out / f"model.{target.precision}.onnx"
+        plan_args = ["--plan", shlex.quote(str(self.plan_path))] if "+plan" in spec else []
+        command = self._cmd("build", self.model, "--target", shlex.quote(str(target)), *plan_args, "--inputs", self.inputs,
+                            "-o", shlex.quote(str(output)), "--force")
+        note = "" if target == self.target else f" (built for {target}, the runtime {self.target} stands for)"
+
+        def work():
+            built = build(self.graph, spec, output, plan=self.plan_path if "+plan" in spec else None, check_inputs=self.feeds,
+                          force=True, write_anyway=True)
+            check = built.check
+            summary = f"wrote {built.output}{note}" + (f"; checked on {check.on} against FP32: "
+                                                       f"{'passed' if check.passed else 'FAILED ' + ', '.join(check.diverging)} "
+                                                       f"({check.rule()})" if check is not None else "")
+            return "passed" if built.passed else "failed", summary, (built.output, built.sidecar or ""), built
+
+        return self._do("build", command, f"the deployable model for {target}", work)
+
+    def bench(self) -> None:
+        from aligner.bench import bench
+
+        target = self.deployed()
+        base = f"{target.runtime}:{target.device}"
+        specs = [f"{base}:fp32"] + ([str(target)] if target.precision != "fp32" else [])
+        plan = self.plan_path if self.plan_path is not None and self.plan_path.is_file() and _plan_pins(self.plan_path) else None
+        if plan is not None:
+            specs.append(_with_plan(target))
+        run_dir = self.out / "runs" / "bench"
+        command = self._cmd("bench", self.model, "--target", shlex.quote(",".join(specs)),
+                            *(["--plan", shlex.quote(str(plan))] if plan else []), "--inputs", self.inputs,
+                            "--runs", str(self.bench_runs), "--json", shlex.quote(str(self.out / "bench.json")),
+                            "--run", shlex.quote(str(run_dir)), "--force")
+
+        def work():
+            runnable, crashed = self._runnable(specs, plan)  # timing runs in this process: a runtime crash would end doctor
+            if not runnable:
+                return "failed", "; ".join(crashed), (), None
+            result = bench(self.graph, runnable, [_batch(self.feeds)], plan, runs=self.bench_runs, warmup=3, inputs=self.feeds)
+            write_atomic(self.out / "bench.json", json.dumps(result.to_dict(), indent=1).encode())
+            self._write_run("bench", result.to_dict())
+            summary = "; ".join([f"{r.target} {r.latency_ms['median']:.3f} ms" for r in result.rows] + crashed) + f" on {result.device}"
+            return "ok" if not crashed else "failed", summary, (str(run_dir),), result
+
+        self._do("bench", command, f"median latency of {', '.join(specs)}", work, fatal=False)
+
+    bench_runs = 20
+
+    def _runnable(self, specs: list[str], plan: Path | None) -> tuple[list[str], list[str]]:
+        """The specs whose runner runs the inputs once (sandboxed where the runtime is), and a line for each that does not."""
+        from aligner.backends import make_runner
+
+        ok, failed = [], []
+        for spec in specs:
+            try:
+                make_runner(self.graph, Target.parse(spec, plan=plan)).run(self.feeds)
+                ok.append(spec)
+            except (TargetError, TargetRunError, MissingDependencyError) as exc:
+                failed.append(f"{spec} not timed: {str(exc).split('. ')[0]}")
+        return ok, failed
+
+    def report(self) -> str | None:
+        from aligner.report import write_report
+
+        path = self.out / "report.html"
+        dirs = " ".join(shlex.quote(str(r)) for r in self.runs)
+        command = self._cmd("report", dirs, "-o", shlex.quote(str(path)), "--force")
+
+        def work():
+            write_report(self.runs, path, force=True, title=f"aligner doctor: {self.graph.path.name if self.graph.path else 'model'}, "
+                                                            f"{self.target}")
+            return "ok", f"{path} ({len(self.runs)} runs: {', '.join(r.name for r in self.runs)})", (str(path),), str(path)
+
+        return self._do("report", command, "one self-contained HTML page", work)
+
+    def deployed(self) -> Target:
+        """The runtime target a build and a timing use: the target itself, or for the emulator the ONNX
+        Runtime CPU target of its precision (the emulator models a GPU build; its speed means nothing)."""
+        if self.target.runtime in ("ort", "trt"):
+            return self.target
+        return replace(Target.parse(f"ort:cpu:{self.target.precision}"), options=self.target.options if self.target.is_quantized else ())
+
+
+def _with_plan(target: Target) -> str:
+    """``target`` with ``+plan`` (the plan file given apart), before its @options."""
+    head, at, options = str(target).partition("@")
+    return f"{head}+plan{at}{options}"
+
+
+def _plan_pins(path: Path) -> bool:
+    try:
+        return bool(json.loads(path.read_text()).get("fp32_nodes"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _batch(feeds: Mapping[str, np.ndarray]) -> int:
+    first = next(iter(feeds.values()), None)
+    return int(first.shape[0]) if first is not None and first.ndim else 1
+
+
+__all__ = ["DoctorResult", "STEPS", "Step", "StepError", "doctor"]
