@@ -43,6 +43,15 @@ def add_parser(sub) -> None:
                        description="The built-in example end to end: a small transformer detector that reads raw 0-255 pixels, "
                                    "whose first LayerNorm overflows FP16. Inspect, compare FP32 with emulated FP16, bisect to the "
                                    "root cause, search the smallest FP32 plan that keeps COCO AP, evaluate, and write one HTML report.")
+    p.epilog = """\
+examples:
+  aligner demo                                  # writes ./aligner-demo/ (report.html, plan.json, culprit/, ...)
+  aligner demo --out /tmp/demo                  # another folder (one made by aligner demo is reused)
+  aligner bisect aligner-demo/shapes_detector.onnx --inputs aligner-demo/inputs.npz --strategy isolate
+  aligner doctor model.onnx --target ort:cuda:fp16 --inputs sample.npz   # the same pipeline on your model
+
+Takes 25-60 s on a 2-core CPU, on the core install (no torch). exit status: 0 done, 2 a foreign --out"""
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--out", default="aligner-demo", help="folder for the model, inputs and results (default ./aligner-demo)")
 
 
