@@ -57,10 +57,12 @@ class PrecisionPlan:
     verified: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if not self.verified and isinstance(self.quantization.get("verified"), dict):
+        if "verified" in self.quantization:  # one place in the plan: its own block (an explicit verified= wins)
             quantization = dict(self.quantization)
-            object.__setattr__(self, "verified", quantization.pop("verified"))
+            recorded = quantization.pop("verified")
             object.__setattr__(self, "quantization", quantization)
+            if not self.verified and isinstance(recorded, dict):
+                object.__setattr__(self, "verified", recorded)
 
     @property
     def fp32_nodes(self) -> list[str]:
