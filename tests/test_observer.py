@@ -163,10 +163,12 @@ def test_tensorrt_layer_information_maps_layers_to_their_onnx_nodes():
 
 
 def test_the_noise_run_is_made_only_when_a_capture_moved_the_outputs():
-    """One uncaptured run when captures change nothing; the second (the noise) only to judge a move,
-    and a move within the noise is not a perturbation."""
+    """One uncaptured run when captures change nothing; the second (the noise) only to judge a move
+    that could change a verdict, and a move within the noise is not a perturbation."""
     from aligner.compare.capture import CaptureCheck
+    from aligner.compare.tolerance import Tolerance
 
+    tol = Tolerance("rel_l2", 1e-4, 1e-5)
     base = {"y": np.linspace(-1, 1, 64, dtype=np.float32)}
     second_runs = []
 
@@ -175,10 +177,25 @@ def test_the_noise_run_is_made_only_when_a_capture_moved_the_outputs():
         return {"y": base["y"] + np.float32(shift)}
 
     check = CaptureCheck(base, second)
-    assert check.moved({"y": base["y"].copy()}) == "" and second_runs == []
-    assert "moved by max_abs" in check.moved({"y": base["y"] + np.float32(1e-3)}) and len(second_runs) == 1
+    assert not check.moved({"y": base["y"].copy()}, tol) and second_runs == []
+    assert not check.moved({"y": base["y"] + np.float32(2e-7)}, tol) and second_runs == []  # FP32 rounding: within a tenth of the tolerance
+    moved = check.moved({"y": base["y"] + np.float32(1e-3)}, tol)
+    assert "moved by rel_l2" in moved.why and moved.effect == pytest.approx(1e-3 / np.sqrt(np.mean(base["y"] ** 2)), rel=1e-3)
+    assert len(second_runs) == 1
     noisy = CaptureCheck(base, lambda: second(1e-3))
-    assert noisy.moved({"y": base["y"] + np.float32(2e-3)}) == ""  # within 4x the run-to-run noise
+    assert not noisy.moved({"y": base["y"] + np.float32(2e-3)}, tol)  # within 4x the run-to-run noise
+
+
+def test_a_capture_explains_only_divergences_of_its_own_size():
+    """A capture that moved the outputs by rel_l2 1e-3 can explain a tensor at 5e-3, not one at 0.05;
+    NaN/inf only when it moved the outputs beyond the tolerance."""
+    from aligner.compare.capture import Perturbation
+
+    small = Perturbation("moved", 1e-3, beyond_tolerance=False)
+    assert small.explains({"rel_l2": 5e-3}, "metric") and not small.explains({"rel_l2": 0.05}, "metric")
+    assert not small.explains({"rel_l2": float("nan")}, "nonfinite")
+    assert Perturbation("NaN", float("inf"), True).explains({"rel_l2": 0.5}, "metric")
+    assert not Perturbation().explains({"rel_l2": 1e-3}, "metric")
 
 
 def test_the_report_lists_each_fused_kernel_with_its_nodes_and_the_perturbed_captures(vit, tmp_path):

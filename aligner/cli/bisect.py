@@ -22,11 +22,14 @@ first divergent node; they differ in what each target run captures):
   auto      (default) 'all' when every tensor fits one capture group and the target is ONNX
             Runtime or the emulator, else 'frontier'
   all       capture every tensor once on each side (in groups of --capture-budget-mb)
-  frontier  capture only the tensors crossing a cut of the topological order and halve the
-            range: ceil(log2 N)+1 target runs of a handful of tensors each; then sweep the
-            tensors before the transition it found (every tensor when the outputs match) for a
-            divergence that a later node masks, in capture groups (--sweep-runs caps the
-            runs; the verdict says what was compared)
+  frontier  judge each cut of the topological order by the tensors crossing it and halve the
+            range: ceil(log2 N)+1 target runs; a divergence that a later node masks is found by
+            comparing every tensor before the transition (every tensor when the outputs match):
+            they ride along in the halving runs up to --capture-budget-mb (a cut whose tensors
+            were all compared already costs no run), and the rest are swept in capture groups
+            after it (--sweep-runs caps those runs): ceil(log2 N)+2 runs at most whenever the
+            halving runs have room for the tensors before the transition; --capture-budget-mb 0
+            captures only each cut. The verdict and the JSON ("runs") say how many runs of each kind.
   isolate   like 'all', plus every node's own error: each node run on the target with the
             reference's values of its inputs (decoupled graph), so inherited error does not count
   The first divergent node and its ancestors among the --window nodes before it are isolated
@@ -101,12 +104,13 @@ def run(args: argparse.Namespace) -> int:
 def print_result(result: BisectResult, console: Console | None = None) -> None:
     console = console or Console(highlight=False)
     table = Table(title=f"probes ({escape(result.target)} vs {escape(result.reference)}, strategy {result.strategy_used})", title_justify="left")
-    for col in ("run", "phase", "cut", "last node before the cut", "tensors", "diverged", "NaN/inf"):
+    for col in ("run", "phase", "cut after node", "tensors", "diverged", "NaN/inf"):
         table.add_column(col, overflow="fold")
     flag = {True: "[red]yes[/]", False: "no", None: "-"}
     for i, p in enumerate(result.probes, 1):
-        table.add_row(str(i), p.phase if p.status == "ok" else f"[red]{p.phase} FAILED[/]", "" if p.cut is None else str(p.cut),
-                      escape(p.node), str(p.tensors), flag[p.diverged], flag[p.nonfinite])
+        after = "" if p.cut is None else (f"#{p.index} {escape(p.node)}" if p.index is not None else "(graph outputs)")
+        tensors = str(p.tensors) if not p.swept else f"{p.tensors - p.swept} (+{p.swept} swept)"
+        table.add_row(str(i), p.phase if p.status == "ok" else f"[red]{p.phase} FAILED[/]", after, tensors, flag[p.diverged], flag[p.nonfinite])
     console.print(fit_table(console, table))  # names elided in the middle at narrow widths, never wrapped per letter
     cause = result.root_cause
     if result.first_divergent is not None:

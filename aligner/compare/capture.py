@@ -5,8 +5,11 @@ On a runtime that fuses, making an intermediate tensor a graph output can stop a
 the numbers (a decomposed LayerNorm that the fused kernel computes in FP32 overflows FP16 once
 unfused). So on fusing targets only tensors that exist in the deployed graph are captured by
 default (``boundaries``), and every capture run's graph outputs are checked against an uncaptured
-run: a group whose capture moved the outputs beyond run-to-run noise is *perturbed*, and its
-tensors are labelled, not blamed.
+run. A capture is a *perturbation* only where it could change the answer: it moved the outputs by
+more than a tenth of the tolerance (and beyond run-to-run noise); then a tensor of that run is
+labelled, not blamed, unless its divergence dwarfs what the capture did to the outputs. A lost FP32
+Conv+BatchNorm fold (outputs move ~1e-6) never silences an edited Conv (rel_l2 0.05); capturing
+inside a fused FP16 LayerNorm (outputs turn NaN) still labels what it shows.
 """
 
 from __future__ import annotations
@@ -47,14 +50,58 @@ def deployed_graph(runner, graph: ModelGraph, feeds: Mapping[str, np.ndarray] | 
     return replace(map_deployed(graph, kernels_of_onnx(model), str(runner.target)), fp32_fallback=fp32_fallback(model))
 
 
+# A capture changes the answer only if it moves the target's outputs by a meaningful part of the
+# tolerance: more than this fraction of it (the rule segments are held to as well).
+MEANINGFUL = 0.1
+# A tensor whose relative divergence is this many times the capture's relative effect on the outputs
+# is blamed even in a capture run that moved them: the capture cannot explain it.
+DWARFS = 10.0
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """How a capture run moved the target's graph outputs against an uncaptured run. ``why`` is ''
+    when it could not change any verdict (a move within run-to-run noise or within a tenth of the
+    tolerance: a lost FP32 Conv+BatchNorm fold moves outputs by ~1e-6, the FP32 tolerance is 1e-4);
+    ``effect`` is its size, rel_l2 of the worst output (inf when the NaN/inf pattern, a shape or an
+    integer output changed)."""
+
+    why: str = ""
+    effect: float = 0.0
+    beyond_tolerance: bool = False  # the outputs moved beyond the tolerance itself, not only a tenth of it
+
+    def __bool__(self) -> bool:
+        return bool(self.why)
+
+    def explains(self, metrics: Mapping[str, float], reason: str) -> bool:
+        """Whether this capture's effect can account for a tensor diverging with ``metrics`` for
+        ``reason``: NaN/inf only when the capture moved the outputs beyond the tolerance; a metric
+        divergence unless its rel_l2 dwarfs the effect (DWARFS times it)."""
+        if not self.why:
+            return False
+        if reason == "nonfinite" or not np.isfinite(self.effect):
+            return self.beyond_tolerance or not np.isfinite(self.effect)
+        if reason != "metric":
+            return True  # shape or integer values changed by a capture that moved the outputs: not vouched for
+        rel = metrics.get("rel_l2", float("inf"))
+        return not (np.isfinite(rel) and rel > DWARFS * self.effect)
+
+
+def fraction(tol, part: float):
+    """``tol`` tightened to ``part`` of itself (cosine and snr_db are tightened on their own scales)."""
+    from dataclasses import replace
+
+    threshold = {"cosine": 1 - (1 - tol.threshold) * part, "snr_db": tol.threshold - 20 * np.log10(part)}.get(tol.metric, tol.threshold * part)
+    return replace(tol, threshold=threshold, atol=tol.atol * part)
+
+
 class CaptureCheck:
     """The uncaptured run's outputs and the run-to-run noise between two of them. The second run is
-    made only when a capture run's outputs moved by more than a few rounding steps — the noise can
-    only widen the bound — so a capture that changed nothing costs one uncaptured run, not two."""
+    made only when a capture run's outputs moved by a meaningful part of the tolerance — the noise
+    can only widen the bound — so a capture that changed nothing costs one uncaptured run, not two."""
 
-    def __init__(self, baseline: Mapping[str, np.ndarray] | Future, second: Callable[[], Mapping[str, np.ndarray]],
-                 resolution: float = 2.0**-23):
-        self._baseline, self.resolution = baseline, resolution  # resolution: relative rounding step of the target's precision
+    def __init__(self, baseline: Mapping[str, np.ndarray] | Future, second: Callable[[], Mapping[str, np.ndarray]]):
+        self._baseline = baseline
         self._second, self._noise = second, None  # the second uncaptured run, made on first use of ``noise``
 
     @property
@@ -75,27 +122,32 @@ class CaptureCheck:
     def outputs(self) -> list[str]:
         return list(self.baseline)
 
-    def moved(self, values: Mapping[str, np.ndarray]) -> str:
-        """'' when the captured run's outputs match the uncaptured run's, else how they moved."""
+    def moved(self, values: Mapping[str, np.ndarray], tolerance) -> Perturbation:
+        """How the captured run's outputs ``values`` moved from the uncaptured run's, judged by
+        ``tolerance`` (the comparison's :class:`~aligner.compare.tolerance.Tolerance`)."""
+        from aligner.compare.metrics import measure
+
+        meaningful, worst, why, beyond = fraction(tolerance, MEANINGFUL), 0.0, "", False
         for name, base in self.baseline.items():
             got = values.get(name)
             if got is None:
                 continue
             base, got = np.asarray(base), np.asarray(got)
             if base.shape != got.shape or not np.array_equal(np.isfinite(base), np.isfinite(got)):
-                return f"output {name!r} changed its NaN/inf pattern"
+                return Perturbation(f"output {name!r} changed its NaN/inf pattern" if base.shape == got.shape
+                                    else f"output {name!r} changed its shape", float("inf"), True)
             if base.dtype.kind not in "fc":
                 if not np.array_equal(base, got):
-                    return f"output {name!r} changed"
+                    return Perturbation(f"output {name!r} changed", float("inf"), True)
                 continue
-            finite = np.isfinite(base)
-            diff = float(np.max(np.abs(base[finite].astype(np.float64) - got[finite]), initial=0.0))
-            scale = float(np.max(np.abs(base[finite]), initial=0.0))
-            steps = 4 * self.resolution * scale  # a few rounding steps: another kernel, not another graph
-            if diff > steps and diff > 4 * self.noise:
-                return (f"output {name!r} moved by max_abs {diff:.3g} (bound {max(steps, 4 * self.noise):.3g}: run-to-run noise "
-                        f"{self.noise:.3g}, a few rounding steps)")
-        return ""
+            metrics = measure(base, got)[0]
+            if not meaningful.exceeded(metrics) or metrics["max_abs"] <= 4 * self.noise:
+                continue
+            worst = max(worst, metrics["rel_l2"])
+            beyond = beyond or tolerance.exceeded(metrics)
+            why = why or (f"output {name!r} moved by rel_l2 {metrics['rel_l2']:.3g}, max_abs {metrics['max_abs']:.3g} (more than "
+                          f"{MEANINGFUL:g} of the tolerance; run-to-run noise {self.noise:.3g})")
+        return Perturbation(why, worst, beyond)
 
 
 def _largest_difference(first: Mapping[str, np.ndarray], second: Mapping[str, np.ndarray]) -> float:
@@ -120,12 +172,7 @@ def capture_check(runner, feeds: Mapping[str, np.ndarray], background: bool = Fa
         pool.shutdown(wait=False)
     else:
         first = runner.run(dict(feeds))
-    return CaptureCheck(first, lambda: runner.run(dict(feeds)), RESOLUTION.get(runner.target.precision, RESOLUTION["fp32"]))
-
-
-# Relative rounding step (2^-mantissa bits) of what a target stores; the same session run twice
-# gives 0 noise, so a capture that only changes a kernel's rounding must not count as a perturbation.
-RESOLUTION = {"fp32": 2.0**-23, "tf32": 2.0**-10, "fp16": 2.0**-10, "autocast": 2.0**-10, "bf16": 2.0**-7}
+    return CaptureCheck(first, lambda: runner.run(dict(feeds)))
 
 
 @dataclass
@@ -175,23 +222,29 @@ class Observer:
                 "were not captured, since capturing them would change what is deployed (capture=all captures them, with the "
                 "perturbation check)"]
 
-    def capture(self, runner, feeds: Mapping[str, np.ndarray], names: list[str]) -> tuple[dict, str]:
-        """``names`` captured on the target, and how the capture moved its outputs ('' if not)."""
+    def capture(self, runner, feeds: Mapping[str, np.ndarray], names: list[str], tolerance) -> tuple[dict, Perturbation]:
+        """``names`` captured on the target, and how the capture moved its outputs as judged by ``tolerance``."""
         if self.check is None:
-            return runner.run(dict(feeds), names), ""
+            return runner.run(dict(feeds), names), Perturbation()
         extra = [o for o in self.check.outputs if o not in names]
         values = runner.run(dict(feeds), list(names) + extra)
-        moved = self.check.moved(values)
+        moved = self.check.moved(values, tolerance)
         for o in extra:
             values.pop(o, None)
         return values, moved
 
-    def label(self, row, moved: str):
-        """``row`` with its kernel and, when its capture run moved the outputs, that fact."""
+    def label(self, row, moved: Perturbation):
+        """``row`` with its kernel and, when its capture run moved the outputs enough to explain its
+        verdict, that fact (then it is labelled, not blamed); a divergence that dwarfs the capture's
+        effect stays blamed, with that effect recorded."""
         from dataclasses import replace
 
         kernel = self.deployed.kernel_of.get(row.node, "") if self.deployed is not None else ""
-        return replace(row, kernel=kernel, perturbed=moved) if (kernel or moved) else row
+        if moved and not (row.diverges and not moved.explains(row.metrics, row.reason)):
+            return replace(row, kernel=kernel, perturbed=moved.why, capture_effect=moved.effect)
+        if moved:
+            return replace(row, kernel=kernel, capture_effect=moved.effect)
+        return replace(row, kernel=kernel) if kernel else row
 
 
 def fusion_dependence(graph: ModelGraph, target, feeds: Mapping[str, np.ndarray], observer: Observer, tolerance) -> str:
@@ -215,4 +268,4 @@ def fusion_dependence(graph: ModelGraph, target, feeds: Mapping[str, np.ndarray]
             "or version that does not fuse it needs those nodes in FP32 (aligner precision --target " + str(plain) + ")")
 
 
-__all__ = ["Observer", "fusion_dependence", "CaptureCheck", "CapturePolicy", "POLICIES", "capture_check", "capture_policy", "deployed_graph"]
+__all__ = ["Observer", "Perturbation", "fusion_dependence", "fraction", "CaptureCheck", "CapturePolicy", "POLICIES", "capture_check", "capture_policy", "deployed_graph"]

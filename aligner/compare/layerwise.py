@@ -16,7 +16,7 @@ import numpy as np
 
 from aligner.backends import Runner, make_runner, reference_runner
 from aligner.backends.target import REFERENCE, Target
-from aligner.compare.capture import Observer, fusion_dependence
+from aligner.compare.capture import Observer, Perturbation, fusion_dependence
 from aligner.compare.metrics import NonFinite, measure, nonfinite_counts
 from aligner.compare.results import CompareResult, TensorDiff
 from aligner.compare.store import DiskStore
@@ -142,14 +142,16 @@ def compare(
         except Exception as exc:  # noqa: BLE001 - a piece the runtime will not take on its own: the whole model still runs
             log.warning("capturing in segments failed (%s); capturing in whole-model groups instead", exc)
             diffs = None
-        moved = _moved_beyond_tolerance(observer, outputs, tol) if diffs is not None else ""  # the uncaptured run's error, if any, is raised here
+        # the same rule as every capture run (the uncaptured run's error, if any, is raised here): cutting the graph may change
+        # ONNX Runtime's kernels, and with them FP32 rounding, but must not change any verdict
+        moved = observer.check.moved(outputs, tol) if diffs is not None and observer.check is not None else None
         if moved:
-            log.info("segmented capture moved the target's outputs (%s): capturing in whole-model groups instead", moved)
+            log.info("segmented capture moved the target's outputs (%s): capturing in whole-model groups instead", moved.why)
             diffs = None
     for i, group in enumerate(groups if diffs is None else []):
         diffs = diffs or []
         ref_values = ref_runner.run(feeds, group)
-        tgt_values, moved = observer.capture(tgt_runner, feeds, group)
+        tgt_values, moved = observer.capture(tgt_runner, feeds, group, tol)
         for name in group:
             ref_value = ref_values.pop(name)
             if store is not None:
@@ -164,10 +166,10 @@ def compare(
     if target_model is None and not any(d.blamed for d in diffs) and tensors is None:
         notes += [n for n in [fusion_dependence(graph, tgt_target, feeds, observer, tol)] if n]
 
-    target_label = str(tgt_target) if target_model is None else f"{tgt_target} ({Path(str(other.path)).name})"
+    label = str(tgt_target) if target_model is None else target_label(tgt_target, other)
     return CompareResult(
         reference=str(ref_target),
-        target=target_label,
+        target=label,
         model=str(graph.path or "<in-memory>"),
         target_model=None if target_model is None else str(other.path or "<in-memory>"),
         tolerance=tol,
@@ -222,28 +224,11 @@ def _segmented(graph: ModelGraph, names: list[str], sizes: dict[str, int], budge
             ref_value = ref_values.pop(name)
             if store is not None:
                 store.put(name, ref_value)
-            diffs.append(observer.label(diff_row(graph, name, ref_value, tgt_values[name], tol), ""))
+            diffs.append(observer.label(diff_row(graph, name, ref_value, tgt_values[name], tol), Perturbation()))
         last = tgt_values
         if progress:
             progress("capture", i + 1, len(segments))
     return diffs, last
-
-
-def _moved_beyond_tolerance(observer: Observer, values: dict, tol: Tolerance) -> str:
-    """'' when the target's outputs from the segments are its uncaptured outputs up to a tenth of the
-    tolerance (cutting the graph may change ONNX Runtime's kernels, and with them FP32 rounding, but
-    must not change any verdict); else how they moved."""
-    if observer.check is None:
-        return ""
-    for name, base in observer.check.baseline.items():
-        got = values.get(name)
-        if got is None:
-            continue
-        tenth = {"cosine": 1 - (1 - tol.threshold) / 10, "snr_db": tol.threshold + 20}.get(tol.metric, tol.threshold / 10)
-        d = diff_tensor(base, got, replace(tol, threshold=tenth, atol=tol.atol / 10))
-        if d.diverges:
-            return f"output {name!r}: {d.reason} ({tol.metric} {d.metrics.get(tol.metric, float('nan')):.3g})"
-    return ""
 
 
 def _select(graph: ModelGraph, other: ModelGraph, runner: Runner, tensors: Iterable[str] | None) -> tuple[list[str], list[str]]:
@@ -258,6 +243,11 @@ def _select(graph: ModelGraph, other: ModelGraph, runner: Runner, tensors: Itera
     names = [n for n in candidates if n in in_other and n in runner.capturable]
     unmatched = [n for n in candidates if n not in in_other or n not in runner.capturable]
     return names, unmatched
+
+
+def target_label(target: Target, other: ModelGraph) -> str:
+    """How a two-model comparison names its target side: the runtime and the second model's file."""
+    return f"{target} ({Path(str(other.path)).name if other.path else 'target model, in memory'})"
 
 
 def check_budget(capture_budget_mb: float) -> None:

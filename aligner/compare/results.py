@@ -25,7 +25,8 @@ class TensorDiff:
     diverges: bool
     reason: str = ""  # why it diverges: "nonfinite", "metric", "shape", "values"
     kernel: str = ""  # the deployed kernel that writes it, where the target fuses (see compare.capture)
-    perturbed: str = ""  # its capture run moved the target's outputs: how (then it is labelled, not blamed)
+    perturbed: str = ""  # its capture run moved the target's outputs enough to explain its verdict: how (labelled, not blamed)
+    capture_effect: float = 0.0  # rel_l2 by which its capture run moved the target's outputs (0: not at all, or within noise)
 
     @property
     def new_nonfinite(self) -> bool:
@@ -50,6 +51,7 @@ class TensorDiff:
             "reason": self.reason,
             "kernel": self.kernel,
             "perturbed": self.perturbed,
+            "capture_effect": json_float(self.capture_effect),
         }
 
 
@@ -108,6 +110,10 @@ class CompareResult:
             nf = self.first_nonfinite
             if nf is not None:
                 text += f"; NaN/inf first appear at {nf.op_type} node {nf.node!r} (#{nf.index})"
+        vouched = [t for t in self.diverging if t.capture_effect > 0]
+        if vouched:
+            text += (f"; {len(vouched)} diverging tensor(s) were captured in runs that moved {self.target}'s outputs (by rel_l2 up "
+                     f"to {max(t.capture_effect for t in vouched):.3g}): their divergence is far beyond what that explains, so they are blamed")
         if self.perturbed:
             bad = [t for t in self.perturbed if t.diverges]
             text += (f"; {len(self.perturbed)} tensor(s) were captured in runs that changed the target's outputs (capturing them stops "

@@ -22,7 +22,7 @@ import numpy as np
 from aligner.backends import Runner, make_runner, reference_runner
 from aligner.backends.target import REFERENCE, Target
 from aligner.compare.capture import Observer
-from aligner.compare.layerwise import UNKNOWN_SIZE, check_budget, diff_row, estimate_sizes, plan_groups
+from aligner.compare.layerwise import UNKNOWN_SIZE, check_budget, diff_row, estimate_sizes, plan_groups, target_label
 from aligner.compare.results import TensorDiff
 from aligner.compare.tolerance import Tolerance, tolerance_for
 from aligner.errors import AlignerError, InputError, TargetRunError
@@ -57,20 +57,22 @@ class _Run:
     probes: list[Probe] = field(default_factory=list)
     diffs: dict[str, TensorDiff] = field(default_factory=dict)
 
-    def capture(self, names: list[str], phase: str, cut: int | None = None) -> list[TensorDiff]:
-        """One probe: ``names`` captured on both sides and diffed."""
+    def capture(self, names: list[str], phase: str, cut: int | None = None, judged: set[str] | None = None) -> list[TensorDiff]:
+        """One probe: ``names`` captured on both sides and diffed; ``judged``: the tensors whose verdict is
+        the probe's (a frontier's crossing tensors; the rest ride along for the sweep)."""
         names = [n for n in names if n in self.tgt.capturable and n in self.ref.capturable]
         node = self.order[cut - 1] if cut else ""
         ref_values = self.ref.run(self.feeds, names)
         try:
-            tgt_values, moved = self.observer.capture(self.tgt, self.feeds, names)
+            tgt_values, moved = self.observer.capture(self.tgt, self.feeds, names, self.tol)
         except TargetRunError as exc:
             self.probes.append(Probe(phase, len(names), cut, node, status="failed", error=str(exc)))
             raise
         rows = [self.observer.label(diff_row(self.graph, n, ref_values.pop(n), tgt_values.pop(n), self.tol), moved) for n in names]
         self.diffs.update((r.tensor, r) for r in rows)
-        self.probes.append(Probe(phase, len(names), cut, node, any(r.blamed for r in rows), any(r.new_nonfinite and r.blamed for r in rows),
-                                 perturbed=moved))
+        own = [r for r in rows if judged is None or r.tensor in judged]
+        self.probes.append(Probe(phase, len(names), cut, node, any(r.blamed for r in own), any(r.new_nonfinite and r.blamed for r in own),
+                                 perturbed=moved.why, swept=len(rows) - len(own), index=self.graph.index_of[node] if node else None))
         if self.progress:
             self.progress(phase, len(self.probes), 0)
         return rows
@@ -125,7 +127,7 @@ def bisect(
     sizes = estimate_sizes(graph, feeds)
     budget = int(capture_budget_mb * 2**20) // 2
     used = _resolve(strategy, tgt_target, graph, sizes, budget)
-    label = str(tgt_target) if target_model is None else f"{tgt_target} ({Path(str(other.path)).name})"
+    label = str(tgt_target) if target_model is None else target_label(tgt_target, other)
     common = dict(model=str(graph.path or "<in-memory>"), target=label, reference=str(ref_target), strategy=strategy,
                   strategy_used=used, nodes=len(run.order), tolerance=tol)
     try:
@@ -208,19 +210,42 @@ def _locate(run: _Run, strategy: str, budget: int, sweep_runs: int | None) -> _F
     n = len(run.order)
     lives = spans([(sorted(_node_inputs(run.graph.node(x))), list(run.graph.node(x).output)) for x in run.order], run.graph.output_names)
     known: dict[int, bool] = {}
+    sizes = estimate_sizes(run.graph, run.feeds)
+    position = {x: i for i, x in enumerate(run.order)}
+    made_at = {t: position.get(run.graph.producer[t].name, -1) if t in run.graph.producer else -1 for t in names}
 
     def probe(cut: int) -> bool:
-        rows = run.capture(frontier(lives, cut), "outputs" if cut == n else "frontier", cut)
-        return any(r.blamed for r in rows)
+        crossing = frontier(lives, cut)
+        if crossing and all(t in run.diffs for t in crossing):  # every tensor at this cut was compared already: no run
+            return any(run.diffs[t].blamed for t in crossing)
+        # The sweep's tensors ride along in the halving runs, as far as the budget allows: first those made before
+        # the last cut known to match (the transition is at or after it), then those before the first known to diverge.
+        lo = max(k for k, v in known.items() if not v)
+        hi = min((k for k, v in known.items() if v), default=n + 1)
+        room = budget - sum(sizes.get(t, UNKNOWN_SIZE) for t in crossing)
+        taken, extra = set(crossing), []
+        for t in sorted((t for t in names if t not in run.diffs and t not in taken and made_at[t] < hi),
+                        key=lambda t: (made_at[t] >= lo, made_at[t])):
+            size = sizes.get(t, UNKNOWN_SIZE)
+            if size > room:
+                break
+            room -= size
+            extra.append(t)
+        rows = run.capture(crossing + extra, "outputs" if cut == n else "frontier", cut, judged=taken)
+        return any(r.blamed for r in rows if r.tensor in taken)
 
+    known.setdefault(0, False)
     j = bisect_cuts(n, probe, known)
-    transition = f"the frontier search found a transition at node #{j} {run.order[j]!r} in {len(run.probes)} run(s)" if j is not None else (
-        f"the graph outputs match ({len(run.probes)} run)")
-    # A divergence that a later node masks leaves no trace at the cuts probed so far: sweep every
-    # tensor produced before the transition (every tensor, when the outputs match).
+    halving = len(run.probes)
+    transition = (f"the frontier search found a transition at {run.graph.node(run.order[j]).op_type} node {run.order[j]!r} "
+                  f"(#{run.graph.index_of[run.order[j]]}) in {halving} halving run(s)" if j is not None else
+                  f"the graph outputs match ({halving} run)")
+    # A divergence that a later node masks leaves no trace at the cuts probed: every tensor produced before the
+    # transition (every tensor, when the outputs match) is compared — most in the halving runs, the rest swept here.
     before = run.graph.index_of[run.order[j]] if j is not None else len(run.graph.nodes)
-    todo = [t for t in names if t not in run.diffs and _produced_at(run.graph, t) < before]
-    groups = plan_groups(todo, estimate_sizes(run.graph, run.feeds), budget)
+    wanted = [t for t in names if _produced_at(run.graph, t) < before]
+    todo = [t for t in wanted if t not in run.diffs]
+    groups = plan_groups(todo, sizes, budget)
     limit = len(groups) if sweep_runs is None else min(sweep_runs, len(groups))
     swept = 0
     for group in groups[:limit]:
@@ -229,7 +254,9 @@ def _locate(run: _Run, strategy: str, budget: int, sweep_runs: int | None) -> _F
         if any(r.blamed for r in rows):
             break
     scope = "before it" if j is not None else "of the graph"
-    checked = f"{transition}; then {swept} of the {len(todo)} other tensors {scope} compared in {min(limit, len(groups))} sweep run(s)"
+    sweeps = len(run.probes) - halving
+    checked = (f"{transition}; {len(wanted) - len(todo)} of the {len(wanted)} other tensors {scope} compared in those runs, "
+               f"{swept} more in {sweeps} sweep run(s)")
     notes = []
     if swept < len(todo) and not any(run.diffs[t].blamed for t in todo if t in run.diffs):
         notes.append(f"the sweep for masked divergences stopped at --sweep-runs {sweep_runs}: {len(todo) - swept} tensor(s) "

@@ -121,8 +121,8 @@ def explain(result: BisectResult, tol: Tolerance) -> str:
     if first is not None:
         how = "has NaN/inf where the reference is finite" if first.new_nonfinite else (
             f"differs by {tol.metric} {first.metrics.get(tol.metric, float('nan')):.3g}" if first.metrics else f"differs ({first.reason})")
-        parts.append(f"The target first departs from the reference at {first.node!r} ({first.op_type}, node #{first.index} of "
-                     f"{result.nodes}): its output {first.tensor!r} {how}"
+        parts.append(f"The target first departs from the reference at {first.node!r} ({first.op_type}, node #{first.index}): "
+                     f"its output {first.tensor!r} {how}"
                      + (f" (written by the deployed kernel {first.kernel!r}, which may fuse the nodes before it)." if first.kernel and first.kernel != first.node else "."))
     if cause is not None:
         lead = {"local": "Root cause: this node's own error", "nonfinite": "Root cause: this node overflows on its own",

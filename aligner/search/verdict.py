@@ -69,7 +69,7 @@ class LocalError:
 class Probe:
     """One step of the search: a target run capturing ``tensors`` tensors."""
 
-    phase: str  # "outputs", "frontier", "all", "isolate"
+    phase: str  # "outputs" and "frontier" (halving), "sweep", "all", "isolate", "uncaptured"
     tensors: int
     cut: int | None = None  # frontier: nodes before the cut
     node: str = ""  # frontier: the last node before the cut
@@ -78,6 +78,8 @@ class Probe:
     status: str = "ok"  # "ok" or "failed"
     error: str = ""
     perturbed: str = ""  # the capture changed the target's outputs: how
+    swept: int = 0  # frontier: tensors captured along for the sweep (not the cut's own)
+    index: int | None = None  # frontier: ``node``'s number in the graph (#, as in every verdict; ``cut`` counts compute nodes only)
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -185,6 +187,16 @@ class BisectResult:
         return len(self.probes)
 
     @property
+    def runs(self) -> dict[str, int]:
+        """Target runs by what they were for: ``halving`` (the frontier's cuts and the outputs), ``sweep``
+        (tensors the halving runs had no room for), ``all``, ``isolate``."""
+        kinds = {"outputs": "halving", "frontier": "halving"}
+        counts: dict[str, int] = {}
+        for p in self.probes:
+            counts[kinds.get(p.phase, p.phase)] = counts.get(kinds.get(p.phase, p.phase), 0) + 1
+        return counts
+
+    @property
     def diverged(self) -> bool:
         return self.outputs_diverge or self.first_divergent is not None
 
@@ -203,6 +215,7 @@ class BisectResult:
             "local_errors": [e.to_dict() for e in self.local_errors],
             "outputs_diverge": self.outputs_diverge,
             "target_runs": self.target_runs,
+            "runs": self.runs,
             "probes": [p.to_dict() for p in self.probes],
             "repro": None if self.repro is None else self.repro.to_dict(),
             "failed": self.failed or None,
