@@ -126,7 +126,8 @@ def test_calibration_reports_progress_and_is_computed_once_for_every_method(tmp_
         again = calibrate_ranges(graph, target.with_options({"calibrate": "entropy"}), ("entropy",))  # cached: no pass
     assert again["entropy"] == files["entropy"] and all(f.exists() for f in files.values())
     assert [d for _, d, _ in seen] == list(range(1, 11)) and {t for _, _, t in seen} == {10}  # 2 passes x 5 samples, once
-    assert seen[0][0].startswith("calibrating (ranges") and seen[-1][0].startswith("calibrating (histograms")
+    assert seen[0][0] == "calibrating minmax, entropy, percentile (pass 1 of 2: value ranges)"
+    assert seen[-1][0] == "calibrating minmax, entropy, percentile (pass 2 of 2: histograms)"
 
 
 def _opset11_case(tmp_path: Path, seed: int = 0) -> tuple[ModelGraph, Target]:

@@ -118,8 +118,7 @@ def run(args: argparse.Namespace) -> int:
     console = Console(stderr=True, highlight=False)
     from aligner.quant.calib import reporting
 
-    with console.status("measuring value ranges on the reference...") as status, \
-            reporting(lambda phase, done, total: status.update(f"{escape(phase)} {done}/{total}")):
+    with console.status("measuring value ranges on the reference...") as status, reporting(_phase_progress(console, status)):
         def progress(trial, n: int) -> None:
             mark = "[green]pass[/]" if trial.passed else ("[red]error[/]" if trial.error else "fail")
             console.print(f"trial {n:3d}/{args.max_trials} {trial.phase:<8} {len(trial.pins):4d} pins  {mark}  "
@@ -134,6 +133,19 @@ def run(args: argparse.Namespace) -> int:
         write_atomic(Path(args.out), json.dumps(plan.to_dict(), indent=1).encode())
     emit_run(args, "precision", graph, plan.to_dict(), Path(trials) if trials else None)
     return 0 if plan.passed else 1
+
+
+def _phase_progress(console: Console, status):
+    """INT8's long phases: the status line on a terminal; piped, one line as each phase starts."""
+    last = [""]
+
+    def show(phase: str, done: int, total: int) -> None:
+        status.update(f"{escape(phase)} {done}/{total}")
+        if not console.is_terminal and phase != last[0]:
+            console.print(f"{escape(phase)} {done}/{total}")
+        last[0] = phase
+
+    return show
 
 
 def _samples(graph: ModelGraph, args: argparse.Namespace) -> list[dict]:

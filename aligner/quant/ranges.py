@@ -82,7 +82,7 @@ def _minmax_by_ort(model: Path, samples: Sequence[Feeds], tmp: Path):
                                    calibrate_method=CalibrationMethod.MinMax, extra_options={})
     for i, feeds in enumerate(samples):
         calibrator.collect_data(_One(feeds))  # reduces to min/max in the graph and merges: nothing kept per sample
-        report("calibrating (minmax)", i + 1, len(samples))
+        report("calibrating minmax", i + 1, len(samples))
     return calibrator.compute_data()
 
 
@@ -98,17 +98,18 @@ def _two_passes(model: Path, samples: Sequence[Feeds], methods: Sequence[str], p
     hists: dict[str, dict[str, list]] = {m: {} for m in hist_methods}  # method -> name -> [counts, edges]
     total = 2 * len(groups) * len(samples)
     done = 0
-    for phase in ("ranges", "histograms"):
+    label = ", ".join(m for m in ("minmax", *HISTOGRAM_METHODS) if m in methods)
+    for phase in ("value ranges", "histograms"):
         for group in groups:
             session = _session(base.model, group, infos, tmp)
             for feeds in samples:
                 values = dict(zip(group, session.run(group, dict(feeds))))
-                if phase == "ranges":
+                if phase == "value ranges":
                     _add_stats(stats, values)
                 else:
                     _add_histograms(hists, stats, values)
                 done += 1
-                report(f"calibrating ({phase}, {', '.join(hist_methods)}{' + minmax' if 'minmax' in methods else ''})", done, total)
+                report(f"calibrating {label} (pass {1 if phase == 'value ranges' else 2} of 2: {phase})", done, total)
             del session
     out = {}
     if "minmax" in methods:  # what MinMaxCalibrater.compute_data gives: (1,)-shaped arrays
