@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import statistics
 import tempfile
 import time
@@ -147,7 +148,7 @@ def run_aligner(float_path: Path, calib_dir: Path, calib: list[dict], held: list
         return "" if value <= check.bound else f"mean rel_l2 {value:.4g} > {check.bound:.4g}"
 
     start = time.perf_counter()
-    plan = search_precision(graph, target, samples=held[:1], accept=Acceptance(finite=True, task=task, task_name="mean rel_l2"),
+    plan = search_precision(graph, target, samples=held[:1], accept=Acceptance(threshold=math.inf, task=task, task_name="mean rel_l2"),
                             max_trials=1000)
     seconds = time.perf_counter() - start
     model = ort_quantize(float_path, calib, plan.fp32_nodes, work)

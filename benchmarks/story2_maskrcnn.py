@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 import traceback
@@ -339,7 +340,7 @@ def _plan(graph, target: str, feeds: dict, ref: dict, floor: dict, work: Path, m
             return "" if worst <= 0.05 else f"rel_l2 {worst:.3g} > 0.05"
         return "" if got["matched_share"] >= want else f"matched {got['matched_share']:.0%} of FP32 detections < {want:.0%}"
 
-    accept = Acceptance(finite=True, task=task, task_name=f"matched detections >= {want:.0%} of FP32's (IoU 0.5, same label)")
+    accept = Acceptance(threshold=math.inf, task=task, task_name=f"matched detections >= {want:.0%} of FP32's (IoU 0.5, same label)")
     return search_precision(graph, target, samples=[feeds], accept=accept, max_trials=max_trials,
                             trials_log=work / "plan.trials.jsonl", fusion_check=fusion_check)
 

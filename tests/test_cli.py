@@ -149,10 +149,12 @@ def test_precision_cli_plan_model_and_resume(capsys, vit_path, vit_inputs, tmp_p
 
 def test_precision_cli_no_plan_and_bad_accept(capsys, vit_path, vit_inputs, tmp_path):
     np.savez(tmp_path / "in.npz", **vit_inputs)
-    code, out, _ = _run(capsys, "precision", vit_path, "--inputs", tmp_path / "in.npz", "--accept", "max_abs<0", "--max-trials", "3")
+    code, out, _ = _run(capsys, "precision", vit_path, "--inputs", tmp_path / "in.npz", "--accept-cmd", "false", "--max-trials", "3")
     assert code == 1 and "NO PASSING PLAN" in out and "No plan exists" in out
     code, _, err = _run(capsys, "precision", vit_path, "--accept", "rel_l2 below 3")
     assert code == 2 and "METRIC<=VALUE" in err
+    code, _, err = _run(capsys, "precision", vit_path, "--accept", "max_abs<0")
+    assert code == 2 and "write max_abs<=0" in err
 
 
 def test_build_with_plan_and_target_options_keeps_both(tmp_path):

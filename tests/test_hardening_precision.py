@@ -22,9 +22,15 @@ from aligner.search.precision import Acceptance, search_precision
 X = np.array([[0.3, -1.7, 2.9, 0.11, 5.3, -0.7, 1.3, 3.7]], dtype=np.float32)
 
 
-def three_node_model() -> ModelGraph:
-    """x -> Mul(w) -> Add(b) -> Tanh: nothing overflows, every node rounds in FP16."""
-    nodes = [helper.make_node("Mul", ["x", "w"], ["m"], name="scale/Mul"),
+STRICT = "rel_l2<=1e-7 (or max_abs<=0)"  # every FP16 rounding of these outputs breaks it
+X_EXACT = np.array([[0.25, -1.75, 2.875, 0.125, 5.25, -0.75, 1.25, 3.75]], dtype=np.float32)  # FP16 holds these exactly
+
+
+def three_node_model(relu_first: bool = False) -> ModelGraph:
+    """x -> Mul(w) -> Add(b) -> Tanh: nothing overflows, every node rounds in FP16; ``relu_first``
+    puts a Relu before them, exact in FP16 on :data:`X_EXACT`."""
+    nodes = [helper.make_node("Relu", ["x"], ["x0"], name="in/Relu")] if relu_first else []
+    nodes += [helper.make_node("Mul", ["x0" if relu_first else "x", "w"], ["m"], name="scale/Mul"),
              helper.make_node("Add", ["m", "b"], ["a"], name="shift/Add"),
              helper.make_node("Tanh", ["a"], ["y"], name="act/Tanh")]
     inits = [numpy_helper.from_array(np.linspace(0.1, 0.9, 8, dtype=np.float32)[None], "w"),
@@ -62,12 +68,18 @@ def test_search_without_culprits_still_finds_the_required_pins():
 
 
 def test_strict_bound_on_the_three_node_model_pins_what_it_needs(tmp_path):
-    graph = three_node_model()
     log_path = tmp_path / "t.jsonl"
-    plan = search_precision(graph, "emu:fp16", [{"x": X}], Acceptance.parse(["rel_l2<=1e-7"]), trials_log=log_path)
+    plan = search_precision(three_node_model(True), "emu:fp16", [{"x": X_EXACT}], Acceptance.parse([STRICT]), trials_log=log_path)
     assert plan.passed, plan.notes
-    assert set(plan.fp32_nodes) == {"scale/Mul", "shift/Add", "act/Tanh"}  # every rounding costs more than 1e-7
+    assert set(plan.fp32_nodes) == {"scale/Mul", "shift/Add", "act/Tanh"}  # every rounding breaks the rule; the Relu is exact
     assert _one_minimal(plan, log_path)
+
+
+def test_a_rule_only_all_fp32_meets_is_no_fp16_plan(tmp_path):
+    """Every node must stay FP32 for the rule: that is no FP16 plan, never a pass of FP16."""
+    plan = search_precision(three_node_model(), "emu:fp16", [{"x": X}], Acceptance.parse([STRICT]))
+    assert not plan.passed and set(plan.fp32_nodes) == {"scale/Mul", "shift/Add", "act/Tanh"}
+    assert plan.notes[0].startswith("No FP16 plan: the rule passes only with every one of the 3 node(s) kept out of FP16")
 
 
 def test_strict_bound_on_the_example_detector_finds_a_passing_plan(tmp_path):
@@ -87,7 +99,7 @@ def test_strict_bound_on_the_example_detector_finds_a_passing_plan(tmp_path):
 
 
 def test_when_even_all_pinned_fails_the_plan_says_no_plan_exists():
-    plan = search_precision(three_node_model(), "emu:fp16", [{"x": X}], Acceptance.parse(["max_abs<0"]))
+    plan = search_precision(three_node_model(), "emu:fp16", [{"x": X}], Acceptance.parse(check=lambda model: False))
     assert not plan.passed and plan.pins == ()
     assert plan.notes[0].startswith("No plan exists for this acceptance: even with all 3 node(s) kept in FP32")
 
@@ -95,14 +107,15 @@ def test_when_even_all_pinned_fails_the_plan_says_no_plan_exists():
 # ---- the trials log -----------------------------------------------------------------------------
 
 def test_a_torn_last_line_is_dropped_and_resume_numbers_on(tmp_path, caplog):
-    graph, accept, log_path = three_node_model(), Acceptance.parse(["rel_l2<=1e-7"]), tmp_path / "t.jsonl"
-    first = search_precision(graph, "emu:fp16", [{"x": X}], accept, trials_log=log_path, max_trials=3)
-    assert first.trials == 3 and "may not be 1-minimal" in first.notes[0]  # it passes (all pinned), not yet minimal
+    graph, accept, log_path = three_node_model(True), Acceptance.parse([STRICT]), tmp_path / "t.jsonl"
+    first = search_precision(graph, "emu:fp16", [{"x": X_EXACT}], accept, trials_log=log_path, max_trials=3)
+    assert first.trials == 3 and not first.passed  # a passing trial (all pinned), not yet minimal: not verified
+    assert first.notes[0].startswith("stopped at the 3-trial cap (--max-trials) while minimising")
     with open(log_path, "a") as f:
         f.write('{"pins": ["scale/Mul", "shi')  # killed in the middle of a line
     numbers = []
     with caplog.at_level(logging.WARNING, logger="aligner.search.plan"):
-        plan = search_precision(graph, "emu:fp16", [{"x": X}], accept, trials_log=log_path, resume=log_path,
+        plan = search_precision(graph, "emu:fp16", [{"x": X_EXACT}], accept, trials_log=log_path, resume=log_path,
                                 progress=lambda trial, n: numbers.append(n))
     assert "torn last line 5" in caplog.text
     assert plan.passed and numbers[0] == 4  # numbering continues after the 3 resumed trials
@@ -111,20 +124,20 @@ def test_a_torn_last_line_is_dropped_and_resume_numbers_on(tmp_path, caplog):
 
 
 def test_a_damaged_middle_line_is_named(tmp_path):
-    graph, accept, log_path = three_node_model(), Acceptance.parse(["rel_l2<=1e-7"]), tmp_path / "t.jsonl"
-    search_precision(graph, "emu:fp16", [{"x": X}], accept, trials_log=log_path, max_trials=3)
+    graph, accept, log_path = three_node_model(True), Acceptance.parse([STRICT]), tmp_path / "t.jsonl"
+    search_precision(graph, "emu:fp16", [{"x": X_EXACT}], accept, trials_log=log_path, max_trials=3)
     lines = log_path.read_text().splitlines()
     lines[2] = lines[2][:20]
     log_path.write_text("\n".join(lines) + "\n")
     with pytest.raises(InputError, match="line 3 is not a trial"):
-        search_precision(graph, "emu:fp16", [{"x": X}], accept, resume=log_path)
+        search_precision(graph, "emu:fp16", [{"x": X_EXACT}], accept, resume=log_path)
 
 
 def test_two_searches_cannot_write_one_trials_log(tmp_path):
-    graph, accept, log_path = three_node_model(), Acceptance.parse(["rel_l2<=1e-7"]), tmp_path / "t.jsonl"
+    graph, accept, log_path = three_node_model(True), Acceptance.parse([STRICT]), tmp_path / "t.jsonl"
     with TrialLog(log_path, {"target": "another search"}):  # a search in progress holds the log
         with pytest.raises(InputError, match="being written by another aligner precision search"):
-            search_precision(graph, "emu:fp16", [{"x": X}], accept, trials_log=log_path)
+            search_precision(graph, "emu:fp16", [{"x": X_EXACT}], accept, trials_log=log_path)
         assert json.loads(log_path.read_text())["header"]["target"] == "another search"  # untouched
-    plan = search_precision(graph, "emu:fp16", [{"x": X}], accept, trials_log=log_path)  # released: it may go on
+    plan = search_precision(graph, "emu:fp16", [{"x": X_EXACT}], accept, trials_log=log_path)  # released: it may go on
     assert plan.passed and not (tmp_path / "t.jsonl.lock").exists()

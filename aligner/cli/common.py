@@ -8,7 +8,7 @@ from pathlib import Path
 
 from aligner.backends.target import REFERENCE, Target
 from aligner.compare.metrics import METRICS
-from aligner.compare.tolerance import Tolerance, tolerance_for
+from aligner.compare.tolerance import Tolerance, defaults_text, parse_clause, parse_tolerance, tolerance_for
 from aligner.errors import InputError
 from aligner.graph.model import ModelGraph
 from aligner.inputs import load_inputs, make_inputs, parse_input_shapes, save_inputs, validate_feeds
@@ -54,7 +54,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-check", action="store_true", help="skip the ONNX checker when loading")
 
 
-TARGETS_HELP = """\
+TARGETS_HELP = f"""\
 targets: runtime[:device][:precision][+plan.json][@key=value,...]
   ort:cpu:fp32 (the reference: ONNX Runtime CPU, graph optimizations off), ort:cpu:fp16,
   ort:cuda:fp32|tf32|fp16|bf16, emu:fp16|bf16 (the FP16/BF16 emulator on ONNX Runtime CPU: the
@@ -75,7 +75,7 @@ targets: runtime[:device][:precision][+plan.json][@key=value,...]
 tolerance: one rule for every command and strategy. A tensor diverges when its NaN/inf pattern
   differs from the reference, or when --metric (default rel_l2) is beyond --threshold AND max_abs
   exceeds --atol. Defaults by the lower precision of target and reference, also for --target-model
-  comparisons: fp32 1e-4/1e-5, tf32 5e-3/1e-4, fp16 2e-2/1e-3, bf16 1e-1/1e-2, int8 5e-2/1e-2 (threshold/atol);
+  comparisons: {defaults_text()} (threshold/atol);
   giving only --atol or only --threshold keeps the other default. The verdict prints the rule.
 """
 
@@ -150,8 +150,8 @@ def check_writable(paths: list[str | None], force: bool) -> None:
 def add_tolerance_arguments(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("tolerance")
     t.add_argument("--metric", choices=sorted(METRICS), default="rel_l2", help="metric of the divergence rule (default rel_l2)")
-    t.add_argument("--threshold", type=finite_float, help="divergence threshold (default per precision: fp32 1e-4, tf32 5e-3, fp16 2e-2, bf16 1e-1 rel_l2)")
-    t.add_argument("--atol", type=non_negative_float, help="ignore errors whose max_abs is below this (default per precision)")
+    t.add_argument("--threshold", type=finite_float, help=f"divergence threshold (default per precision, threshold/atol: {defaults_text()})")
+    t.add_argument("--atol", type=non_negative_float, help="ignore errors whose max_abs is at most this (default per precision, as above)")
 
 
 def resolve_target(args: argparse.Namespace) -> Target:
@@ -243,8 +243,14 @@ def parse_options(items: list[str]) -> dict[str, str]:
 
 
 def tolerance_from_args(args: argparse.Namespace, target: Target) -> Tolerance:
-    """The tolerance of this run: the one policy (:func:`tolerance_for`) with the user's overrides."""
-    return tolerance_for(target, Target.parse(args.reference), args.metric, args.threshold, args.atol)
+    """The verdict rule of this run: the one policy (:func:`tolerance_for`) with the user's
+    --metric/--threshold/--atol, and precision's --accept clauses and --accept-cmd on top."""
+    base = tolerance_for(target, Target.parse(getattr(args, "reference", REFERENCE)), args.metric, args.threshold, args.atol)
+    specs, command = getattr(args, "accept", None) or [], getattr(args, "accept_cmd", None)
+    if (args.threshold is not None or args.metric != "rel_l2") and any(parse_clause(s, base)[0] is None for s in specs):
+        raise InputError(f"--accept {next(s for s in specs if parse_clause(s, base)[0] is None)!r} and --metric/--threshold both set the "
+                         "rule of every output; give one of them (--accept 'rel_l2<=5e-3' is --metric rel_l2 --threshold 5e-3).")
+    return parse_tolerance(specs, base, command) if specs or command else base
 
 
 def load_models_and_feeds(args: argparse.Namespace) -> tuple[ModelGraph, ModelGraph | None, dict]:

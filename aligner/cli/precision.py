@@ -13,18 +13,19 @@ from rich.table import Table
 
 from aligner.backends import check_target
 from aligner.backends.target import Target
-from aligner.cli.common import (add_input_arguments, add_model_arguments, add_report_arguments, check_writable, emit_run, parse_options,
-                                report_paths)
+from aligner.cli.common import (add_input_arguments, add_model_arguments, add_report_arguments, add_tolerance_arguments, check_writable,
+                                emit_run, parse_options, report_paths, tolerance_from_args)
+from aligner.compare.tolerance import defaults_text
 from aligner.errors import InputError
 from aligner.graph.model import ModelGraph
 from aligner.inputs import load_inputs, make_inputs, parse_input_shapes, save_inputs, write_atomic
 from aligner.search.plan import PrecisionPlan
-from aligner.search.precision import Acceptance, search_precision
+from aligner.search.precision import search_precision, verdict
 from aligner.report.console import fit_table
 
 TABLE_ROWS = 40  # the final table's rows at most (the plan JSON and the report list every node)
 
-EPILOG = """\
+EPILOG = f"""\
 how it searches:
   1. pure low precision (a model that passes needs no plan: one trial);
   2. seeds from one reference run: nodes that write or read values beyond the low type's range
@@ -49,24 +50,35 @@ INT8 (--target ort:cpu:int8, emu:int8): a pin is a node kept in float (excluded 
   records the quantizer settings and calibration; --save-model writes the QDQ model with the plan's
   nodes kept in float; ort:cpu:int8+plan.json runs it in compare, bisect, eval and bench.
 
-acceptance (all must hold on every output of every input sample):
-  default            outputs finite where the reference is, rel_l2 within the target's tolerance
-  --accept SPEC      METRIC<=VALUE or METRIC>=VALUE, several allowed: rel_l2, max_abs, mean_abs,
-                     mvre, cosine, snr_db (e.g. --accept "rel_l2<=5e-3" --accept "cosine>=0.999")
-  --accept-cmd CMD   your task metric: CMD runs with {model} = the mixed ONNX; exit 0 = pass
+acceptance: compare's rule, on every output of every input sample — an output passes exactly when
+  `aligner compare` would not call it divergent: its NaN/inf pattern is the reference's, and
+  --metric (default rel_l2) is within --threshold OR max_abs is at most --atol (so outputs that
+  are ~0 on both sides pass). Defaults by precision (threshold/atol):
+  {defaults_text()}.
+  --metric/--threshold/--atol   the same flags and defaults as compare
+  --accept SPEC      the same rule written out, repeatable: 'rel_l2<=5e-3' (atol stays the default,
+                     or --atol), 'rel_l2<=5e-3 (or max_abs<=1e-4)', 'cosine>=0.999'; one output's
+                     rule: 'boxes: rel_l2<=1e-2'; 'finite': NaN/inf only, no metric bound (with
+                     --accept-cmd: your task metric alone decides)
+  --accept-cmd CMD   your task metric, on top of the rule: CMD runs with {{model}} = the mixed
+                     ONNX; exit 0 = pass
+  A plan that keeps every node out of the low precision is no plan (exit 1), and a search cut
+  short by --max-trials says NOT VERIFIED (exit 1): resume it with --resume.
 
 examples:
   aligner precision model.onnx
   aligner precision model.onnx --target ort:cuda:fp16 --accept "rel_l2<=5e-3" --inputs calib.npz \\
       --out plan.json --save-model model.mixed.onnx
-  aligner precision model.onnx --accept-cmd "python my_eval.py {model}"
+  aligner precision model.onnx --accept-cmd "python my_eval.py {{model}}"
+  aligner precision model.onnx --accept finite --accept-cmd "python my_eval.py {{model}}"
+  aligner precision model.onnx --threshold 5e-3 --atol 1e-4
   aligner precision model.onnx --out plan.json --resume plan.trials.jsonl
   aligner precision model.onnx --target ort:cpu:int8 --calib calib/ --accept "rel_l2<=0.02" \\
       --out plan.json --save-model model.int8.onnx
   aligner precision model.onnx --target ort:cpu:int8@calibrate=entropy --calib calib/ --no-sweep \\
-      --accept-cmd "python eval.py {model}"
+      --accept-cmd "python eval.py {{model}}"
 
-exit status: 0 a plan was found and verified, 1 no passing plan, 2 usage or input error
+exit status: 0 a plan was found and verified, 1 no passing plan or not verified, 2 usage or input error
 """
 
 
@@ -80,8 +92,11 @@ def add_parser(sub) -> None:
                    "written as in every command: runtime[:device][:precision][@key=value,...]")
     p.add_argument("--target-option", action="append", metavar="KEY=VALUE", default=[],
                    help="a runtime option of the target (repeatable), e.g. cudnn_conv_algo_search=HEURISTIC")
-    p.add_argument("--accept", action="append", default=[], metavar="SPEC", help="output bound, e.g. 'rel_l2<=5e-3' (repeatable)")
-    p.add_argument("--accept-cmd", metavar="CMD", help="external check; {model} is replaced by the mixed model's path; exit 0 = pass")
+    add_tolerance_arguments(p)
+    p.add_argument("--accept", action="append", default=[], metavar="SPEC",
+                   help="the rule written out, e.g. 'rel_l2<=5e-3' or 'boxes: rel_l2<=1e-2' (repeatable; see below)")
+    p.add_argument("--accept-cmd", metavar="CMD", help="external check on top of the rule; {model} is replaced by the mixed model's "
+                   "path; exit 0 = pass")
     p.add_argument("--max-trials", type=int, default=200, help="stop after this many trials (default 200); resume later")
     p.add_argument("--no-fusion-check", dest="fusion_check", action="store_false",
                    help="skip checking whether a passing plan relies on the runtime's fusions (on a fusing target the plan is re-run on "
@@ -114,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     target = check_target(target)
     graph = ModelGraph.load(args.model, check=not args.no_check)
     samples = _samples(graph, args)
-    accept = Acceptance.parse(args.accept, args.accept_cmd) if (args.accept or args.accept_cmd) else None
+    accept = tolerance_from_args(args, target)
     console = Console(stderr=True, highlight=False)
     from aligner.quant.calib import reporting
 
@@ -178,20 +193,24 @@ def print_plan(plan: PrecisionPlan, console: Console | None = None) -> None:
         console.print(fit_table(console, table))  # names elided in the middle at narrow widths, never wrapped per letter
         console.print("op types: " + ", ".join(f"{escape(k)} x{v}" for k, v in plan.op_type_summary().items()))
     metrics = ", ".join(f"{k} {v:.3g}" for k, v in plan.final_metrics.items() if k in ("rel_l2", "max_abs", "cosine"))
-    head = "[bold green]PASSED[/]" if plan.passed else "[bold red]NO PASSING PLAN[/]"
-    console.print(f"{head} {len(plan.pins)} pin(s), {plan.trials} trial(s) (+{plan.culprit_runs} target runs locating culprits); "
-                  f"{plan.fp16_flop_fraction:.1%} of Conv/MatMul/Gemm FLOPs stay in {plan.precision.upper()}; "
-                  f"accept: {escape('; '.join(plan.accept))}" + (f"; final {metrics}" if metrics else ""))
+    head, why = verdict(plan)
+    colour = {"PASSED": "bold green", "NOT VERIFIED:": "bold yellow"}.get(head, "bold red")
+    stats = (f"{len(plan.pins)} pin(s), {plan.trials} trial(s) (+{plan.culprit_runs} target runs locating culprits); "
+             f"{plan.fp16_flop_fraction:.1%} of Conv/MatMul/Gemm FLOPs stay in {plan.precision.upper()}; "
+             f"accept: {escape('; '.join(plan.accept))}" + (f"; final {metrics}" if metrics else ""))
+    console.print(f"[{colour}]{head}[/] " + (f"{escape(why)}\n{stats}" if why else stats))
     if plan.quantization:
         print_quantization(plan.quantization, console)
-    for note in plan.notes:
+    for note in plan.notes[1 if why else 0:]:
         console.print(f"note: {escape(note)}")
     if plan.fusion_dependence:
         console.print(f"[bold yellow]fusion:[/] {escape(plan.fusion_dependence)}")
-    if not plan.passed and plan.precision == "int8":
+    if plan.passed or plan.final_metrics:  # a trial passed: the verdict line says why it is no plan
+        return
+    if plan.precision == "int8":
         console.print("Tried pure INT8 and keeping the ranked quantized tensors' nodes in float (the shortest passing prefix); "
                       "see the trials log for each attempt.")
-    elif not plan.passed:
+    else:
         console.print(f"Tried pure {plan.precision}, the {len(plan.seeds)} seed(s) from the value ranges, and growing by "
                       "each failing trial's NaN/inf origin; see the trials log for each attempt.")
 

@@ -76,7 +76,9 @@ def _dependence(graph: ModelGraph, target: Target, pins: list[str], samples: Seq
 
 def _fails(graph: ModelGraph, target: Target, samples: Sequence[Feeds], accept) -> str:
     ref, runner = reference_runner(graph), make_runner(graph, target)
-    return next((why for why in (accept.check_outputs(ref.run(feeds), runner.run(feeds)) for feeds in samples) if why), "")
+    from aligner.search.acceptance import check_outputs
+
+    return next((why for why in (check_outputs(accept, ref.run(feeds), runner.run(feeds)) for feeds in samples) if why), "")
 
 
 __all__ = ["plan_fusion_dependence"]

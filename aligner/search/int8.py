@@ -82,7 +82,7 @@ def quantizer_settings(graph: ModelGraph, target: Target, samples: Sequence[Feed
         from aligner.quant.sweep import sweep_settings
 
         calibrate_ranges(graph, target, CALIBRATE)  # every method's ranges in one streaming pass, before the sweep uses them
-        metric = next((m for m, _, _ in accept.bounds), "rel_l2")
+        metric = accept.metric
         target, points = sweep_settings(graph, target, samples, metric)
         record["sweep"] = [p.to_dict() for p in points]
     record["settings"] = QuantSettings.of(target).to_dict()

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shlex
-import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
@@ -23,11 +20,12 @@ import onnx
 from aligner.backends import make_runner, parse_target, reference_runner
 from aligner.backends.target import Target
 from aligner.compare.layerwise import estimate_sizes, plan_groups
+from aligner.compare.tolerance import tolerance_for
 from aligner.errors import InputError, TargetRunError
 from aligner.graph.model import ModelGraph, _node_inputs
 from aligner.graph.precision import auto_pinned, is_fp32, node_typing, rewrite_precision
 from aligner.inputs import Feeds, make_inputs, validate_feeds, write_atomic
-from aligner.search.acceptance import Acceptance, default_acceptance
+from aligner.search.acceptance import Acceptance, check_outputs, default_acceptance, external_verdict
 from aligner.search.pins import Trial, search_pins
 from aligner.search.plan import Pin, PrecisionPlan, TrialLog, flop_fraction
 from aligner.limits import FP16_MIN_SUBNORMAL, LOW_MAX
@@ -138,27 +136,11 @@ class _Evaluator:
         worst: dict[str, float] = {}
         reason = ""
         for feeds, ref in zip(self.samples, self.reference):
-            said = self.accept.check_outputs(ref, runner.run(feeds), worst)  # every sample runs: worst covers them all
+            said = check_outputs(self.accept, ref, runner.run(feeds), worst)  # every sample runs: worst covers them all
             reason = reason or said
-        if not reason and self.accept.task is not None:
-            reason = self.accept.task(runner)
-        if not reason and (self.accept.command or self.accept.check is not None):
-            reason = self._external(trial_model(self.graph, self.target, pins))
+        if not reason:
+            reason = external_verdict(self.accept, lambda: trial_model(self.graph, self.target, pins), runner)
         return not reason, worst, reason
-
-    def _external(self, model: onnx.ModelProto) -> str:
-        if self.accept.check is not None and not self.accept.check(model):
-            return "the acceptance callable said no"
-        if self.accept.command:
-            with tempfile.TemporaryDirectory(prefix="aligner-accept-") as tmp:
-                path = Path(tmp) / "mixed.onnx"
-                onnx.save(model, str(path))
-                cmd = self.accept.command.replace("{model}", shlex.quote(str(path)))
-                done = subprocess.run(cmd, shell=True, capture_output=True, text=True)
-                if done.returncode != 0:
-                    tail = (done.stdout + done.stderr).strip().splitlines()[-1:] or [""]
-                    return f"--accept-cmd exited {done.returncode}: {tail[0][:200]}"
-        return ""
 
     def _culprit(self, pins: frozenset[str]) -> str | None:
         """Where NaN/inf (else the divergence) starts under these pins, not already pinned; on INT8,
@@ -213,7 +195,9 @@ def search_precision(
     sweep: bool = False,
     fusion_check: bool = True,
 ) -> PrecisionPlan:
-    """The smallest verified set of nodes to keep in FP32 so ``target`` passes ``accept``; on INT8
+    """The smallest verified set of nodes to keep in FP32 so ``target`` passes ``accept`` — the one
+    verdict rule, :class:`~aligner.compare.tolerance.Tolerance` (default: the target's, as compare
+    judges it: :func:`~aligner.compare.tolerance.tolerance_for`), its external check on top; on INT8
     targets the pins are nodes kept in float (excluded from quantization), every trial re-quantized
     with ONNX Runtime's quantizer and run on ``target``; ``sweep`` first picks the quantizer setting
     with the smallest full-INT8 error (:func:`aligner.quant.sweep.sweep_settings`)."""
@@ -229,7 +213,8 @@ def search_precision(
         raise InputError(f"aligner precision searches FP16/BF16 and INT8 builds; target {target} is {target.precision}. "
                          f"Use e.g. --target emu:fp16, ort:cuda:fp16 or ort:cpu:int8.")
     samples = [validate_feeds(graph, s) for s in samples] if samples else [make_inputs(graph)]
-    accept = accept or default_acceptance(target.precision)
+    accept = accept or tolerance_for(target)
+    accept.check_names(graph.output_names)
     quantization: dict = {}
     auto: dict[str, str] = {}
     if target.is_quantized:  # pins are nodes kept in float: candidates and seeds from aligner.search.int8
@@ -242,7 +227,7 @@ def search_precision(
         auto = auto_pinned(graph, typing)
         universe = pinnable(graph, auto)
     header = {"model": str(graph.path or "<in-memory>"), "model_sha": _fingerprint(graph), "target": str(target),
-              "accept": list(accept.describe()), "samples": len(samples)}
+              "accept": list(accept.clauses()), "samples": len(samples)}
     with TrialLog(Path(trials_log) if trials_log else None, header, Path(resume) if resume else None) as log_:
         fallback = None
         if target.is_quantized:  # groups of nodes to keep in float together, by the tensor each keeps unquantized
@@ -251,7 +236,8 @@ def search_precision(
         else:
             seeds = seed_pins(graph, value_ranges(graph, samples), target.precision)
         evaluator = _Evaluator(graph, target, list(samples), accept, log_, not seeds, max_trials, progress, universe, fallback)
-        pins, verified, notes = _search(list(seeds), evaluator, universe, max_trials)
+        pins, verified, notes = _search(list(seeds), evaluator, universe, max_trials, target.precision)
+        passed = verified is not None and verified.passed and not notes  # a note says why the search has no verified plan
     if log_.resumed:
         notes.append(f"resumed {log_.resumed} trial(s) from {resume}; {evaluator.new_trials} new")
     pins = sorted(pins, key=graph.index_of.__getitem__)
@@ -260,8 +246,8 @@ def search_precision(
                         "ranking_samples": fallback.samples_read}
     reasons = _reasons(graph, pins, int8.fallback_reasons(pins, fallback.groups, seeds) if fallback else seeds, log_)
     plan = PrecisionPlan(
-        model=str(graph.path or "<in-memory>"), precision=target.precision, target=str(target), accept=accept.describe(),
-        pins=tuple(Pin(n, graph.node(n).op_type, reasons[n]) for n in pins), passed=verified is not None and verified.passed,
+        model=str(graph.path or "<in-memory>"), precision=target.precision, target=str(target), accept=accept.clauses(),
+        pins=tuple(Pin(n, graph.node(n).op_type, reasons[n]) for n in pins), passed=passed,
         trials=evaluator.trials, culprit_runs=evaluator.culprit_runs,
         final_metrics=dict(verified.metrics) if verified else {},
         fp16_flop_fraction=flop_fraction(graph, pins, {k: v.shape for k, v in samples[0].items()}),
@@ -293,8 +279,11 @@ def pinnable(graph: ModelGraph, auto: dict[str, str]) -> list[str]:
             and any(is_fp32(graph, x) for x in _node_inputs(n) | set(n.output))]
 
 
-def _search(seeds: list[str], evaluator: _Evaluator, universe: list[str], max_trials: int) -> tuple[list[str], Trial | None, list[str]]:
-    """search_pins, and what to tell the user when it stops short: (pins, verifying trial or None, notes)."""
+def _search(seeds: list[str], evaluator: _Evaluator, universe: list[str], max_trials: int,
+            precision: str) -> tuple[list[str], Trial | None, list[str]]:
+    """search_pins, and what to tell the user when it stops short: (pins, verifying trial or None,
+    notes). A note means no verified plan: the first says why, and :func:`verdict` heads with it."""
+    low = "INT8" if evaluator.fallback is not None else precision.upper()
     try:
         if evaluator.fallback is not None:  # INT8: the shortest passing prefix of the ranked tensor groups, then 1-minimal
             from aligner.search.int8 import search_fallback
@@ -304,15 +293,41 @@ def _search(seeds: list[str], evaluator: _Evaluator, universe: list[str], max_tr
             pins, verified = search_pins(seeds, evaluator, universe=universe)
     except _OutOfTrials:
         best = evaluator.best
+        cap = f"{CAPPED} {max_trials}-trial cap (--max-trials)"
         if best is None:
-            return seeds, None, [f"stopped after --max-trials {max_trials}; resume with --resume to continue"]
-        return sorted(best.pins), best, [f"stopped after --max-trials {max_trials} while minimising: the plan passes but "
-                                         "may not be 1-minimal; resume with --resume to continue"]
+            return seeds, None, [f"{cap} before any trial passed; resume with --resume LOG (and a larger --max-trials) to go on"]
+        everything = _everything(best.pins, universe, low)
+        return sorted(best.pins), best, [f"{cap} while minimising: the best passing trial keeps {len(best.pins)} node(s) "
+                                         + ("in FP32" if low != "INT8" else "in float") + (f" ({everything})" if everything else "")
+                                         + ", but its pins are not shown necessary; resume with --resume LOG to finish"]
     last = evaluator.log.cache.get(frozenset(pins))
     if verified is None and last is not None and not last.error and set(universe) <= set(pins):
         return [], None, [f"No plan exists for this acceptance: even with all {len(universe)} node(s) kept in FP32 the check "
                           f"fails ({last.reason or 'not accepted'}). Loosen --accept, or check the acceptance command."]
+    everything = _everything(pins, universe, low) if verified is not None else ""
+    if everything:
+        return pins, verified, [f"No {low} plan: the rule passes only with {everything}. Check the rule "
+                                "(--metric/--threshold/--atol, --accept) against what compare reports for this target."]
     return pins, verified, []
+
+
+CAPPED = "stopped at the"  # how the note of a search cut short by --max-trials begins (:func:`verdict`)
+
+
+def _everything(pins, universe: Sequence[str], low: str) -> str:
+    """'' unless ``pins`` keep every node a pin can change out of ``low`` precision; then says so."""
+    if not universe or not set(universe) <= set(pins):
+        return ""
+    return f"every one of the {len(universe)} node(s) kept out of {low}: nothing runs in {low}"
+
+
+def verdict(plan: PrecisionPlan) -> tuple[str, str]:
+    """(head, why) of a plan's verdict line: PASSED, NOT VERIFIED (cut short by --max-trials) or
+    NO PASSING PLAN, with the note that says why."""
+    if plan.passed:
+        return "PASSED", ""
+    why = plan.notes[0] if plan.notes else "no trial passed"
+    return ("NOT VERIFIED:" if why.startswith(CAPPED) else "NO PASSING PLAN:"), why
 
 
 def _reasons(graph: ModelGraph, pins: list[str], seeds: dict[str, str], log_: TrialLog) -> dict[str, str]:
@@ -336,4 +351,4 @@ def _fingerprint(graph: ModelGraph) -> str:
     return hashlib.sha256(skeleton(graph.model).SerializeToString()).hexdigest()[:16]
 
 
-__all__ = ["Acceptance", "default_acceptance", "search_precision", "seed_pins", "value_ranges"]
+__all__ = ["Acceptance", "default_acceptance", "search_precision", "seed_pins", "value_ranges", "verdict"]
