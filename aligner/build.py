@@ -5,8 +5,10 @@ or a TensorRT engine (``trt:*``) — checked before it is written, with a sideca
    if an output moved beyond FP32 tolerance.
 2. FP16/BF16 targets: aligner's precision rewrite with the target's FP32 pins (explicit Casts at
    every boundary: the form ONNX Runtime, strongly typed TensorRT 10.12+/11 and TensorRT-RTX take),
-   checked against the FP32 model on the emulator with the same pins (outputs finite and within
-   the precision's tolerance, :func:`~aligner.compare.tolerance.tolerance_for`). A build that fails
+   checked against the FP32 model on the emulator with the same pins under the one verdict rule
+   (:func:`build_rule`: the given rule, else the plan's recorded one, else the precision's default;
+   each output judged as compare judges it). INT8 builds are checked the same way on their integer
+   kernels (:mod:`aligner.quant.check`). A build that fails
    the check is not written unless ``write_anyway``; ``force`` only allows overwriting files.
 3. ``tuning`` (ort:* targets): the runtime options are measured on the built model
    (:func:`aligner.tune.tune`: the candidates side by side, the fastest that passes the accuracy
@@ -33,9 +35,9 @@ from typing import Literal
 import numpy as np
 
 from aligner.backends import check_target
-from aligner.backends.target import REFERENCE, Target
+from aligner.backends.target import REFERENCE, Target, plan_doc
 from aligner.compare import compare
-from aligner.compare.tolerance import Tolerance
+from aligner.compare.tolerance import Tolerance, parse_clause, parse_tolerance, tolerance_for
 from aligner.errors import AlignerError, InputError
 from aligner.graph.model import ModelGraph
 from aligner.graph.precision import BUILT_PRECISION, Overflow, rewrite_precision
@@ -52,23 +54,23 @@ class FuseStep:
 
 @dataclass(frozen=True)
 class BuildCheck:
-    """A low-precision build's outputs against the FP32 model, on the emulator with the same pins."""
+    """A low-precision build's outputs against the FP32 model (on the emulator with the same pins,
+    or INT8's check target), judged by one verdict rule."""
 
-    on: str  # the emulator target the build was checked on
-    tolerance: Tolerance | None  # None: INT8 builds, judged by ``accept``
+    on: str  # the target the build was checked on
+    tolerance: Tolerance  # the rule every output was judged by (:func:`build_rule`)
     worst_rel_l2: float
-    diverging: tuple[str, ...]  # outputs whose NaN/inf pattern or metric breaks the tolerance
-    accept: tuple[str, ...] = ()  # INT8: the acceptance of the plan the build was made from (or the INT8 default)
+    diverging: tuple[str, ...]  # outputs whose NaN/inf pattern or metric breaks the rule
 
     @property
     def passed(self) -> bool:
         return not self.diverging
 
     def rule(self) -> str:
-        return self.tolerance.describe() if self.tolerance else ", ".join(self.accept)
+        return self.tolerance.describe()
 
     def to_dict(self) -> dict:
-        return {"on": self.on, "tolerance": self.tolerance.to_dict() if self.tolerance else None, "accept": list(self.accept),
+        return {"on": self.on, "tolerance": self.tolerance.to_dict(), "rule": self.rule(),
                 "worst_rel_l2": _num(self.worst_rel_l2), "diverging": list(self.diverging), "passed": self.passed}
 
 
@@ -178,7 +180,7 @@ def build(model: ModelGraph | str | Path, target: str | Target, output: str | Pa
           fuse: Iterable[str] = (), check_inputs: Mapping[str, np.ndarray] | None = None,
           input_shapes: Mapping[str, tuple[int, ...]] | None = None, write_anyway: bool = False, force: bool = False,
           ort_optimized: str | Path | None = None, plugins: Sequence[str] = (), layer_precision: bool = False,
-          tuning: TuneSettings | None = None, progress: Progress | None = None) -> BuildResult:
+          tuning: TuneSettings | None = None, progress: Progress | None = None, tolerance: Tolerance | None = None) -> BuildResult:
     """Build ``model`` for ``target`` into ``output`` (see the module docstring).
 
     ``plan`` is the file a ``+plan`` target refers to; ``check_inputs`` the inputs of the checks
@@ -186,7 +188,8 @@ def build(model: ModelGraph | str | Path, target: str | Target, output: str | Pa
     overflow, random data may not); ``input_shapes`` also fixes a TensorRT engine's dynamic inputs;
     ``plugins`` are TensorRT plugin libraries; ``layer_precision`` takes TensorRT <= 10's per-layer
     precision path; ``tuning`` measures the runtime options (ort:* targets, :mod:`aligner.tune`;
-    ``progress`` gets its lines). ``result.written`` says whether the files were written,
+    ``progress`` gets its lines); ``tolerance`` is the rule of the check and of tuning (default:
+    :func:`build_rule`). ``result.written`` says whether the files were written,
     ``result.passed`` whether the check passed."""
     target = build_target(target, plan)
     if tuning is not None:
@@ -199,30 +202,56 @@ def build(model: ModelGraph | str | Path, target: str | Target, output: str | Pa
     graph = model if isinstance(model, ModelGraph) else ModelGraph.load(model)
     feeds = validate_feeds(graph, dict(check_inputs)) if check_inputs is not None else make_inputs(graph, dict(input_shapes or {}))
     graph, fused, notes = _fused(graph, list(fuse), feeds)
+    rule, note = build_rule(target, tolerance)
+    notes += [note] if note else []
     if target.runtime == "trt":
-        return _build_engine(graph, target, Path(output), feeds, fused, notes, input_shapes, plugins, layer_precision, write_anyway)
-    return _build_onnx(graph, target, Path(output), feeds, fused, notes, ort_optimized, write_anyway, tuning, progress)
+        return _build_engine(graph, target, Path(output), feeds, fused, notes, input_shapes, plugins, layer_precision, write_anyway, rule)
+    return _build_onnx(graph, target, Path(output), feeds, fused, notes, ort_optimized, write_anyway, rule, tuning, progress)
+
+
+def build_rule(target: Target, tolerance: Tolerance | None = None) -> tuple[Tolerance, str]:
+    """(the rule a build is checked and tuned by, a note or ''): ``tolerance`` when given, else the
+    rule the target's plan was verified with (its recorded clauses, atol the precision's default
+    where a clause has none), else the precision's default (:func:`tolerance_for`, as compare's).
+    A plan also accepted by a command or task metric, which a build cannot re-run, gets a note."""
+    if tolerance is not None:
+        return tolerance, ""
+    base = tolerance_for(target)
+    if not target.plan:
+        return base, ""
+    bounds, other = [], []
+    for clause in (str(c) for c in plan_doc(target.plan).get("accept") or []):
+        try:
+            parse_clause(clause, base)
+            bounds.append(clause)
+        except InputError:
+            other.append(clause)
+    if not bounds:  # a plan accepted by its task alone: finiteness is what the build can check
+        bounds = ["finite"]
+    note = (f"the plan was also accepted by {'; '.join(other)}, which the build cannot re-run: re-run it on the built model"
+            if other else "")
+    return parse_tolerance(bounds, base), note
 
 
 def _build_onnx(graph: ModelGraph, target: Target, output: Path, feeds, fused, notes, ort_optimized, write_anyway: bool,
-                tuning: TuneSettings | None = None, progress: Progress | None = None) -> BuildResult:
+                rule: Tolerance, tuning: TuneSettings | None = None, progress: Progress | None = None) -> BuildResult:
     base = BuildResult(target, str(output), "onnx", False, fused=fused, notes=tuple(notes))
     if target.precision in ("fp32", "tf32"):
         model, result = graph.model, base
     elif target.is_quantized:
-        model, result = _quantized(graph, target, feeds, base)
+        model, result = _quantized(graph, target, feeds, base, rule)
         if not result.passed and not write_anyway:
             return result
         model.metadata_props.add(key=BUILT_PRECISION, value="int8")  # runners take it as built
     else:
         rewrite = rewrite_precision(graph, target.pins, target.precision)
-        result = _with_rewrite(base, rewrite, check_build(graph, target, feeds))
+        result = _with_rewrite(base, rewrite, check_build(graph, target, feeds, rule))
         model = rewrite.model
         if not result.passed and not write_anyway:
             return result
         model.metadata_props.add(key=BUILT_PRECISION, value=target.precision)  # runners take it as built
     if tuning is not None:
-        tuned = tune(ModelGraph(model, graph.path), target, reference=graph, feeds=feeds, settings=tuning, progress=progress)
+        tuned = tune(ModelGraph(model, graph.path), target, reference=graph, feeds=feeds, tolerance=rule, settings=tuning, progress=progress)
         target = tuned.target
         result = replace(result, target=target, tuning=tuned)
     from aligner.plugin import has_plugins
@@ -239,12 +268,12 @@ def _build_onnx(graph: ModelGraph, target: Target, output: Path, feeds, fused, n
 
 
 def _build_engine(graph: ModelGraph, target: Target, output: Path, feeds, fused, notes, input_shapes, plugins,
-                  layer_precision: bool, write_anyway: bool) -> BuildResult:
+                  layer_precision: bool, write_anyway: bool, rule: Tolerance) -> BuildResult:
     from aligner.backends.tensorrt import build_engine
 
     result = BuildResult(target, str(output), "engine", False, fused=fused, notes=tuple(notes))
     if target.is_quantized:  # the QDQ model: its Q/DQ say where the strongly typed engine runs INT8
-        model, result = _quantized(graph, target, feeds, result)
+        model, result = _quantized(graph, target, feeds, result, rule)
         if not result.passed and not write_anyway:
             return result
         from aligner.quant.quantize import engine_target
@@ -252,7 +281,7 @@ def _build_engine(graph: ModelGraph, target: Target, output: Path, feeds, fused,
         graph, target = ModelGraph(model, graph.path), engine_target(target)
     elif target.precision != "fp32":
         rewrite = rewrite_precision(graph, target.pins, target.precision)
-        result = _with_rewrite(result, rewrite, check_build(graph, target, feeds))
+        result = _with_rewrite(result, rewrite, check_build(graph, target, feeds, rule))
         if not result.passed and not write_anyway:
             return result
     shapes = {k: tuple(v) for k, v in (input_shapes or {}).items()}
@@ -266,12 +295,24 @@ def _build_engine(graph: ModelGraph, target: Target, output: Path, feeds, fused,
     return _finish(replace(result, written=True, engine=described, unmatched_pins=tuple(engine.unmatched_pins)))
 
 
-def check_build(graph: ModelGraph, target: Target, feeds) -> BuildCheck:
-    """The low-precision build of ``target`` against FP32 on the emulator, same pins, same tolerance rule."""
-    emulator = Target("emu", "cpu", target.precision, target.pins)
-    checked = compare(graph, target=emulator, feeds=feeds, tensors=graph.output_names)
-    worst = max((t.metrics.get("rel_l2", 0.0) for t in checked.tensors), default=0.0)
-    return BuildCheck(emulator.base, checked.tolerance, float(worst), tuple(t.tensor for t in checked.tensors if t.diverges))
+def check_build(graph: ModelGraph, target: Target, feeds, rule: Tolerance | None = None) -> BuildCheck:
+    """The low-precision build of ``target`` against FP32 under ``rule`` (default: :func:`build_rule`),
+    each output judged as compare judges it: on the emulator with the same pins, or for INT8 on
+    :func:`aligner.quant.check.checked_on`."""
+    from aligner.backends import make_runner, reference_runner
+    from aligner.search.acceptance import check_outputs
+
+    rule = rule or build_rule(target)[0]
+    if target.is_quantized:
+        from aligner.quant.check import checked_on
+
+        on = checked_on(target)
+    else:
+        on = Target("emu", "cpu", target.precision, target.pins)
+    reference, got = reference_runner(graph).run(feeds), make_runner(graph, on).run(feeds)
+    worst: dict[str, float] = {}
+    diverging = tuple(n for n in graph.output_names if check_outputs(rule, {n: reference[n]}, {n: got[n]}, worst))
+    return BuildCheck(on.base, rule, float(worst.get("rel_l2", 0.0)), diverging)
 
 
 def _session(target: Target) -> Target:
@@ -283,10 +324,9 @@ def _session(target: Target) -> Target:
     return session_target(target)
 
 
-def _quantized(graph: ModelGraph, target: Target, feeds, result: BuildResult):
+def _quantized(graph: ModelGraph, target: Target, feeds, result: BuildResult, rule: Tolerance):
     """The QDQ model of an INT8 target (ONNX Runtime's quantizer, the target's settings and calibration,
     its pins kept in float) and ``result`` with its check and quantization record."""
-    from aligner.quant.check import check_int8
     from aligner.quant.quantize import quantize
 
     if not target.option_dict.get("calib"):
@@ -294,10 +334,8 @@ def _quantized(graph: ModelGraph, target: Target, feeds, result: BuildResult):
                          "(calibrating on generated inputs would ship ranges of random data).")
     quantized = quantize(graph, target)  # loaded afresh: ours to stamp
     model = quantized.model
-    on, accept, worst, diverging, note = check_int8(graph, target, feeds)
-    check = BuildCheck(on, None, worst, diverging, accept)
-    return model, replace(result, check=check, pinned=len(target.pins), quantization=quantized.to_dict(),
-                          notes=result.notes + ((note,) if note else ()))
+    return model, replace(result, check=check_build(graph, target, feeds, rule), pinned=len(target.pins),
+                          quantization=quantized.to_dict())
 
 
 def _with_rewrite(result: BuildResult, rewrite, check: BuildCheck) -> BuildResult:
@@ -349,5 +387,5 @@ def _num(value: float):
     return value if np.isfinite(value) else None
 
 
-__all__ = ["BuildCheck", "BuildResult", "FuseStep", "Sidecar", "build", "build_outputs", "build_target", "check_build", "read_sidecar",
-           "sidecar_path"]
+__all__ = ["BuildCheck", "BuildResult", "FuseStep", "Sidecar", "build", "build_outputs", "build_rule", "build_target", "check_build",
+           "read_sidecar", "sidecar_path"]

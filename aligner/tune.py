@@ -22,8 +22,9 @@ How each candidate is judged: its session is built and run once on the inputs (t
 also does cuDNN's algorithm search); a candidate whose session fails or whose run raises is
 rejected as ``error`` with ONNX Runtime's message (FP16 with ``prefer_nhwc=1``: cuDNN finds "No
 execution plans"); one whose outputs diverge from the FP32 reference (the original model on
-``ort:cpu:fp32``) beyond the target's tolerance (:func:`~aligner.compare.tolerance.tolerance_for`)
-is rejected as ``inaccurate``. The rest are timed in ``rounds`` interleaved rounds (the order
+``ort:cpu:fp32``) under the one verdict rule (:class:`~aligner.compare.tolerance.Tolerance`: the
+build's, else the target's default, :func:`~aligner.compare.tolerance.tolerance_for`; each output
+by its own override, judged as compare judges it) is rejected as ``inaccurate``. The rest are timed in ``rounds`` interleaved rounds (the order
 rotated every round) of ``runs`` runs after ``warmup`` untimed ones, as ``bench`` times (CUDA:
 I/O bound on the GPU, synchronised); a candidate's latency is the median of all its runs, its
 spread the range of its per-round medians. Candidates within the **noise band** (``noise``,
@@ -203,10 +204,11 @@ class _Trial:
             if got is None:
                 diverging.append(f"{name}: missing")
                 continue
-            diff = diff_tensor(_float(ref), _float(got), tolerance)
+            rule = tolerance.for_output(name)
+            diff = diff_tensor(_float(ref), _float(got), rule)
             worst = max(worst, float(diff.metrics.get("rel_l2", 0.0)))
             if diff.diverges:
-                detail = f"{tolerance.metric} {diff.metrics.get(tolerance.metric, float('nan')):.3g}" if diff.reason == "metric" else diff.reason
+                detail = f"{rule.metric} {diff.metrics.get(rule.metric, float('nan')):.3g}" if diff.reason == "metric" else diff.reason
                 diverging.append(f"{name}: {detail}")
         if diverging:
             reason = f"outputs diverge from FP32 beyond {tolerance.describe()}: " + "; ".join(diverging)

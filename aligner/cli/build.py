@@ -9,7 +9,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from aligner.build import BuildResult, build, build_outputs, build_target
-from aligner.cli.common import add_input_arguments, add_model_arguments, check_writable, positive_int, resolve_feeds, resolve_target
+from aligner.cli.common import (add_input_arguments, add_model_arguments, add_tolerance_arguments, check_writable, positive_int, resolve_feeds,
+                                resolve_target, tolerance_from_args)
 from aligner.errors import InputError
 from aligner.graph.model import ModelGraph
 from aligner.inputs import parse_input_shapes
@@ -19,8 +20,9 @@ EPILOG = """\
 The built model carries explicit Casts at every FP32/low-precision boundary: the same rewrite the
 FP16 emulator mirrors and the precision search verified, and the form ONNX Runtime, TensorRT
 (strongly typed, 10.12+/11) and TensorRT-RTX all take. Before writing, the rewrite is checked
-against the FP32 model on the emulator (same FP32 nodes) with --inputs (or generated inputs):
-outputs finite and within the precision's tolerance, rel_l2 reported. A build that fails the
+against the FP32 model on the emulator (same FP32 nodes) with --inputs (or generated inputs)
+under compare's rule: --metric/--threshold/--atol when given, else the rule the plan was verified
+with (its recorded acceptance), else the precision's default; rel_l2 reported. A build that fails the
 check is not written; --write-anyway writes it all the same (the exit status still says 1).
 --force only allows overwriting existing files: it never skips the check. Use real data: random
 inputs may not reach the ranges that overflow.
@@ -50,9 +52,9 @@ model (or OUTPUT.json) run it with those options.
 
 INT8 (ort:cpu:int8, ort:cuda:int8, trt:int8): the model is quantized by ONNX Runtime's quantizer
 (QDQ; calibration from --calib; a plan's nodes kept in float and its quantizer settings reused)
-and checked against FP32 under the plan's acceptance (its METRIC<=VALUE bounds; a plan accepted by
-a command or task metric: outputs finite, and re-run that command on the build) or, without a plan,
-INT8's default tolerance. ort:cpu checks on the integer kernels; ort:cuda and trt with Q/DQ in float
+and checked against FP32 by the same rule (the plan's: its recorded acceptance, or with a plan
+accepted by a command or task metric alone, outputs finite and a note to re-run that on the build;
+without a plan, INT8's default). ort:cpu checks on the integer kernels; ort:cuda and trt with Q/DQ in float
 (emu:int8). The QDQ model is stamped, so compare/bench/eval run it as built; trt:int8 quantizes
 signed and symmetric (s8s8, zero point 0), the only INT8 TensorRT takes, and builds the engine
 strongly typed from the QDQ model.
@@ -110,6 +112,7 @@ def add_parser(sub) -> None:
                    "fastest that passes the accuracy check (recorded in OUTPUT.json)")
     t.add_argument("--tune-rounds", type=positive_int, default=TuneSettings.rounds, help=f"interleaved timing rounds (default {TuneSettings.rounds})")
     t.add_argument("--tune-runs", type=positive_int, default=TuneSettings.runs, help=f"timed runs per candidate per round (default {TuneSettings.runs})")
+    add_tolerance_arguments(p)
     add_input_arguments(p)
 
 
@@ -125,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
                          "inputs (not the --inputs the build is checked on).")
     if args.tune:
         check_tunable(target)
+    ruled = args.threshold is not None or args.atol is not None or args.metric != "rel_l2"
+    tolerance = tolerance_from_args(args, target) if ruled else None  # else the plan's rule or the default (aligner.build.build_rule)
     graph = ModelGraph.load(args.model, check=not args.no_check)
     fuse = [n.strip() for n in (args.fuse or "").split(",") if n.strip()]
     tuning = TuneSettings(rounds=args.tune_rounds, runs=args.tune_runs) if args.tune else None
@@ -132,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     result = build(graph, target, args.output, fuse=fuse, check_inputs=resolve_feeds(graph, args),
                    input_shapes=parse_input_shapes(args.input_shapes), write_anyway=args.write_anyway, force=args.force,
                    ort_optimized=args.ort_optimized, plugins=args.plugins or [], layer_precision=args.layer_precision,
-                   tuning=tuning, progress=lambda line: errors.print(f"tune: {escape(line)}"))
+                   tuning=tuning, progress=lambda line: errors.print(f"tune: {escape(line)}"), tolerance=tolerance)
     print_build(result)
     return 0 if result.passed else 1
 
