@@ -70,7 +70,13 @@ class Diff:
         return self.nonfinite_target.total > 0 and self.nonfinite_ref.total == 0
 
 
-def diff_tensor(ref: np.ndarray, test: np.ndarray, tol: Tolerance) -> Diff:
+def diff_tensor(ref: np.ndarray | list, test: np.ndarray | list, tol: Tolerance) -> Diff:
+    """``test`` judged against ``ref``. A sequence value (SequenceConstruct, SplitToSequence) is judged
+    as its elements laid end to end, once its length and every element's shape match."""
+    if isinstance(ref, (list, tuple)) or isinstance(test, (list, tuple)):
+        if _layout(ref) != _layout(test):
+            return Diff({}, NonFinite(), NonFinite(), True, f"sequence of shapes {_layout(ref)} vs {_layout(test)}")
+        ref, test = _end_to_end(ref), _end_to_end(test)
     ref, test = np.asarray(ref), np.asarray(test)
     if ref.shape != test.shape:
         return Diff({}, nonfinite_counts(ref), nonfinite_counts(test), True, f"shape {ref.shape} vs {test.shape}")
@@ -82,6 +88,15 @@ def diff_tensor(ref: np.ndarray, test: np.ndarray, tol: Tolerance) -> Diff:
         return Diff(metrics, nf_ref, nf_test, differs, "values" if differs else "")
     exceeded = tol.exceeded(metrics)
     return Diff(metrics, nf_ref, nf_test, exceeded, "metric" if exceeded else "")
+
+
+def _layout(value) -> tuple:
+    """A sequence value's element shapes (a plain tensor: its shape, marked as such)."""
+    return tuple(np.shape(v) for v in value) if isinstance(value, (list, tuple)) else ("tensor", np.shape(value))
+
+
+def _end_to_end(value: list | tuple) -> np.ndarray:
+    return np.concatenate([np.ravel(v) for v in value]) if len(value) else np.zeros(0, np.float32)
 
 
 def compare(
@@ -264,8 +279,8 @@ def diff_row(graph: ModelGraph, name: str, ref: np.ndarray, test: np.ndarray, to
         node=node.name if node is not None else "",
         op_type=node.op_type if node is not None else "Input",
         index=graph.index_of[node.name] if node is not None else -1,
-        shape=tuple(np.shape(ref)),
-        dtype=str(np.asarray(ref).dtype),
+        shape=(len(ref),) if isinstance(ref, (list, tuple)) else tuple(np.shape(ref)),
+        dtype=(f"sequence({np.asarray(ref[0]).dtype if len(ref) else '?'})" if isinstance(ref, (list, tuple)) else str(np.asarray(ref).dtype)),
         metrics=d.metrics,
         nonfinite_ref=d.nonfinite_ref,
         nonfinite_target=d.nonfinite_target,
