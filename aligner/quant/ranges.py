@@ -92,7 +92,7 @@ def _two_passes(model: Path, samples: Sequence[Feeds], methods: Sequence[str], p
     base = MinMaxCalibrater(model, None, augmented_model_path=str(tmp / "unused.onnx"))  # loads with shape inference
     tensors, infos = base.select_tensors_to_calibrate(base.model)
     names = [t for t in _topological(base.model) if t in tensors]
-    groups = _groups(base.model, names, infos, samples[0], budget_mb)
+    groups = _groups(base.model, names, samples[0], budget_mb)
     hist_methods = [m for m in HISTOGRAM_METHODS if m in methods]
     stats: dict[str, list] = {}  # name -> [min, max, min |x|] (numpy scalars of the tensor's type)
     hists: dict[str, dict[str, list]] = {m: {} for m in hist_methods}  # method -> name -> [counts, edges]
@@ -172,14 +172,13 @@ def _topological(model: onnx.ModelProto) -> list[str]:
     return names
 
 
-def _groups(model: onnx.ModelProto, names: list[str], infos: dict, feeds: Feeds, budget_mb: float) -> list[list[str]]:
+def _groups(model: onnx.ModelProto, names: list[str], feeds: Feeds, budget_mb: float) -> list[list[str]]:
     """``names`` in groups whose bytes for one sample fit ``budget_mb`` (sizes from shape inference with
     the sample's input shapes; a tensor of unknown size counts 4 MB)."""
     from aligner.compare.layerwise import estimate_sizes, plan_groups
     from aligner.graph.model import ModelGraph
 
-    sizes = estimate_sizes(ModelGraph(model), dict(feeds)) if budget_mb < float("inf") else {}
-    return plan_groups(names, sizes, int(budget_mb * 2**20))
+    return plan_groups(names, estimate_sizes(ModelGraph(model), dict(feeds)), int(budget_mb * 2**20))
 
 
 def _session(model: onnx.ModelProto, outputs: list[str], infos: dict, tmp: Path):
