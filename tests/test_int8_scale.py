@@ -17,7 +17,7 @@ from aligner.backends import make_runner, reference_runner
 from aligner.backends.target import Target
 from aligner.compare.metrics import rel_l2
 from aligner.graph.model import ModelGraph
-from aligner.quant.calib import load_calibration, reporting
+from aligner.quant.calib import reporting
 from aligner.quant.quantize import calibrate_ranges, quantize
 from aligner.quant.ranges import calibrate
 
