@@ -25,7 +25,7 @@ from aligner.compare.metrics import rel_l2
 from aligner.compare.tolerance import tolerance_for
 from aligner.errors import InputError, TargetError
 from aligner.graph.model import ModelGraph
-from aligner.quant.quantize import QuantSettings, quantize
+from aligner.quant.quantize import QuantSettings, quantize, vnni_missing
 from aligner.search.bisect import bisect
 from aligner.search.isolate import kernel_or_quantization
 from aligner.search.precision import search_precision
@@ -104,7 +104,8 @@ def test_compare_on_int8_lists_the_original_tensors_dequantized(models):
 
 def test_emu_and_ort_int8_run_the_same_qdq_model(models):
     graph = ModelGraph.load(models["clean"])
-    real, emulated = (make_runner(graph, _target(t, models)) for t in ("ort:cpu:int8", "emu:int8"))
+    # the same settings: on a CPU without VNNI ort:cpu:int8 defaults to 7-bit weights (its u8s8 kernels saturate otherwise)
+    real, emulated = (make_runner(graph, _target(t, models)) for t in ("ort:cpu:int8", f"emu:int8@reduce_range={int(vnni_missing())}"))
     assert real.quantized.model.SerializeToString() == emulated.quantized.model.SerializeToString()
     ops = {n.op_type for n in real._runner.optimized_model().graph.node}
     assert "QLinearConv" in ops  # integer kernels on ort:cpu:int8; emu:int8 keeps Q/DQ in float
@@ -254,3 +255,16 @@ def test_fallback_search_is_one_minimal_on_a_landscape_that_is_not_monotone():
     trials = len(set(calls[:-3]))
     assert trials <= 1 + 2 * 5 + 2 * 25  # pure, doubling+halving over 24 groups, at most two rounds over the prefix
     assert search_fallback(groups, lambda p, phase: Trial(p, True, phase)) == ([], Trial(frozenset(), True, "pure"))
+
+
+def test_reduce_range_defaults_to_what_this_cpus_integer_kernels_need(models):
+    """ONNX Runtime's u8s8 kernels saturate on x86 CPUs without VNNI (int16 pair sums): there ort:cpu:int8
+    defaults to 7-bit weights, and its real kernels then compute what the emulated QDQ model does."""
+    assert QuantSettings.of(Target.parse("ort:cpu:int8")).reduce_range == vnni_missing()
+    assert not QuantSettings.of(Target.parse("ort:cpu:int8@types=u8u8")).reduce_range  # u8u8 does not saturate
+    assert not QuantSettings.of(Target.parse("emu:int8")).reduce_range  # GPU paths: no such kernels
+    assert not QuantSettings.of(Target.parse("ort:cpu:int8@reduce_range=0")).reduce_range  # the user's word wins
+    graph = ModelGraph.load(models["clean"])
+    real = make_runner(graph, _target("ort:cpu:int8", models)).run(_image(7))["y"]
+    emulated = make_runner(graph, _target(f"emu:int8@reduce_range={int(vnni_missing())}", models)).run(_image(7))["y"]
+    assert rel_l2(real, emulated) < 1e-3

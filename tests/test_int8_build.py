@@ -23,7 +23,7 @@ from aligner.compare.metrics import rel_l2
 from aligner.errors import InputError, TargetError
 from aligner.graph.model import ModelGraph
 from aligner.graph.precision import built_precision
-from aligner.quant.quantize import QuantSettings, quantize
+from aligner.quant.quantize import QuantSettings, quantize, vnni_missing
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def work(tmp_path_factory):
     np.savez(root / "held_out.npz", **_image(7))
     onnx.save(build_cnn_int8(True), str(root / "fault.onnx"))
     plan = {"fp32_nodes": [{"node": OUTLIER_CONV}, {"node": CONSUMER}], "accept": ["outputs finite", "rel_l2<=0.05"],
-            "quantization": {"settings": {"calibrate": "minmax", "types": "u8s8", "reduce_range": False, "per_channel": True}}}
+            "quantization": {"settings": {"calibrate": "minmax", "types": "u8s8", "reduce_range": vnni_missing(), "per_channel": True}}}
     (root / "plan.json").write_text(json.dumps(plan))
     return root
 
@@ -64,7 +64,7 @@ def test_int8_build_with_a_plan_writes_the_qdq_model_that_runs_as_built(work, ca
     assert sidecar["quantization"]["excluded"] == sorted([OUTLIER_CONV, CONSUMER])
     assert sidecar["check"]["passed"] and sidecar["check"]["on"] == "ort:cpu:int8" and sidecar["check"]["worst_rel_l2"] < 0.05
     # The built model with its sidecar's target runs as built: the same outputs as the float model quantized the same way.
-    target = Target.parse("ort:cpu:int8", pins=[OUTLIER_CONV, CONSUMER]).with_options({"calib": str(work / "calib"), "reduce_range": "0"})
+    target = Target.parse("ort:cpu:int8", pins=[OUTLIER_CONV, CONSUMER]).with_options({"calib": str(work / "calib"), "reduce_range": str(int(vnni_missing()))})
     again = make_runner(ModelGraph.load(work / "fault.onnx"), target).run(_image(7))["y"]
     as_built = make_runner(ModelGraph.load(out), Target.parse(sidecar["target"]["spec"])).run(_image(7))["y"]
     assert rel_l2(again, as_built) < 1e-6
@@ -181,7 +181,7 @@ def test_compare_reads_a_qdq_model_quantized_elsewhere_through_its_qdq_pairs(wor
 
     elsewhere = tmp_path / "elsewhere.qdq.onnx"
     quantize_static(str(work / "fault.onnx"), str(elsewhere), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=vnni_missing())
     graph = ModelGraph.load(work / "fault.onnx")
     target = Target.parse("ort:cpu:int8").with_options({"calib": str(work / "calib")})
     own = compare(graph, target=target, feeds=_image(7))

@@ -42,7 +42,8 @@ QUANT_OPTIONS = {
     "calibrate": "minmax|entropy|percentile: ONNX Runtime's calibration method (default minmax)",
     "percentile": "percentile of calibrate=percentile (default 99.999)",
     "types": "u8s8|s8s8|u8u8: activation then weight integer types (default u8s8, the fast one on x86 CPUs)",
-    "reduce_range": "0|1: 7-bit weights (default 0; helps CPUs without VNNI whose int16 accumulation saturates)",
+    "reduce_range": "0|1: 7-bit weights (default 0; 1 on ort:cpu with u8s8/s8s8 where this CPU has no VNNI: ONNX Runtime's "
+                    "integer kernels accumulate pairs in int16 there and saturate, as its documentation warns)",
     "per_channel": "1|0: per-output-channel weight scales (default 1)",
     "symmetric": "0|1: symmetric activation ranges, zero point 0 (default 0; trt:int8 always, the only INT8 TensorRT takes)",
     "quantize_bias": "1|0: biases as int32 DQ (default 1; trt:int8 always 0: TensorRT takes no int32 dequantization and adds biases in float)",
@@ -55,6 +56,36 @@ KEEP_MODELS = 8  # quantized models kept on disk (the oldest is removed first)
 PER_CHANNEL_OPSET = 13  # DequantizeLinear's axis (per-channel scales) appeared in opset 13
 CALIB_BUDGET_MB = 1024  # one sample's calibrated tensors captured per session at most (larger: in groups)
 TYPES = ("u8s8", "s8s8", "u8u8")
+
+
+def vnni_missing() -> bool:
+    """True on an x86 CPU without VNNI (AVX-512 VNNI, AVX-VNNI or AMX): ONNX Runtime's u8s8/s8s8 integer
+    kernels then multiply-add pairs into int16 (VPMADDUBSW) and saturate; 7-bit weights avoid it."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+        return not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags)
+    except OSError:  # no /proc (Windows, macOS): numpy's own CPU feature table
+        from numpy._core._multiarray_umath import __cpu_features__
+
+        return not __cpu_features__.get("AVX512VNNI", False)
+
+
+def _default_reduce_range(target: Target, types: str) -> str:
+    """reduce_range's default: 1 where the integer kernels run on this CPU and would saturate, else 0."""
+    if (target.runtime, target.device) != ("ort", "cpu") or types == "u8u8" or not vnni_missing():
+        return "0"
+    if not _said_saturation:
+        _said_saturation.append(True)
+        log.warning("This CPU has no VNNI: ONNX Runtime's %s integer kernels saturate their int16 sums here, so ort:cpu:int8 quantizes "
+                    "weights to 7 bits (reduce_range=1, ONNX Runtime's advice for such CPUs). Pass @reduce_range=0 to see the saturation.", types)
+    return "1"
+
+
+_said_saturation: list[bool] = []
 
 
 @dataclass(frozen=True)
@@ -77,7 +108,7 @@ class QuantSettings:
         calibrate = choice_option(target, "calibrate", o.get("calibrate", "minmax"), CALIBRATE)
         types = choice_option(target, "types", o.get("types", "s8s8" if trt else "u8s8"), TYPES)
         flags = {k: choice_option(target, k, o.get(k, d), ("0", "1")) == "1"
-                 for k, d in (("reduce_range", "0"), ("per_channel", "1"), ("symmetric", "1" if trt else "0"),
+                 for k, d in (("reduce_range", _default_reduce_range(target, types)), ("per_channel", "1"), ("symmetric", "1" if trt else "0"),
                               ("quantize_bias", "0" if trt else "1"))}
         if trt and (types != "s8s8" or not flags["symmetric"] or flags["quantize_bias"]):
             raise TargetError(f"Target {target}: TensorRT takes signed, symmetric INT8 with float biases only (types=s8s8, "
