@@ -34,6 +34,7 @@ from typing import Literal
 
 import numpy as np
 
+from aligner.backends.replay import check_replay
 from aligner.backends import check_target
 from aligner.backends.target import REFERENCE, Target, plan_doc
 from aligner.compare import compare
@@ -200,6 +201,7 @@ def build(model: ModelGraph | str | Path, target: str | Target, output: str | Pa
         raise InputError(f"Target {target}: --ort-optimized writes ONNX Runtime's optimized graph (ort:* targets).")
     _check_writable(build_outputs(output, ort_optimized), force)
     graph = model if isinstance(model, ModelGraph) else ModelGraph.load(model)
+    check_replay(graph, target)  # a plan builds only the model it was verified on (INT8: with its calibration), or exit 2
     feeds = validate_feeds(graph, dict(check_inputs)) if check_inputs is not None else make_inputs(graph, dict(input_shapes or {}))
     graph, fused, notes = _fused(graph, list(fuse), feeds)
     rule, note = build_rule(target, tolerance)

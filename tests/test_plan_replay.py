@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -138,8 +137,9 @@ def test_fp16_plans_refuse_other_models_and_old_plans_load_with_a_warning(search
     graph, twin = ModelGraph.load(root / "model.onnx"), ModelGraph.load(root / "twin.onnx")
     samples = [_image(7)]
     found = search_precision(graph, "emu:fp16", samples=samples)
+    assert found.verified == verification(graph, samples)  # the search records what it verified, FP16 as INT8
     plan = tmp_path / "fp16.json"
-    plan.write_text(json.dumps(replace(found, verified=verification(graph, samples)).to_dict()))
+    plan.write_text(json.dumps(found.to_dict()))
     target = Target.parse(f"emu:fp16+{plan}")
     with caplog.at_level(logging.WARNING, logger="aligner"):
         make_runner(graph, target)
@@ -152,3 +152,12 @@ def test_fp16_plans_refuse_other_models_and_old_plans_load_with_a_warning(search
     with caplog.at_level(logging.WARNING, logger="aligner"):
         make_runner(twin, Target.parse(f"emu:fp16+{old}"))
     assert f"Plan {old} records no model hash" in caplog.text and "cannot be checked" in caplog.text
+
+
+def test_an_fp16_build_of_another_model_with_the_plan_is_refused(searched, tmp_path, capsys):
+    root = searched["root"]
+    plan = tmp_path / "fp16.json"
+    assert main(["precision", str(root / "model.onnx"), "--target", "emu:fp16", "--out", str(plan)]) in (0, 1)
+    code = main(["build", str(root / "twin.onnx"), "--target", "ort:cuda:fp16", "--plan", str(plan), "--out", str(tmp_path / "twin.fp16.onnx")])
+    assert code == 2 and "verified on another model" in capsys.readouterr().err
+    assert not (tmp_path / "twin.fp16.onnx").exists()

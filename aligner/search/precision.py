@@ -8,7 +8,6 @@ with a pin set and apply the acceptance check on every input sample; the search 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -18,6 +17,7 @@ from pathlib import Path
 import onnx
 
 from aligner.backends import make_runner, parse_target, reference_runner
+from aligner.backends.replay import model_sha, verification
 from aligner.backends.target import Target
 from aligner.compare.layerwise import estimate_sizes, plan_groups
 from aligner.compare.tolerance import tolerance_for
@@ -226,7 +226,7 @@ def search_precision(
         typing = {n.name: node_typing(n, graph.opset, target.precision) for n in graph.nodes}
         auto = auto_pinned(graph, typing)
         universe = pinnable(graph, auto)
-    header = {"model": str(graph.path or "<in-memory>"), "model_sha": _fingerprint(graph), "target": str(target),
+    header = {"model": str(graph.path or "<in-memory>"), "model_sha": model_sha(graph), "target": str(target),
               "accept": list(accept.clauses()), "samples": len(samples)}
     with TrialLog(Path(trials_log) if trials_log else None, header, Path(resume) if resume else None) as log_:
         fallback = None
@@ -252,6 +252,7 @@ def search_precision(
         final_metrics=dict(verified.metrics) if verified else {},
         fp16_flop_fraction=flop_fraction(graph, pins, {k: v.shape for k, v in samples[0].items()}),
         auto_pinned=auto, seeds=tuple(seeds), notes=tuple(notes), quantization=quantization,
+        verified=verification(graph, samples),  # what a +plan.json replays, or refuses (aligner.backends.replay)
     )
     if fusion_check and plan.passed and not target.is_quantized:  # does the plan rely on a fusion? (aligner.search.fusion)
         from aligner.search.fusion import plan_fusion_dependence
@@ -343,12 +344,6 @@ def _reasons(graph: ModelGraph, pins: list[str], seeds: dict[str, str], log_: Tr
             why += f"; necessary: without it the check fails ({without.reason or without.error or 'not accepted'})"
         out[name] = why
     return out
-
-
-def _fingerprint(graph: ModelGraph) -> str:
-    from aligner.graph.model import skeleton
-
-    return hashlib.sha256(skeleton(graph.model).SerializeToString()).hexdigest()[:16]
 
 
 __all__ = ["Acceptance", "default_acceptance", "search_precision", "seed_pins", "value_ranges", "verdict"]
