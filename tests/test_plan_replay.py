@@ -161,3 +161,13 @@ def test_an_fp16_build_of_another_model_with_the_plan_is_refused(searched, tmp_p
     code = main(["build", str(root / "twin.onnx"), "--target", "ort:cuda:fp16", "--plan", str(plan), "--out", str(tmp_path / "twin.fp16.onnx")])
     assert code == 2 and "verified on another model" in capsys.readouterr().err
     assert not (tmp_path / "twin.fp16.onnx").exists()
+
+
+def test_precision_warns_when_its_plan_rests_on_few_samples(tmp_path, capsys):
+    from aligner.examples.fused_faults import conv_bn_net
+
+    onnx.save(conv_bn_net(layers=3, channels=8, size=16), tmp_path / "m.onnx")
+    assert main(["precision", str(tmp_path / "m.onnx"), "--out", str(tmp_path / "plan.json")]) == 0
+    out = capsys.readouterr().out
+    assert "verified on 1 input sample(s)" in " ".join(out.split()) and "--inputs-dir" in out
+    assert json.loads((tmp_path / "plan.json").read_text())["verified"]["samples"] == 1
