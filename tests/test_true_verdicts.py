@@ -113,3 +113,20 @@ def test_the_cli_names_the_edited_conv_and_records_what_the_capture_did(folded_c
     code = main(["bisect", str(ref), "--target-model", str(tgt), "--strategy", "frontier", "--json", str(tmp_path / "bisect.json")])
     assert code == 1
     assert json.loads((tmp_path / "bisect.json").read_text())["first_divergent"]["node"] == "/conv4/Conv"
+
+
+@pytest.mark.parametrize("strategy", ["compare", "all", "frontier"])
+def test_a_capture_that_moves_the_outputs_never_silences_outputs_that_diverge(strategy):
+    """capture=all on the fusing FP16 emulator labels every intermediate tensor (capturing them unfuses the
+    LayerNorms), but the graph outputs are judged on the uncaptured run: a tripled head weight is DIVERGED."""
+    graph, feeds = ModelGraph(tiny_vit()), example_inputs()
+    edited = ModelGraph(scale_initializer(graph.model, "head.weight", 3.0, channel=None))
+    spec = "emu:fp16@fusions=ort,capture=all"
+    if strategy == "compare":
+        result = compare(graph, target=spec, target_model=edited, feeds=feeds)
+        first, diverged = result.first_divergent, result.first_divergent is not None
+        assert result.perturbed and "labelled, not blamed" in result.verdict()  # said, not hidden
+    else:
+        result = bisect(graph, target=spec, target_model=edited, feeds=feeds, strategy=strategy)
+        first, diverged = result.first_divergent, result.diverged
+    assert diverged and first.tensor == "logits" and not first.perturbed

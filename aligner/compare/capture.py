@@ -231,15 +231,21 @@ class Observer:
         moved = self.check.moved(values, tolerance)
         for o in extra:
             values.pop(o, None)
+        for o in names:  # the graph outputs as deployed: the uncaptured run's, whatever this capture did to them
+            if o in self.check.baseline:
+                values[o] = self.check.baseline[o]
         return values, moved
 
     def label(self, row, moved: Perturbation):
         """``row`` with its kernel and, when its capture run moved the outputs enough to explain its
         verdict, that fact (then it is labelled, not blamed); a divergence that dwarfs the capture's
-        effect stays blamed, with that effect recorded."""
+        effect stays blamed, with that effect recorded. Graph outputs are never labelled: their values
+        are the uncaptured run's, what the target deploys."""
         from dataclasses import replace
 
         kernel = self.deployed.kernel_of.get(row.node, "") if self.deployed is not None else ""
+        if self.check is not None and row.tensor in self.check.baseline:
+            moved = Perturbation()  # a graph output is judged on the uncaptured run (see capture): always vouched for
         if moved and not (row.diverges and not moved.explains(row.metrics, row.reason)):
             return replace(row, kernel=kernel, perturbed=moved.why, capture_effect=moved.effect)
         if moved:

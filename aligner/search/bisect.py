@@ -231,7 +231,10 @@ def _locate(run: _Run, strategy: str, budget: int, sweep_runs: int | None) -> _F
                 break
             room -= size
             extra.append(t)
-        rows = run.capture(crossing + extra, "outputs" if cut == n else "frontier", cut, judged=taken)
+        phase = "outputs" if cut == n else "frontier"
+        rows = run.capture(crossing + extra, phase, cut, judged=taken)
+        if extra and any(r.perturbed for r in rows if r.tensor in taken):  # the riders moved the target: the cut alone decides
+            rows = run.capture(crossing, phase, cut)
         return any(r.blamed for r in rows if r.tensor in taken)
 
     known.setdefault(0, False)
