@@ -141,6 +141,7 @@ def test_the_printed_rule_reads_back_as_the_same_rule():
     ("cosine<=0.9", "cosine is higher-is-better: write cosine>=0.9"),
     ("rel_l3<=1e-3", "Unknown metric 'rel_l3'; choose from ['cosine', 'max_abs', 'mean_abs', 'mvre', 'rel_l2', 'snr_db']. Did you mean 'rel_l2'?"),
     ("rel_l2 below 3", "write METRIC<=VALUE"),
+    ("rel_l2<=-1", "rel_l2 is never negative, so every output would fail"),
 ])
 def test_a_clause_that_does_not_read_says_how_to_write_it(spec, says):
     with pytest.raises(InputError, match=None) as info:
@@ -176,6 +177,18 @@ def test_build_checks_by_the_plans_rule_or_the_flags(quiet, tmp_path, capsys):
     assert code == 0 and json.loads((tmp_path / "det.fp16.onnx.json").read_text())["check"]["rule"] == "rel_l2 <= 0.02 (or max_abs <= 0.001)"
     code, said, _ = _run(capsys, "build", quiet, "--target", "ort:cpu:fp16", "--plan", plan, "-o", out, "--force", "--atol", "0")
     assert code == 1 and "not written" in said and "rel_l2 <= 0.02 (or max_abs <= 0) broken" in said
+
+
+
+def test_a_plan_from_an_older_aligner_with_two_rules_still_builds_checked_by_the_first(quiet, tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    assert main(["precision", str(quiet), "--out", str(plan)]) == 0
+    doc = json.loads(plan.read_text())
+    doc["accept"] = ["outputs finite", "rel_l2<=0.02", "cosine>=0.999"]  # what older plans recorded (two bounds, old grammar)
+    plan.write_text(json.dumps(doc))
+    capsys.readouterr()
+    code, said, _ = _run(capsys, "build", quiet, "--target", "ort:cpu:fp16", "--plan", plan, "-o", tmp_path / "det.fp16.onnx")
+    assert code == 0 and "records several rules" in " ".join(said.split())
 
 
 # ---- metrics written once -------------------------------------------------------------------------

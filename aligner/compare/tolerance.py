@@ -226,6 +226,9 @@ def parse_clause(spec: str, base: Tolerance) -> tuple[str | None, Tolerance]:
     if op != want:
         raise InputError(f"--accept {spec!r}: the rule passes at its threshold, as compare's does, and {metric} is "
                          f"{'higher' if want == '>=' else 'lower'}-is-better: write {metric}{want}{value:g}.")
+    if want == "<=" and value < 0:
+        raise InputError(f"--accept {spec!r}: {metric} is never negative, so every output would fail; give a threshold >= 0, "
+                         f"e.g. {metric}<={DEFAULT_TOLERANCES['fp16'].threshold if metric == 'rel_l2' else METRIC_DEFAULTS.get(metric, 0.01):g}.")
     given = m.group("atol") is not None
     atol = _atol(metric, value, float(m.group("atol")) if given else base.atol, given)
     return m.group("output"), Tolerance(metric, value, atol)
