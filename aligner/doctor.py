@@ -58,6 +58,7 @@ class DoctorResult:
     fixed: bool | None  # None: nothing to fix; else whether a plan passed and its build passed the check
     report: str | None
     pins: int | None = None  # nodes the plan keeps in higher precision (None: no search ran)
+    residual: str = ""  # with a passing plan, what still diverges inside (masked before the outputs)
 
     @property
     def exit_code(self) -> int:
@@ -69,7 +70,7 @@ class DoctorResult:
 
     def to_dict(self) -> dict:
         return {"model": self.model, "target": self.target, "out": self.out, "diverged": self.diverged, "fixed": self.fixed,
-                "report": self.report, "pins": self.pins, "exit_code": self.exit_code, "steps": [s.to_dict() for s in self.steps]}
+                "report": self.report, "pins": self.pins, "residual": self.residual, "exit_code": self.exit_code, "steps": [s.to_dict() for s in self.steps]}
 
 
 class StepError(TargetRunError):
@@ -109,7 +110,8 @@ def doctor(model: ModelGraph | str | Path, target: str | Target, out: str | Path
         run.build(None)
     run.bench()
     report = run.report()
-    doc = DoctorResult(str(graph.path or "<in-memory>"), str(target), str(run.out), tuple(run.steps), diverged, fixed, report, pins)
+    doc = DoctorResult(str(graph.path or "<in-memory>"), str(target), str(run.out), tuple(run.steps), diverged, fixed, report, pins,
+                       run.residual)
     write_atomic(run.out / "doctor.json", json.dumps(doc.to_dict(), indent=1).encode())
     return doc
 
@@ -124,6 +126,7 @@ class _Run:
         self.steps: list[Step] = []
         self.runs: list[Path] = []
         self.plan_path: Path | None = None
+        self.residual = ""  # what still diverges inside with a passing plan (see _residual)
 
     # -- bookkeeping -------------------------------------------------------------------------------
     @property
@@ -239,11 +242,31 @@ class _Run:
             elif plan.passed:
                 summary = (f"{len(plan.pins)} node(s) kept {kept} ({', '.join(plan.fp32_nodes[:6])}"
                            f"{', ...' if len(plan.pins) > 6 else ''}), each verified necessary, {plan.trials} trials")
+            if plan.passed:
+                self.residual = self._residual(plan)
+                summary += f"; {self.residual}" if self.residual else ""
             else:
                 summary = f"no plan passed in {plan.trials} trials; see {trials}"
             return "passed" if plan.passed else "failed", summary, (str(self.plan_path), str(trials), str(mixed)), plan
 
         return self._do("precision", command, "the smallest verified set of nodes to keep in higher precision", work)
+
+    def _residual(self, plan) -> str:
+        """'' when, with the plan, every tensor inside matches as the outputs do; else what still diverges (the
+        acceptance judges the outputs: a NaN a later node masks passes it, and compare of the plan exits 1)."""
+        from aligner.compare import compare
+
+        if self.target.is_quantized:
+            return ""
+        with_plan = compare(self.graph, target=replace(self.target, pins=tuple(plan.fp32_nodes)), reference=self.reference, feeds=self.feeds)
+        first, nonfinite = with_plan.first_divergent, with_plan.first_nonfinite
+        if first is None:
+            return ""
+        where = (f"NaN/inf still appear at {nonfinite.op_type} {nonfinite.node!r}" if nonfinite is not None
+                 else f"the first at {first.op_type} {first.node!r}")
+        return (f"with the plan, {len(with_plan.diverging)} tensor(s) inside still diverge ({where}), masked before the outputs: "
+                f"on other inputs they may not be (aligner compare {self.model} --target {shlex.quote(_with_plan(self.target))} "
+                f"--plan {shlex.quote(str(self.plan_path))} --inputs {self.inputs} lists them)")
 
     def build(self, plan):
         from aligner.build import build

@@ -83,6 +83,9 @@ def print_summary(result: DoctorResult, console: Console | None = None) -> None:
     elif result.fixed and not result.pins:
         verdict = ("[bold green]OK at the outputs[/]: tensors inside diverge (see compare and bisect), but the outputs stay within "
                    "the tolerance in pure low precision; check a task metric (aligner eval) before shipping.")
+    elif result.fixed and result.residual:
+        verdict = (f"[bold yellow]FIXED AT THE OUTPUTS[/]: the plan's nodes bring the outputs back within tolerance and the build is "
+                   f"checked, but {escape(result.residual)}.")
     elif result.fixed:
         verdict = "[bold green]FIXED[/] the plan's nodes in higher precision bring the target back within tolerance; the build is checked."
     else:
