@@ -170,6 +170,9 @@ def tolerance_for(target, reference=None, metric: str = "rel_l2", threshold: flo
     base = default_tolerance(max(precisions, key=lambda p: LOOSENESS.index(p) if p in LOOSENESS else 0))
     if threshold is None:
         threshold = base.threshold if metric == base.metric else METRIC_DEFAULTS.get(metric, base.threshold)
+    elif not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):
+        raise InputError(f"--threshold must be a finite number; got {threshold!r} (a rule that checks only NaN/inf is written "
+                         "--accept finite, on precision and build).")
     return Tolerance(metric, threshold, _atol(metric, threshold, base.atol if atol is None else atol, atol is not None))
 
 
