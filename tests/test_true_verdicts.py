@@ -130,3 +130,28 @@ def test_a_capture_that_moves_the_outputs_never_silences_outputs_that_diverge(st
         result = bisect(graph, target=spec, target_model=edited, feeds=feeds, strategy=strategy)
         first, diverged = result.first_divergent, result.diverged
     assert diverged and first.tensor == "logits" and not first.perturbed
+
+
+def test_a_root_cause_in_a_parameter_names_the_parameter():
+    """PP-OCR's detector: a BatchNormalization's running variance of 9.79e7 is inf in FP16. bisect names the
+    parameter and its value, not "its own arithmetic in FP16"."""
+    from onnx import TensorProto, helper
+    from onnx import numpy_helper as nh
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32)
+    w[2] *= 1e4  # a channel of large activations, normalised by its large variance in FP32
+    var = (0.5 + rng.random(8)).astype(np.float32)
+    var[2] = 9.79e7
+    inits = [nh.from_array(w, "conv.w"), nh.from_array(np.ones(8, np.float32), "bn.s"), nh.from_array(np.zeros(8, np.float32), "bn.b"),
+             nh.from_array(np.zeros(8, np.float32), "bn.m"), nh.from_array(var, "batch_norm_0.w_2")]
+    nodes = [helper.make_node("Conv", ["x", "conv.w"], ["c"], name="p2o.Conv.0", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "bn.s", "bn.b", "bn.m", "batch_norm_0.w_2"], ["n"], name="p2o.BatchNormalization.1"),
+             helper.make_node("Relu", ["n"], ["y"], name="p2o.Relu.2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 16, 16])], inits)
+    model = ModelGraph(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+    for strategy in ("all", "frontier"):
+        cause = bisect(model, target="emu:fp16", strategy=strategy).root_cause
+        assert cause.node == "p2o.BatchNormalization.1"
+        assert "'batch_norm_0.w_2'" in cause.reason and "9.79e+07" in cause.reason and "inf once stored in FP16" in cause.reason

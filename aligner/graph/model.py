@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 from onnx import TensorProto, helper
 
 from aligner.errors import InputError, unknown_name_message
@@ -166,6 +167,16 @@ class ModelGraph:
         if name not in self.tensors:
             raise InputError(unknown_name_message("tensor", name, self.tensors))
         return self.tensors[name]
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of ``name`` when it is a parameter (an initializer or a Constant node's value), else None."""
+        if name in self.initializers:
+            return onnx.numpy_helper.to_array(self.initializers[name])
+        src = self.producer.get(name)
+        if src is not None and src.op_type == "Constant":
+            value = next((a for a in src.attribute if a.name == "value" and a.HasField("t")), None)
+            return onnx.numpy_helper.to_array(value.t) if value is not None else None
+        return None
 
     def activations(self) -> list[str]:
         """Outputs of compute nodes in topological order (Constant nodes are parameters)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from onnx import numpy_helper
 
 from aligner.graph.model import ModelGraph
 from aligner.limits import FP16_MAX, FP16_MIN_NORMAL
@@ -19,24 +18,13 @@ class Risk:
     reason: str
 
 
-def _const_value(graph: ModelGraph, name: str) -> np.ndarray | None:
-    if name in graph.initializers:
-        return numpy_helper.to_array(graph.initializers[name])
-    node = graph.producer.get(name)
-    if node is not None and node.op_type == "Constant":
-        for attr in node.attribute:
-            if attr.name == "value" and attr.HasField("t"):
-                return numpy_helper.to_array(attr.t)
-    return None
-
-
 def fp16_risks(graph: ModelGraph) -> list[Risk]:
     """Nodes whose structure or weights make FP16 overflow or underflow likely."""
     risks = []
     for node in graph.nodes:
         consumers = [c.op_type for o in node.output for c in graph.consumers.get(o, [])]
         if node.op_type == "Pow":
-            exponent = _const_value(graph, node.input[1]) if len(node.input) > 1 else None
+            exponent = graph.constant(node.input[1]) if len(node.input) > 1 else None
             if exponent is not None and exponent.size == 1 and float(exponent) >= 2:
                 where = " feeding ReduceMean (decomposed LayerNorm/variance)" if "ReduceMean" in consumers else ""
                 risks.append(Risk(node.name, node.op_type, f"square of activations{where}: |x| > 256 overflows FP16"))
@@ -47,12 +35,12 @@ def fp16_risks(graph: ModelGraph) -> list[Risk]:
         elif node.op_type in ("ReduceSumSquare", "ReduceL2", "LpNormalization"):
             risks.append(Risk(node.name, node.op_type, "sum of squares: overflows FP16 for large activations"))
         elif node.op_type == "BatchNormalization" and len(node.input) >= 5:
-            var = _const_value(graph, node.input[4])
+            var = graph.constant(node.input[4])
             if var is not None and np.max(np.abs(var)) > FP16_MAX:
                 risks.append(Risk(node.name, node.op_type, f"running variance up to {np.max(var):.3g} exceeds FP16 max {FP16_MAX:g}"))
         for name in node.input:
             if name in graph.initializers or (graph.producer.get(name) is not None and graph.producer[name].op_type == "Constant"):
-                value = _const_value(graph, name)
+                value = graph.constant(name)
                 if value is None or value.dtype != np.float32 or value.size == 0:
                     continue
                 finite = np.abs(value[np.isfinite(value)])

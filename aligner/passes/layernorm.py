@@ -30,13 +30,7 @@ class FuseResult:
 
 
 def const_value(graph: ModelGraph, name: str) -> np.ndarray | None:
-    if name in graph.initializers:
-        return numpy_helper.to_array(graph.initializers[name])
-    src = graph.producer.get(name)
-    if src is not None and src.op_type == "Constant":
-        t = next((a.t for a in src.attribute if a.name == "value"), None)
-        return numpy_helper.to_array(t) if t is not None else None
-    return None
+    return graph.constant(name)
 
 
 def _axes_last(graph: ModelGraph, node: onnx.NodeProto) -> bool:

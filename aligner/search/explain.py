@@ -10,6 +10,7 @@ from onnx import helper, numpy_helper
 
 from aligner.compare.tolerance import Tolerance
 from aligner.graph.model import ModelGraph
+from aligner.limits import FLUSH_BELOW, LOW_MAX
 from aligner.search.verdict import BisectResult, LocalError, RootCause, classify, nonfinite_reason
 
 if TYPE_CHECKING:
@@ -30,7 +31,8 @@ def root_cause(run: "_Run", name: str, local: LocalError | None, locals_: list[L
     metric, threshold = run.tol.metric, run.tol.threshold
     value = local.metrics.get(metric, float("nan")) if local and local.metrics else float("nan")
     if kind == "nonfinite":
-        reason = nonfinite_reason(node.op_type, local.inputs, local.output, run.target.precision)
+        held = parameter_out_of_range(run.other, node, run.target.precision)
+        reason = f"the node's own{held}" if held else nonfinite_reason(node.op_type, local.inputs, local.output, run.target.precision)
     elif kind == "discrete":
         worst_in = max((run.diffs[t].metrics.get(metric, 0.0) for t in inputs if t in run.diffs), default=0.0)
         reason = (f"{node.op_type} makes a choice (indices, booleans, rounding): its inputs differ from the reference only by "
@@ -42,13 +44,37 @@ def root_cause(run: "_Run", name: str, local: LocalError | None, locals_: list[L
         if difference:
             reason += f"; the two graphs define this node differently: {difference}"
         elif low:
-            reason += f" arithmetic in {run.target.precision.upper()}"
+            reason += parameter_out_of_range(run.other, node, run.target.precision) or f" arithmetic in {run.target.precision.upper()}"
     else:
         top = [e for e in sorted(locals_, key=lambda e: e.metrics.get(metric, 0.0) if e.metrics else 0.0, reverse=True) if e.metrics][:3]
         listed = ", ".join(f"{e.node} ({e.op_type}, {metric} {e.metrics.get(metric, 0.0):.2g})" for e in top)
         reason = (f"its own error run alone is {metric} {value:.3g}, within the tolerance {threshold:g}: no single node is to "
                   f"blame, the error built up over the nodes before it" + (f"; largest local errors: {listed}" if listed else ""))
     return RootCause(name, node.op_type, graph.index_of.get(name, -1), kind, dict(local.metrics) if local else {}, reason)
+
+
+def parameter_out_of_range(graph: ModelGraph, node: onnx.NodeProto, precision: str) -> str:
+    """'' unless one of ``node``'s float parameters (initializers, Constant values) cannot be stored in
+    ``precision``: then which one, its value and what it becomes (a running variance of 9.8e7 is inf
+    in FP16, so a BatchNormalization divides by inf)."""
+    limit, flush = LOW_MAX.get(precision), FLUSH_BELOW.get(precision)
+    if limit is None:
+        return ""
+    for position, name in enumerate(node.input):
+        value = graph.constant(name) if name else None
+        if value is None or value.dtype.kind != "f" or value.size == 0:
+            continue
+        finite = np.abs(value[np.isfinite(value)])
+        big = int(np.count_nonzero(finite > limit))
+        if big:
+            return (f" parameter: its input {position} {name!r} holds {big} value(s) up to {float(finite.max()):.3g}, beyond "
+                    f"{precision.upper()} max {limit:g}: they are inf once stored in {precision.upper()}, whatever the inputs "
+                    f"(keep this node in FP32, or fold the parameter away, e.g. BatchNormalization into its Conv)")
+        tiny = int(np.count_nonzero((finite > 0) & (finite < flush)))
+        if tiny and tiny == np.count_nonzero(finite):
+            return (f" parameter: its input {position} {name!r} holds only values below {flush:.3g} ({precision.upper()}'s "
+                    f"smallest), which are 0 once stored in {precision.upper()}")
+    return ""
 
 
 def _is_float(graph: ModelGraph, name: str) -> bool:
@@ -75,7 +101,7 @@ def node_difference(graph: ModelGraph, other: ModelGraph, name: str) -> str | No
         if va != vb:
             return f"attribute {key!r} is {_short(vb)} instead of {_short(va)}"
     for ta, tb in zip(a.input, b.input):
-        va, vb = _constant(graph, ta), _constant(other, tb)
+        va, vb = graph.constant(ta), other.constant(tb)
         if va is None or vb is None:
             continue
         if va.shape != vb.shape:
@@ -87,16 +113,6 @@ def node_difference(graph: ModelGraph, other: ModelGraph, name: str) -> str | No
                     f"{_short(va[i] if va.ndim else va)} became {_short(vb[i] if vb.ndim else vb)}")
     if list(a.input) != list(b.input):
         return "it reads different tensors"
-    return None
-
-
-def _constant(graph: ModelGraph, name: str) -> np.ndarray | None:
-    if name in graph.initializers:
-        return numpy_helper.to_array(graph.initializers[name])
-    src = graph.producer.get(name)
-    if src is not None and src.op_type == "Constant":
-        value = next((x for x in src.attribute if x.name == "value"), None)
-        return numpy_helper.to_array(value.t) if value is not None else None
     return None
 
 
