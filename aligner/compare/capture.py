@@ -127,8 +127,10 @@ class CaptureCheck:
         ``tolerance`` (the comparison's :class:`~aligner.compare.tolerance.Tolerance`)."""
         from aligner.compare.metrics import measure
 
-        meaningful, worst, why, beyond = fraction(tolerance, MEANINGFUL), 0.0, "", False
+        worst, why, beyond = 0.0, "", False
         for name, base in self.baseline.items():
+            rule = tolerance.for_output(name)  # a per-output rule judges that output's move too
+            meaningful = fraction(rule, MEANINGFUL)
             got = values.get(name)
             if got is None:
                 continue
@@ -144,7 +146,7 @@ class CaptureCheck:
             if not meaningful.exceeded(metrics) or metrics["max_abs"] <= 4 * self.noise:
                 continue
             worst = max(worst, metrics["rel_l2"])
-            beyond = beyond or tolerance.exceeded(metrics)
+            beyond = beyond or rule.exceeded(metrics)
             why = why or (f"output {name!r} moved by rel_l2 {metrics['rel_l2']:.3g}, max_abs {metrics['max_abs']:.3g} (more than "
                           f"{MEANINGFUL:g} of the tolerance; run-to-run noise {self.noise:.3g})")
         return Perturbation(why, worst, beyond)
