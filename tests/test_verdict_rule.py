@@ -201,3 +201,15 @@ def test_each_metric_function_is_the_one_pass_value():
     every = measure(ref, test)[0]
     for name, fn in METRICS.items():
         assert math.isclose(fn(ref, test), every[name], rel_tol=1e-12), name
+
+
+def test_compare_judges_an_output_by_its_own_rule_as_precision_does(quiet):
+    graph = ModelGraph.load(quiet)
+    out = graph.output_names[0]
+    strict = parse_tolerance([f"{out}: rel_l2<=1e-6 (or max_abs <= 0)"], DEFAULT_TOLERANCES["fp16"])
+    row = lambda r: next(t for t in r.tensors if t.tensor == out)  # noqa: E731
+    default, judged = compare(graph, target="emu:fp16+fp32=backbone/BatchNormalization"), \
+        compare(graph, target="emu:fp16+fp32=backbone/BatchNormalization", tolerance=strict)
+    assert not row(default).diverges and row(judged).diverges  # the ~0 map passes the default atol, not its own rule
+    others = [t for t in judged.tensors if t.tensor != out]
+    assert [t.diverges for t in others] == [t.diverges for t in default.tensors if t.tensor != out]  # the rest: the whole-model rule
