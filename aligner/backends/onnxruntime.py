@@ -260,30 +260,13 @@ class OrtRunner:
         return out
 
     def time(self, feeds: dict[str, np.ndarray], runs: int = 100, warmup: int = 10) -> list[float]:
-        """Milliseconds per run of the uncaptured model; on CUDA the inputs and outputs are bound
-        on the GPU (I/O binding) and the outputs synchronised before the clock is read."""
-        session = self._session_for(())
-        if self.target.device == "cuda":
-            binding = session.io_binding()
-            for name, value in feeds.items():
-                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), "cuda", 0))
-            for out in session.get_outputs():
-                binding.bind_output(out.name, "cuda")
+        """Milliseconds per run of the uncaptured model (:func:`time_session`), in the sandbox's child
+        when the runner runs there: a runtime that crashes while timing is a TargetRunError, as in run."""
+        if self._sandboxed:
+            from aligner.backends.sandbox import sandbox
 
-            def once():
-                session.run_with_iobinding(binding)
-                binding.synchronize_outputs()
-        else:
-            names = [o.name for o in session.get_outputs()]
-
-            def once():
-                session.run(names, feeds)
-        try:
-            return time_runs(once, runs, warmup, after_first=self._raise_plugin_errors)
-        except TargetRunError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise TargetRunError(f"{self.label}: ONNX Runtime failed while timing: {_short(exc)}") from None
+            return sandbox().time(self._model_file(()), self.target, dict(feeds), runs, warmup, self.label)
+        return time_session(self._session_for(()), self.target, feeds, runs, warmup, self.label, self._raise_plugin_errors)
 
     def describe_inputs(self) -> tuple[InputInfo, ...]:
         return describe_model_inputs(self._model)
@@ -357,5 +340,33 @@ def ort_readable(model: onnx.ModelProto, version: int = 10) -> onnx.ModelProto:
     return copy
 
 
+def time_session(session: ort.InferenceSession, target: Target, feeds: dict[str, np.ndarray], runs: int, warmup: int,
+                 label: str = "", after_first=lambda: None) -> list[float]:
+    """Milliseconds per run of ``session``; on CUDA the inputs and outputs are bound on the GPU
+    (I/O binding) and the outputs synchronised before the clock is read."""
+    label = label or str(target)
+    if target.device == "cuda":
+        binding = session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), "cuda", 0))
+        for out in session.get_outputs():
+            binding.bind_output(out.name, "cuda")
+
+        def once():
+            session.run_with_iobinding(binding)
+            binding.synchronize_outputs()
+    else:
+        names = [o.name for o in session.get_outputs()]
+
+        def once():
+            session.run(names, feeds)
+    try:
+        return time_runs(once, runs, warmup, after_first=after_first)
+    except TargetRunError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise TargetRunError(f"{label}: ONNX Runtime failed while timing: {_short(exc)}") from None
+
+
 __all__ = ["CUDA_OPTIONS", "OrtRunner", "SESSION_OPTIONS", "check_ort_options", "cuda_provider_options", "known_options", "make_session", "ort_readable", "providers_for", "save_optimized",
-           "session_options"]
+           "session_options", "time_session"]

@@ -1,10 +1,12 @@
-"""Run ONNX Runtime sessions in a child process, so a runtime that crashes is a verdict, not a death.
+"""Run and time ONNX Runtime sessions in a child process, so a runtime that crashes is a verdict, not a death.
 
 A model being debugged may well crash the runtime (a segmentation fault inside an optimizer or a
 kernel). In-process that kills aligner with no message; here the child dies, the parent reports a
 :class:`~aligner.errors.TargetRunError` naming the runtime, the signal and what was being run
 (exit 3), and the next request starts a fresh child. One child serves every runner of a process
 (it caches the last session), so the cost is one process start plus copying the captured arrays.
+Timing (``aligner bench``) runs its loop in the child too: the clock is read there, around
+``session.run`` alone, so the latencies carry no pipe cost.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ def _read_exact(stream, size: int) -> bytes:
 
 
 def _serve(read_fd: int, write_fd: int) -> None:  # pragma: no cover - runs in the child
-    from aligner.backends.onnxruntime import make_session
+    from aligner.backends.onnxruntime import make_session, time_session
     from aligner.backends.target import Target
 
     requests, replies = os.fdopen(read_fd, "rb"), os.fdopen(write_fd, "wb")
@@ -102,6 +104,10 @@ def _serve(read_fd: int, write_fd: int) -> None:  # pragma: no cover - runs in t
                 session, key = None, None
                 session = make_session(req["path"], Target.parse(req["target"]), req["optimize"], memory_arena=req["arena"], label=req["label"])
                 key = stamp
+            if req.get("time"):  # [runs, warmup]: the latencies, measured here
+                times = time_session(session, Target.parse(req["target"]), dict(zip(req["feeds"], feeds)), *req["time"], label=req["label"])
+                _send(replies, {"status": "ok", "times": times})
+                continue
             values = session.run(req["fetch"], dict(zip(req["feeds"], feeds)))
             _send(replies, {"status": "ok"}, values)
             del values, feeds
@@ -163,6 +169,17 @@ class Sandbox:
         write the graph it optimized there."""
         header = {"path": str(path), "target": str(target), "optimize": optimize, "arena": arena, "fetch": list(fetch),
                   "feeds": list(feeds), "label": label, "optimized": str(optimized) if optimized else None}
+        return self._request(header, feeds, label, f"while building or running the model {_fetched(fetch)}. ", _CAPTURE_ADVICE)[1]
+
+    def time(self, path: Path, target, feeds: dict, runs: int, warmup: int, label: str) -> list[float]:
+        """Milliseconds of each of ``runs`` runs of ``path`` (uncaptured, optimized as deployed) after
+        ``warmup`` untimed ones, timed in the child; a crash is a :class:`TargetRunError`."""
+        header = {"path": str(path), "target": str(target), "optimize": True, "arena": True, "fetch": [], "feeds": list(feeds),
+                  "label": label, "optimized": None, "time": [runs, warmup]}
+        return self._request(header, feeds, label, "while building or timing the model. ", _TIMING_ADVICE)[0]["times"]
+
+    def _request(self, header: dict, feeds: dict, label: str, doing: str, advice: str) -> tuple[dict, list[np.ndarray]]:
+        """Send one request and read its reply; a child that dies is a :class:`TargetRunError` naming the signal."""
         with self._lock:
             self._ensure_started()
             try:
@@ -171,13 +188,10 @@ class Sandbox:
             except (EOFError, BrokenPipeError, ConnectionResetError):
                 code = self._proc.wait(10)
                 self._proc = None
-                raise TargetRunError(f"{label}: ONNX Runtime crashed ({_describe(code)}) while building or running the model "
-                                     f"{_fetched(fetch)}. "
-                                     "The runtime died, not aligner: nothing was judged on this run. Which tensors are graph outputs changes what "
-                                     "ONNX Runtime optimizes, so another capture set may run (try another --strategy); or a lower optimization level "
-                                     "(--target-option graph_optimization_level=basic), or report it to ONNX Runtime with the model.") from None
+                raise TargetRunError(f"{label}: ONNX Runtime crashed ({_describe(code)}) {doing}The runtime died, not aligner: "
+                                     f"nothing was judged on this run. {advice}") from None
         if reply["status"] == "ok":
-            return values
+            return reply, values
         if reply["status"] == "aligner":
             from aligner import errors
 
@@ -194,6 +208,13 @@ class Sandbox:
                     self._proc.kill()
                 self._replies.close()
             self._proc = None
+
+
+_CAPTURE_ADVICE = ("Which tensors are graph outputs changes what ONNX Runtime optimizes, so another capture set may run (try "
+                   "another --strategy); or a lower optimization level (--target-option graph_optimization_level=basic), or "
+                   "report it to ONNX Runtime with the model.")
+_TIMING_ADVICE = ("Try a lower optimization level (@graph_optimization_level=basic), another precision of this runtime, or "
+                  "report it to ONNX Runtime with the model.")
 
 
 def _fetched(fetch: Sequence[str]) -> str:
