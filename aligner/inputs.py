@@ -54,10 +54,25 @@ def _resolve_shape(info: TensorInfo, given: tuple[int, ...] | None) -> tuple[int
             dims.append(1)
         else:
             raise InputError(
-                f"Input {info.name!r} has symbolic dims {info.shape_str()}; give concrete sizes, "
-                f"e.g. --input-shapes {info.name}:" + "x".join(str(x) if isinstance(x, int) and x > 0 else "N" for x in info.shape)
+                f"Input {info.name!r} has symbolic dims {info.shape_str()}; give the sizes your data has, e.g. "
+                f"--input-shapes {info.name}:{example_shape(info)} (or --inputs FILE.npz: sizes from the data)."
             )
     return tuple(dims)
+
+
+def example_shape(info: TensorInfo) -> str:
+    """A concrete shape for ``info`` to show in a hint: its fixed dims as they are, a symbolic batch 1,
+    the symbolic spatial dims of an image-like (rank 4) input 640, any other symbolic dim 128."""
+    shape = info.shape or ()
+    out = []
+    for axis, d in enumerate(shape):
+        if isinstance(d, int) and d > 0:
+            out.append(d)
+        elif axis == 0:
+            out.append(1)
+        else:
+            out.append(640 if len(shape) == 4 and axis >= 2 else 128)
+    return "x".join(map(str, out))
 
 
 def _check_shape(info: TensorInfo, given: tuple[int, ...]) -> None:
@@ -152,6 +167,41 @@ def load_inputs(path: str | os.PathLike) -> list[Feeds]:
     if path.suffix == ".json":
         return _load_polygraphy_json(path)
     raise InputError(f"Unsupported inputs file {path.name!r}: use .npz or Polygraphy's .json (polygraphy run --save-inputs).")
+
+
+def load_inputs_dir(path: str | os.PathLike) -> list[Feeds]:
+    """Every sample in a folder: each ``.npz`` (one sample) and Polygraphy ``.json`` (its samples), by file name."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"Inputs folder not found: {path}")
+    if not path.is_dir():
+        raise InputError(f"{path} is a file, not a folder; give it with --inputs (--inputs-dir takes a folder of .npz files).")
+    files = sorted(f for f in path.iterdir() if f.suffix in (".npz", ".json") and f.is_file())
+    if not files:
+        raise InputError(f"{path} holds no .npz (or Polygraphy .json) files; save each sample with numpy.savez(path, **{{input_name: array}}).")
+    return [s for f in files for s in load_inputs(f)]
+
+
+def inputs_digest(samples: list[Feeds]) -> str:
+    """A short content hash of input samples (names, dtypes, shapes and values), to tell runs on other inputs apart."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for sample in samples:
+        for name in sorted(sample):
+            a = np.ascontiguousarray(sample[name])
+            h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+            h.update(a.tobytes() if a.dtype.kind != "O" else repr(a.tolist()).encode())
+    return h.hexdigest()[:12]
+
+
+def inputs_summary(samples: list[Feeds], source: str | os.PathLike | None = None, seed: int = 0) -> dict:
+    """What a run was given, for its record and the report: the file or folder name (or 'generated'),
+    its absolute path, the number of samples, a short content hash and the first sample's shapes;
+    two runs on other inputs never look alike."""
+    shown = Path(source).name if source else f"generated (seed {seed})"
+    return {"source": shown, "path": str(Path(source).resolve()) if source else None, "samples": len(samples),
+            "sha256": inputs_digest(samples), "shapes": {k: list(np.shape(v)) for k, v in samples[0].items()} if samples else {}}
 
 
 def _load_npz(path: Path) -> Feeds:

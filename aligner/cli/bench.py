@@ -13,11 +13,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from aligner.bench import BenchResult, bench
-from aligner.cli.common import (add_input_arguments, add_model_arguments, add_report_arguments, check_writable, emit_run, model_sidecar,
-                                report_paths, resolve_targets)
+from aligner.cli.common import (add_input_arguments, add_model_arguments, add_report_arguments, check_writable, emit_run, input_source,
+                                model_sidecar, report_paths, resolve_feeds, resolve_targets)
 from aligner.errors import InputError, TargetError
 from aligner.graph.model import ModelGraph
-from aligner.inputs import load_inputs, parse_input_shapes, write_atomic
+from aligner.inputs import parse_input_shapes, write_atomic
 from aligner.report.console import fit_table
 
 EPILOG = """\
@@ -47,9 +47,10 @@ examples:
   aligner bench det.onnx --input-shapes x:1x3x640x640 --batch 1,4   # symbolic dims: sizes given, batch set per row
   aligner bench det.onnx --inputs sample.npz            # sizes (and the default batch) from the data
 
-inputs: generated (uniform [0, 1)) unless --inputs gives them; symbolic dims take their sizes from
---inputs or --input-shapes, and a symbolic batch dim is set to each --batch (default: the batch of
-the inputs or shapes given, else 1); --inputs samples are repeated to fill a larger batch.
+inputs: generated (uniform [0, 1)) unless --inputs (or --inputs-dir: its first sample) gives them;
+symbolic dims take their sizes from the data or --input-shapes, and a symbolic batch dim is set to
+each --batch (default: the batch of the inputs or shapes given, else 1); samples are repeated to
+fill a larger batch. INT8 targets (ort:cpu:int8) calibrate on --calib (else the inputs given).
 
 exit status: 0 measured, 2 usage or input error, 3 a target failed to build or run
 """
@@ -80,7 +81,11 @@ def run(args: argparse.Namespace) -> int:
     graph = ModelGraph.load(args.model, check=not args.no_check)
     if specs is None and model_sidecar(args) is not None:
         targets = [_runnable_here(t) for t in targets]
-    inputs = load_inputs(args.inputs)[0] if args.inputs else None
+    if any(t.is_quantized for t in targets) or args.calib:
+        from aligner.quant.calib import with_calibration
+
+        targets = [with_calibration(t, args.calib, input_source(args)) for t in targets]
+    inputs = resolve_feeds(graph, args) if input_source(args) else None
     shapes = parse_input_shapes(args.input_shapes)
     batches = _batch_sizes(args.batch, graph, inputs, shapes)
     module = None
@@ -95,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     print_bench(result)
     if args.json:
         write_atomic(Path(args.json), json.dumps(result.to_dict(), indent=1).encode())
-    emit_run(args, "bench", graph, result.to_dict())
+    emit_run(args, "bench", graph, result.to_dict(), samples=[inputs] if inputs is not None else None)
     return 0
 
 

@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     print_result(result)
     if args.json:
         write_atomic(Path(args.json), json.dumps(result.to_dict(), indent=1).encode())
-    emit_run(args, "bisect", graph, result.to_dict())
+    emit_run(args, "bisect", graph, result.to_dict(), samples=[feeds])
     if result.failed:
         return 3
     return 1 if result.diverged else 0

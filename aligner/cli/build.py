@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from aligner.build import BuildResult, build, build_outputs, build_target
-from aligner.cli.common import (add_input_arguments, add_model_arguments, add_tolerance_arguments, check_writable, positive_int, resolve_feeds,
+from aligner.cli.common import (add_input_arguments, add_model_arguments, add_tolerance_arguments, check_writable, input_source, positive_int, resolve_feeds,
                                 resolve_target, tolerance_from_args)
 from aligner.errors import InputError
 from aligner.graph.model import ModelGraph
@@ -93,8 +93,6 @@ def add_parser(sub) -> None:
     p.add_argument("--fp32-nodes", metavar="NAMES", help="comma-separated nodes kept FP32 (added to the plan's)")
     p.add_argument("--target-option", action="append", metavar="KEY=VALUE", default=[],
                    help="a runtime option of the target (repeatable), e.g. builder_optimization_level=5")
-    p.add_argument("--calib", metavar="NPZ|DIR", help="INT8 targets: calibration inputs for ONNX Runtime's quantizer (an .npz, or a "
-                   "folder of .npz files; recorded in the sidecar)")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="the model (or engine) to write; FILE.json beside it")
     p.add_argument("--force", action="store_true", help="overwrite existing output files (the accuracy check still runs and decides)")
     p.add_argument("--write-anyway", action="store_true", help="write the build even when the accuracy check finds diverging "
@@ -134,8 +132,10 @@ def run(args: argparse.Namespace) -> int:
     fuse = [n.strip() for n in (args.fuse or "").split(",") if n.strip()]
     tuning = TuneSettings(rounds=args.tune_rounds, runs=args.tune_runs) if args.tune else None
     errors = Console(stderr=True, highlight=False)
-    result = build(graph, target, args.output, fuse=fuse, check_inputs=resolve_feeds(graph, args),
-                   input_shapes=parse_input_shapes(args.input_shapes), write_anyway=args.write_anyway, force=args.force,
+    feeds = resolve_feeds(graph, args)
+    shapes = parse_input_shapes(args.input_shapes) or ({k: tuple(v.shape) for k, v in feeds.items()} if input_source(args) else {})
+    result = build(graph, target, args.output, fuse=fuse, check_inputs=feeds,
+                   input_shapes=shapes, write_anyway=args.write_anyway, force=args.force,
                    ort_optimized=args.ort_optimized, plugins=args.plugins or [], layer_precision=args.layer_precision,
                    tuning=tuning, progress=lambda line: errors.print(f"tune: {escape(line)}"), tolerance=tolerance)
     print_build(result)

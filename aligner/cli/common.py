@@ -91,30 +91,77 @@ def add_target_arguments(p: argparse.ArgumentParser, verb: str) -> None:
     g.add_argument("--plan", metavar="PLAN.json", help="keep a precision plan's nodes in FP32 (same as TARGET+PLAN.json)")
     g.add_argument("--target-option", action="append", metavar="KEY=VALUE", default=[],
                    help="a runtime option of the target (repeatable), e.g. cudnn_conv_algo_search=HEURISTIC")
-    g.add_argument("--calib", metavar="NPZ|DIR", help="INT8 targets: calibration inputs for ONNX Runtime's quantizer (an .npz, or a "
-                   "folder of .npz files); without it the command's inputs are used, which overstates accuracy")
 
 
-def add_input_arguments(p: argparse.ArgumentParser, generated: bool = True) -> argparse._ArgumentGroup:
-    """--inputs and --input-shapes (every command that runs the model), and with ``generated`` the
-    seed of generated inputs and --save-inputs."""
+def add_input_arguments(p: argparse.ArgumentParser, generated: bool = True, calib: bool = True) -> argparse._ArgumentGroup:
+    """The one input group of every command that runs the model: --inputs, --inputs-dir,
+    --input-shapes and (``calib``) --calib; with ``generated`` the seed of generated inputs and
+    --save-inputs. Symbolic dims take their sizes from the data given (--input-shapes only for
+    generated inputs, or checked against the data)."""
     g = p.add_argument_group("inputs")
     g.add_argument("--inputs", metavar="FILE", help="input values: .npz, or Polygraphy's JSON (polygraphy run --save-inputs)")
-    g.add_argument("--input-shapes", nargs="+", metavar="NAME:DIMS", help="shapes for symbolic dims, e.g. images:1x3x800x800")
+    g.add_argument("--inputs-dir", metavar="DIR", help="several input samples: every .npz (or Polygraphy .json) in DIR, by name; "
+                   "a command that runs one sample uses the first, precision searches on all")
+    g.add_argument("--input-shapes", nargs="+", metavar="NAME:DIMS", help="shapes for symbolic dims of generated inputs, e.g. "
+                   "images:1x3x800x800 (with --inputs the sizes come from the data)")
+    if calib:
+        g.add_argument("--calib", metavar="NPZ|DIR", help="INT8 targets: calibration inputs for ONNX Runtime's quantizer (an .npz, or "
+                       "a folder of .npz files); without it the command's inputs are used, which overstates accuracy")
     if generated:
         g.add_argument("--seed", type=int, default=0, help="seed of the generated random inputs (default 0)")
         g.add_argument("--save-inputs", metavar="FILE", help="write the inputs used (.npz, or .json in Polygraphy's format)")
     return g
 
 
-def resolve_feeds(graph: ModelGraph, args: argparse.Namespace) -> dict:
-    if args.inputs:
-        feeds = validate_feeds(graph, load_inputs(args.inputs)[0])
+def input_source(args: argparse.Namespace) -> str | None:
+    """The file or folder the inputs come from (None: generated); --inputs and --inputs-dir together are refused."""
+    inputs, folder = getattr(args, "inputs", None), getattr(args, "inputs_dir", None)
+    if inputs and folder:
+        raise InputError(f"--inputs {inputs} and --inputs-dir {folder} both give the inputs; give one of them.")
+    return inputs or folder
+
+
+def input_samples(graph: ModelGraph, args: argparse.Namespace, save: bool = True) -> list[dict]:
+    """Every input sample the command was given (--inputs: each sample of the file; --inputs-dir:
+    every file's), checked against the model, else one generated sample (--input-shapes, --seed);
+    written to --save-inputs when asked."""
+    from aligner.inputs import load_inputs_dir
+
+    shapes = parse_input_shapes(getattr(args, "input_shapes", None))
+    if getattr(args, "inputs_dir", None) or getattr(args, "inputs", None):
+        source = input_source(args)
+        loaded = load_inputs_dir(source) if getattr(args, "inputs_dir", None) else load_inputs(source)
+        samples = [validate_feeds(graph, s) for s in loaded]
+        for name, dims in shapes.items():  # sizes come from the data; --input-shapes may only agree with it
+            got = tuple(samples[0][name].shape) if name in samples[0] else None
+            if got is not None and got != tuple(dims):
+                raise InputError(f"--input-shapes {name}:{'x'.join(map(str, dims))} disagrees with the data in {source} "
+                                 f"({name} is {'x'.join(map(str, got)) or 'scalar'}); the data's sizes are used: drop --input-shapes.")
     else:
-        feeds = make_inputs(graph, parse_input_shapes(args.input_shapes), seed=args.seed)
-    if args.save_inputs:
-        save_inputs([feeds], args.save_inputs, force=getattr(args, "force", False))
-    return feeds
+        samples = [make_inputs(graph, shapes, seed=getattr(args, "seed", 0))]
+    if save and getattr(args, "save_inputs", None):  # whatever their source: what the command ran on
+        save_inputs(samples, args.save_inputs, force=getattr(args, "force", False))
+    return samples
+
+
+def resolve_feeds(graph: ModelGraph, args: argparse.Namespace) -> dict:
+    """The one sample a command runs: the first of :func:`input_samples` (said on stderr when there are more)."""
+    samples = input_samples(graph, args, save=False)
+    if len(samples) > 1:
+        from rich.console import Console
+
+        Console(stderr=True, highlight=False, soft_wrap=True).print(
+            f"note: {len(samples)} input samples given; this command runs the first (aligner precision and doctor search on all).")
+    if getattr(args, "save_inputs", None):
+        save_inputs(samples[:1], args.save_inputs, force=getattr(args, "force", False))
+    return samples[0]
+
+
+def inputs_record(args: argparse.Namespace, samples: list[dict]) -> dict:
+    """What a run was given (:func:`aligner.inputs.inputs_summary`), for its run directory and the report."""
+    from aligner.inputs import inputs_summary
+
+    return inputs_summary(samples, input_source(args), getattr(args, "seed", 0))
 
 
 class OutputDir(str):
@@ -171,7 +218,7 @@ def resolve_target(args: argparse.Namespace) -> Target:
     if target.is_quantized or getattr(args, "calib", None):
         from aligner.quant.calib import with_calibration
 
-        target = with_calibration(target, getattr(args, "calib", None), getattr(args, "inputs", None))
+        target = with_calibration(target, getattr(args, "calib", None), input_source(args))
     return target
 
 
@@ -274,14 +321,17 @@ def report_paths(args: argparse.Namespace) -> list[str | None]:
     return [args.report, OutputDir(args.run or Path(args.report).with_suffix(".run"))]
 
 
-def emit_run(args: argparse.Namespace, kind: str, graph: ModelGraph, result: dict, trials: Path | None = None) -> None:
-    """Write the run directory and render the report when --run / --report ask for them."""
+def emit_run(args: argparse.Namespace, kind: str, graph: ModelGraph, result: dict, trials: Path | None = None,
+             samples: list[dict] | None = None) -> None:
+    """Write the run directory (with what ``samples`` were given, :func:`inputs_record`) and render the
+    report when --run / --report ask for them."""
     if not (args.report or args.run):
         return
     from aligner.report import write_report, write_run
 
     run_dir = Path(args.run) if args.run else Path(args.report).with_suffix(".run")
-    write_run(run_dir, kind, graph, result, trials, force=getattr(args, "force", False))
+    write_run(run_dir, kind, graph, result, trials, force=getattr(args, "force", False),
+              inputs=inputs_record(args, samples) if samples else None)
     if args.report:
         write_report([run_dir], args.report, force=getattr(args, "force", False))
         print(f"report: {args.report} (run directory {run_dir})")

@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         write_atomic(Path(args.json), json.dumps(result.to_dict(), indent=1).encode())
     if args.csv:
         write_atomic(Path(args.csv), result.to_frame().to_csv(index=False).encode())
-    emit_run(args, "compare", graph, result.to_dict())
+    emit_run(args, "compare", graph, result.to_dict(), samples=[feeds])
     return 1 if result.first_divergent else 0
 
 

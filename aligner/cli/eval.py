@@ -15,14 +15,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from aligner.cli.bench import split_targets
-from aligner.cli.common import add_input_arguments, add_report_arguments, check_writable, emit_run, report_paths, resolve_targets
+from aligner.cli.common import (add_input_arguments, add_report_arguments, check_writable, emit_run, input_samples, input_source,
+                                report_paths, resolve_targets)
 from aligner.backends.target import Target
 from aligner.errors import InputError
 from aligner.eval.adapters import ADAPTERS
 from aligner.eval.dataset import CocoDataset, Preprocess
 from aligner.eval.run import EvalResult, evaluate_detector, label_map_for
 from aligner.graph.model import ModelGraph
-from aligner.inputs import load_inputs, parse_input_shapes, write_atomic
+from aligner.inputs import parse_input_shapes, write_atomic
 from aligner.report.console import fit_table
 
 log = logging.getLogger(__name__)
@@ -104,8 +105,6 @@ def add_parser(sub) -> None:
     t.add_argument("--output", help="the logits output (default: the first output)")
     t.add_argument("--targets", default="ort:cpu:fp32,emu:fp16", help="comma-separated targets; the first is the reference")
     t.add_argument("--plan", metavar="PLAN.json", help="precision plan for the +plan targets")
-    t.add_argument("--calib", metavar="NPZ|DIR", help="INT8 targets: calibration inputs (.npz or a folder of them; default: --inputs, "
-                   "else generated inputs, with a warning that this overstates accuracy)")
     add_input_arguments(t, generated=False)
     _add_preprocess_arguments(t, batch=32)
     to = t.add_argument_group("output")
@@ -177,15 +176,17 @@ def _run_topk(args: argparse.Namespace) -> int:
     from aligner.quant.calib import with_calibration
 
     check_writable([args.json], args.force)
-    if not args.images and not args.inputs:
-        raise InputError("Give the images: --images DIR (read and preprocessed), or --inputs FILE.npz (preprocessed arrays, N first).")
+    source = input_source(args)
+    if not args.images and not source:
+        raise InputError("Give the images: --images DIR (read and preprocessed), or --inputs FILE.npz / --inputs-dir DIR "
+                         "(preprocessed arrays, N first).")
     targets = resolve_targets(args, split_targets(args.targets))  # a built model: its sidecar's options
-    targets = [with_calibration(t, args.calib, args.inputs) for t in targets]  # INT8 targets: --calib, else --inputs
+    targets = [with_calibration(t, args.calib, source) for t in targets]  # INT8 targets: --calib, else the inputs
     graph = ModelGraph.load(args.model, check=not args.no_check)
-    if args.inputs:
+    if source:
         if args.images:
-            log.warning("--images %s is ignored: --inputs %s gives the arrays.", args.images, args.inputs)
-        images = _topk_arrays(graph, args.inputs, args.limit)
+            log.warning("--images %s is ignored: %s gives the arrays.", args.images, source)
+        images = _topk_arrays(graph, args, args.limit)
         preprocess = None
     else:
         images, preprocess = image_files(args.images, args.limit), _preprocess(args, graph)
@@ -207,12 +208,10 @@ def _run_topk(args: argparse.Namespace) -> int:
     return 0
 
 
-def _topk_arrays(graph: ModelGraph, path: str, limit: int | None) -> np.ndarray:
-    """The image input's arrays from an --inputs file (every sample of the file, N first)."""
-    from aligner.inputs import validate_feeds
-
+def _topk_arrays(graph: ModelGraph, args: argparse.Namespace, limit: int | None) -> np.ndarray:
+    """The image input's arrays from --inputs or --inputs-dir (every sample given, N first)."""
     name = graph.input_names[0]
-    samples = [validate_feeds(graph, s)[name] for s in load_inputs(path)]
+    samples = [s[name] for s in input_samples(graph, args)]
     arrays = np.concatenate(samples) if len(samples) > 1 else samples[0]
     return arrays[:limit] if limit else arrays
 

@@ -14,11 +14,10 @@ from rich.table import Table
 from aligner.backends import check_target
 from aligner.backends.target import Target
 from aligner.cli.common import (add_input_arguments, add_model_arguments, add_report_arguments, add_tolerance_arguments, check_writable,
-                                emit_run, parse_options, report_paths, tolerance_from_args)
+                                emit_run, input_samples, input_source, parse_options, report_paths, tolerance_from_args)
 from aligner.compare.tolerance import defaults_text
-from aligner.errors import InputError
 from aligner.graph.model import ModelGraph
-from aligner.inputs import load_inputs, make_inputs, parse_input_shapes, save_inputs, write_atomic
+from aligner.inputs import write_atomic
 from aligner.search.plan import PrecisionPlan
 from aligner.backends.replay import FEW_SAMPLES
 from aligner.search.precision import search_precision, verdict
@@ -64,7 +63,8 @@ acceptance: compare's rule, on every output of every input sample — an output 
   --accept-cmd CMD   your task metric, on top of the rule: CMD runs with {{model}} = the mixed
                      ONNX; exit 0 = pass
   A plan that keeps every node out of the low precision is no plan (exit 1), and a search cut
-  short by --max-trials says NOT VERIFIED (exit 1): resume it with --resume.
+  short by --max-trials says NOT VERIFIED (exit 1): resume it with --resume LOG (and --force, since
+  --out then exists).
 
 examples:
   aligner precision model.onnx
@@ -73,7 +73,7 @@ examples:
   aligner precision model.onnx --accept-cmd "python my_eval.py {{model}}"
   aligner precision model.onnx --accept finite --accept-cmd "python my_eval.py {{model}}"
   aligner precision model.onnx --threshold 5e-3 --atol 1e-4
-  aligner precision model.onnx --out plan.json --resume plan.trials.jsonl
+  aligner precision model.onnx --out plan.json --resume plan.trials.jsonl --force   # plan.json exists
   aligner precision model.onnx --target ort:cpu:int8 --calib calib/ --accept "rel_l2<=0.02" \\
       --out plan.json --save-model model.int8.onnx
   aligner precision model.onnx --target ort:cpu:int8@calibrate=entropy --calib calib/ --no-sweep \\
@@ -103,17 +103,14 @@ def add_parser(sub) -> None:
                    help="skip checking whether a passing plan relies on the runtime's fusions (on a fusing target the plan is re-run on "
                         "the plain emulator on CPU, and searched there if it fails: up to 20 more trials on CPU)")
     q = p.add_argument_group("INT8 targets")
-    q.add_argument("--calib", metavar="NPZ|DIR", help="calibration inputs for ONNX Runtime's quantizer (an .npz, or a folder of .npz "
-                   "files); without it the search's inputs are used, which overstates accuracy")
     q.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
                    help="first pick the quantizer setting (calibration method x reduce_range) with the smallest full-INT8 error (default on)")
     add_input_arguments(p)
-    p.add_argument("--inputs-dir", metavar="DIR", help="several input samples: every .npz in DIR")
     o = p.add_argument_group("output")
     o.add_argument("--out", metavar="PLAN.json", help="write the plan (pins, reasons, metrics, TensorRT strings)")
     o.add_argument("--save-model", metavar="ONNX", help="write the mixed-precision model of the plan")
     o.add_argument("--trials", metavar="JSONL", help="trials log (default: next to --out as *.trials.jsonl)")
-    o.add_argument("--resume", metavar="JSONL", help="continue a search from its trials log")
+    o.add_argument("--resume", metavar="JSONL", help="continue a search from its trials log (with --force when --out or --save-model already exist)")
     o.add_argument("--force", action="store_true", help="overwrite existing output files")
     add_report_arguments(p)
 
@@ -126,10 +123,10 @@ def run(args: argparse.Namespace) -> int:
     if target.is_quantized or args.calib:
         from aligner.quant.calib import with_calibration
 
-        target = with_calibration(target, args.calib, args.inputs or args.inputs_dir)
+        target = with_calibration(target, args.calib, input_source(args))
     target = check_target(target)
     graph = ModelGraph.load(args.model, check=not args.no_check)
-    samples = _samples(graph, args)
+    samples = input_samples(graph, args)
     accept = tolerance_from_args(args, target)
     console = Console(stderr=True, highlight=False)
     from aligner.quant.calib import reporting
@@ -145,10 +142,26 @@ def run(args: argparse.Namespace) -> int:
                                 resume=args.resume, max_trials=args.max_trials, save_model=args.save_model, progress=progress,
                                 sweep=args.sweep and target.is_quantized, fusion_check=args.fusion_check)
     print_plan(plan)
+    if verdict(plan)[0] == "NOT VERIFIED:":
+        print_resume_hint(args, trials)
     if args.out:
         write_atomic(Path(args.out), json.dumps(plan.to_dict(), indent=1).encode())
-    emit_run(args, "precision", graph, plan.to_dict(), Path(trials) if trials else None)
+    emit_run(args, "precision", graph, plan.to_dict(), Path(trials) if trials else None, samples=samples)
     return 0 if plan.passed else 1
+
+
+def print_resume_hint(args: argparse.Namespace, trials: str | None, console: Console | None = None) -> None:
+    """How to go on with a search the trial cap cut short: the same command with --resume, a larger
+    --max-trials and, since its outputs now exist, --force."""
+    console = console or Console(highlight=False, soft_wrap=True)
+    if not trials:
+        console.print("to resume later, run it again with --out PLAN.json (its trials log, PLAN.trials.jsonl, is what --resume "
+                      "continues from).")
+        return
+    written = [p for p in (args.out, args.save_model) if p]
+    why = f" ({', '.join(written)} now exist{'s' if len(written) == 1 else ''}: without --force the command stops there)" if written else ""
+    console.print(f"to go on: run the same command with --resume {escape(trials)} --max-trials {2 * args.max_trials}"
+                  + (f" --force{escape(why)}" if written else "") + "; the trials already run are not run again.")
 
 
 def _phase_progress(console: Console, status):
@@ -162,21 +175,6 @@ def _phase_progress(console: Console, status):
         last[0] = phase
 
     return show
-
-
-def _samples(graph: ModelGraph, args: argparse.Namespace) -> list[dict]:
-    if args.inputs_dir:
-        files = sorted(Path(args.inputs_dir).glob("*.npz"))
-        if not files:
-            raise InputError(f"--inputs-dir {args.inputs_dir}: no .npz files there.")
-        samples = [s for f in files for s in load_inputs(f)]
-    elif args.inputs:
-        samples = load_inputs(args.inputs)
-    else:
-        samples = [make_inputs(graph, parse_input_shapes(args.input_shapes), seed=args.seed)]
-    if args.save_inputs:  # whatever their source: what the search was judged on
-        save_inputs(samples, args.save_inputs, force=args.force)
-    return samples
 
 
 def print_plan(plan: PrecisionPlan, console: Console | None = None) -> None:

@@ -1,7 +1,8 @@
 """Run directories: what an analysis command leaves behind for the report (JSON, never tensors).
 
     RUN/meta.json      {"kind": "compare" | "bisect" | "precision" | "eval" | "bench", "created", "aligner", "model",
-                        "model_path" (absolute; absent for an in-memory model)}
+                        "model_path" (absolute; absent for an in-memory model), "inputs" (when known: source
+                        file or folder name, samples, a short content hash, shapes)}
     RUN/model.json     model summary (opset, I/O, node count, op histogram)
     RUN/result.json    the command's result (CompareResult / BisectResult / PrecisionPlan .to_dict())
     RUN/trials.jsonl   precision only: the trials log
@@ -43,8 +44,9 @@ def model_summary(graph: ModelGraph) -> dict:
 
 
 def write_run(directory: str | Path, kind: str, graph: ModelGraph, result: dict, trials: Path | None = None,
-              force: bool = False) -> Path:
-    """Write one run directory; refuses a non-empty folder that is not an aligner run unless ``force``."""
+              force: bool = False, inputs: dict | None = None) -> Path:
+    """Write one run directory; refuses a non-empty folder that is not an aligner run unless ``force``.
+    ``inputs`` says what the run was given (:func:`aligner.inputs.inputs_summary`), shown in the report."""
     if kind not in KINDS:
         raise ValueError(f"unknown run kind {kind!r}")
     directory = Path(directory)
@@ -57,6 +59,8 @@ def write_run(directory: str | Path, kind: str, graph: ModelGraph, result: dict,
             "model": str(graph.path or "<in-memory>")}
     if graph.path is not None:  # where `report --graph` and `view` find the model from any folder
         meta["model_path"] = str(Path(graph.path).resolve())
+    if inputs:
+        meta["inputs"] = inputs
     write_atomic(directory / "meta.json", json.dumps(meta, indent=1).encode())
     write_atomic(directory / "model.json", json.dumps(model_summary(graph), indent=1).encode())
     write_atomic(directory / "result.json", json.dumps(result, indent=1).encode())
