@@ -6,7 +6,9 @@ of nodes kept in FP32, or in float for INT8) → build (the deployable model, ch
 → bench (its speed beside FP32 and the pure low precision) → one HTML report.
 
 Every step writes under ``out`` (a run directory per step in ``out/runs/``) and records the command
-that re-runs it alone on the same inputs (``out/inputs.npz``). A step whose target cannot run here
+that re-runs it alone on the same inputs (``out/inputs.npz``, the first sample: compare, bisect,
+build and bench run it; with several samples, ``out/samples/`` holds them all and precision
+searches on all of them). A step whose target cannot run here
 (no GPU, a missing extra) stops the pipeline with :class:`StepError` (exit 3) naming the step;
 a bench that fails is recorded and the rest goes on (speed is information, not a verdict).
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 import json
 import shlex
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -82,19 +84,29 @@ class StepError(TargetRunError):
         self.step = name
 
 
-def doctor(model: ModelGraph | str | Path, target: str | Target, out: str | Path, feeds: Mapping[str, np.ndarray],
-           reference: str = REFERENCE, bench_runs: int = 20, progress: Progress | None = None) -> DoctorResult:
-    """Run the pipeline (module docstring) for ``target`` on ``feeds``, writing under ``out`` (the
-    caller checks it may). Returns what each step found; raises :class:`StepError` when a step's
+def doctor(model: ModelGraph | str | Path, target: str | Target, out: str | Path,
+           feeds: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]],
+           reference: str = REFERENCE, bench_runs: int = 20, progress: Progress | None = None,
+           inputs: str | Path | None = None) -> DoctorResult:
+    """Run the pipeline (module docstring) for ``target`` on ``feeds`` (one sample, or a list of
+    samples: precision searches on all, the other steps run the first; ``inputs`` names the file or
+    folder they came from, for the report), writing under ``out`` (the caller checks it may). Returns what each step found; raises :class:`StepError` when a step's
     target cannot run here."""
     graph = model if isinstance(model, ModelGraph) else ModelGraph.load(model)
     target = Target.parse(target)
     if target.runtime == "torch":
         raise InputError(f"aligner doctor runs the ONNX model on its target; {target} runs a PyTorch module. Compare the module "
                          "with: aligner compare model.onnx --torch MODULE:FUNCTION --target torch:cpu:fp32")
-    run = _Run(graph, target, Path(out), dict(feeds), reference, progress or (lambda n, s, m: None))
+    samples = [dict(feeds)] if isinstance(feeds, Mapping) else [dict(s) for s in feeds]
+    if not samples:
+        raise InputError("doctor needs at least one input sample.")
+    run = _Run(graph, target, Path(out), samples, reference, progress or (lambda n, s, m: None), str(inputs) if inputs else None)
+    run.bench_runs = bench_runs
     run.out.mkdir(parents=True, exist_ok=True)
-    save_inputs([run.feeds], run.out / "inputs.npz", force=True)
+    save_inputs(samples[:1], run.out / "inputs.npz", force=True)
+    if len(samples) > 1:
+        for i, sample in enumerate(samples):
+            save_inputs([sample], run.out / "samples" / f"{i:04d}.npz", force=True)
     run.inspect()
     result = run.compare()
     diverged = result.first_divergent is not None or bool(getattr(result, "failed", ""))
@@ -119,10 +131,13 @@ def doctor(model: ModelGraph | str | Path, target: str | Target, out: str | Path
 class _Run:
     """The state one doctor run carries from step to step."""
 
-    def __init__(self, graph: ModelGraph, target: Target, out: Path, feeds: dict, reference: str, progress: Progress):
-        self.graph, self.target, self.out, self.feeds, self.reference, self.say = graph, target, out, feeds, reference, progress
+    def __init__(self, graph: ModelGraph, target: Target, out: Path, samples: list[dict], reference: str, progress: Progress,
+                 source: str | None = None):
+        self.graph, self.target, self.out, self.reference, self.say = graph, target, out, reference, progress
+        self.samples, self.feeds, self.source = samples, samples[0], source
         self.model = shlex.quote(str(graph.path))
         self.inputs = shlex.quote(str(out / "inputs.npz"))
+        self.all_inputs = ["--inputs-dir", shlex.quote(str(out / "samples"))] if len(samples) > 1 else ["--inputs", self.inputs]
         self.steps: list[Step] = []
         self.runs: list[Path] = []
         self.plan_path: Path | None = None
@@ -157,7 +172,10 @@ class _Run:
     def _write_run(self, kind: str, doc: dict, trials: Path | None = None) -> Path:
         from aligner.report import write_run
 
-        path = write_run(self.out / "runs" / kind, kind, self.graph, doc, trials, force=True)
+        from aligner.inputs import inputs_summary
+
+        given = self.samples if kind == "precision" else self.samples[:1]
+        path = write_run(self.out / "runs" / kind, kind, self.graph, doc, trials, force=True, inputs=inputs_summary(given, self.source))
         self.runs.append(path)
         return path
 
@@ -226,13 +244,13 @@ class _Run:
 
         self.plan_path = self.out / "plan.json"
         trials, mixed = self.out / "plan.trials.jsonl", self.out / f"model.{self.target.precision}.mixed.onnx"
-        command = self._cmd("precision", self.model, "--target", shlex.quote(str(self.target)), "--inputs", self.inputs,
+        command = self._cmd("precision", self.model, "--target", shlex.quote(str(self.target)), *self.all_inputs,
                             "--out", shlex.quote(str(self.plan_path)), "--save-model", shlex.quote(str(mixed)),
                             "--run", shlex.quote(str(self.out / "runs" / "precision")), "--force")
 
         def work():
             trials.unlink(missing_ok=True)  # a fresh search (doctor's own folder)
-            plan = search_precision(self.graph, target=self.target, samples=[self.feeds], trials_log=trials, save_model=mixed)
+            plan = search_precision(self.graph, target=self.target, samples=self.samples, trials_log=trials, save_model=mixed)
             write_atomic(self.plan_path, json.dumps(plan.to_dict(), indent=1).encode())
             self._write_run("precision", plan.to_dict(), trials)
             kept = "in float" if self.target.is_quantized else "in FP32"
@@ -249,7 +267,8 @@ class _Run:
                 summary = f"no plan passed in {plan.trials} trials; see {trials}"
             return "passed" if plan.passed else "failed", summary, (str(self.plan_path), str(trials), str(mixed)), plan
 
-        return self._do("precision", command, "the smallest verified set of nodes to keep in higher precision", work)
+        on = f" on {len(self.samples)} samples" if len(self.samples) > 1 else ""
+        return self._do("precision", command, f"the smallest verified set of nodes to keep in higher precision{on}", work)
 
     def _residual(self, plan) -> str:
         """'' when, with the plan, every tensor inside matches as the outputs do; else what still diverges (the

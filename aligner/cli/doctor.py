@@ -8,12 +8,14 @@ import argparse
 from rich.console import Console
 from rich.markup import escape
 
-from aligner.cli.common import OutputDir, TARGETS_HELP, add_input_arguments, add_model_arguments, check_writable, positive_int, resolve_feeds
+from aligner.cli.common import (OutputDir, TARGETS_HELP, add_input_arguments, add_model_arguments, check_writable, input_samples,
+                                input_source, positive_int)
 from aligner.doctor import STEPS, DoctorResult, doctor
 
 EPILOG = f"""\
 steps (each writes under --out and prints the command that re-runs it alone on the same inputs,
-saved as OUT/inputs.npz):
+saved as OUT/inputs.npz; with --inputs-dir, every sample is in OUT/samples/ and precision searches
+on all of them while compare, bisect, build and bench run the first):
   1 inspect    nodes at static FP16 risk                      OUT/inspect.json
   2 compare    the target against the reference, every tensor OUT/runs/compare, compare.json
   3 bisect     first divergent node, root cause, repro        OUT/runs/bisect, OUT/culprit/
@@ -30,6 +32,7 @@ examples:
   aligner doctor det.onnx --target ort:cuda:fp16 --inputs sample.npz --out doctor-det
   aligner doctor det.onnx --input-shapes x:1x3x640x640        # symbolic dims: the sizes to run
   aligner doctor cls.onnx --target ort:cpu:int8 --calib calib/ --inputs test.npz
+  aligner doctor det.onnx --target ort:cpu:fp16 --inputs-dir samples/ # a plan verified on every sample
 
 exit status: 0 the target agrees with the reference, or a verified plan and a checked build fix it;
 1 it diverges and no plan fixes it; 2 usage or input error; 3 a step's target cannot run here
@@ -44,8 +47,6 @@ def add_parser(sub) -> None:
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
     p.add_argument("--target", default="emu:fp16", help="the target to check and fix (default emu:fp16); see 'targets' below")
-    p.add_argument("--calib", metavar="NPZ|DIR", help="INT8 targets: calibration inputs (.npz or a folder of them; default: --inputs, "
-                   "which overstates accuracy)")
     p.add_argument("--out", default="aligner-doctor", help="folder for every step's outputs (default ./aligner-doctor)")
     p.add_argument("--bench-runs", type=positive_int, default=20, help="timed runs per target in the bench step (default 20)")
     p.add_argument("--force", action="store_true", help="write into an --out folder that already holds files")
@@ -58,15 +59,15 @@ def run(args: argparse.Namespace) -> int:
     from aligner.quant.calib import with_calibration
 
     check_writable([OutputDir(args.out)], args.force)
-    target = with_calibration(Target.parse(args.target), args.calib, args.inputs)
+    target = with_calibration(Target.parse(args.target), args.calib, input_source(args))
     graph = ModelGraph.load(args.model, check=not args.no_check)
-    feeds = resolve_feeds(graph, args)
+    samples = input_samples(graph, args)
     console = Console(stderr=True, highlight=False, soft_wrap=True)  # progress on stderr; commands stay copyable
 
     def progress(number: int, step: str, message: str) -> None:
         console.print(f"[bold][{number}/{len(STEPS)}] {step}[/]: {escape(message)}")
 
-    result = doctor(graph, target, args.out, feeds, bench_runs=args.bench_runs, progress=progress)
+    result = doctor(graph, target, args.out, samples, bench_runs=args.bench_runs, progress=progress, inputs=input_source(args))
     print_summary(result)
     return result.exit_code
 
