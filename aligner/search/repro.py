@@ -36,6 +36,7 @@ def check_repro_dir(directory: Path, force: bool) -> None:
 
 
 def write_repro(run: "_Run", cause: RootCause, locals_: list[LocalError], directory: Path, fp32_nodes: list[str]) -> Repro:
+    directory = Path(directory).resolve()  # the README's command works from any folder
     graph, other = run.graph, run.other
     nodes = [cause.node] if cause.kind != "inherited" else _chain(graph, cause.node, {e.node for e in locals_})
     nodes = [n for n in nodes if n in other.node_by_name]
@@ -57,6 +58,8 @@ def write_repro(run: "_Run", cause: RootCause, locals_: list[LocalError], direct
     _save_npz({t: ref[t] for t in outputs}, directory / "expected.npz")
 
     target = run.target.with_pins([n for n in fp32_nodes if n in nodes])
+    if target.is_quantized:  # the piece calibrates on its own inputs' reference values over the model's calibration samples
+        target = target.with_options({"calib": str(_piece_calibration(run, target, target_piece, directory / "calib"))})
     check = compare(
         ModelGraph(reference_piece or target_piece), target=target, feeds=values, tolerance=run.tol,
         target_model=ModelGraph(target_piece) if reference_piece is not None else None,
@@ -64,12 +67,33 @@ def write_repro(run: "_Run", cause: RootCause, locals_: list[LocalError], direct
     reproduces = any(t.diverges for t in check.tensors if t.tensor in outputs)
     quoted = shlex.quote(str(target))
     if reference_piece is not None:
-        command = f"aligner compare {directory / 'reference.onnx'} --target-model {directory / 'model.onnx'} --inputs {directory / 'inputs.npz'} --target {quoted}"
+        command = f"aligner compare {_q(directory / 'reference.onnx')} --target-model {_q(directory / 'model.onnx')} --inputs {_q(directory / 'inputs.npz')} --target {quoted}"
     else:
-        command = f"aligner compare {directory / 'model.onnx'} --inputs {directory / 'inputs.npz'} --target {quoted}"
+        command = f"aligner compare {_q(directory / 'model.onnx')} --inputs {_q(directory / 'inputs.npz')} --target {quoted}"
     write_atomic(directory / "README.md", _readme(cause, nodes, command, reproduces).encode())
     return Repro(str(directory / "model.onnx"), str(directory / "inputs.npz"),
                  str(directory / "reference.onnx") if reference_piece is not None else None, command, reproduces, tuple(nodes))
+
+
+def _q(path: Path) -> str:
+    return shlex.quote(str(path))
+
+
+def _piece_calibration(run: "_Run", target, piece: onnx.ModelProto, folder: Path) -> Path:
+    """One .npz per calibration sample of the whole model (``target``'s calib, else the generated inputs
+    it calibrates on), holding the reference's values of the piece's inputs: ONNX Runtime's quantizer
+    then sets the scales the whole model's calibration gave those tensors."""
+    from aligner.quant.calib import load_calibration
+
+    constants = {t.name for t in piece.graph.initializer}
+    names = [i.name for i in piece.graph.input if i.name not in constants]
+    calibration = load_calibration(run.graph, target.option_dict.get("calib"))
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.npz"):
+        old.unlink()
+    for i, sample in enumerate(calibration.samples):
+        _save_npz(run.ref.run(sample, names), folder / f"{i:04d}.npz")
+    return folder
 
 
 def _chain(graph: ModelGraph, start: str, allowed: set[str]) -> list[str]:
@@ -100,6 +124,10 @@ def _save_npz(values: dict[str, np.ndarray], path: Path) -> None:
 def _readme(cause: RootCause, nodes: list[str], command: str, reproduces: bool) -> str:
     status = "reproduces the divergence on its own (checked)" if reproduces else "does NOT reproduce the divergence on its own"
     listed = "\n".join(f"- `{n}`" for n in nodes)
+    calib = ("\n\n`calib/` holds the piece's calibration data: the reference's values of its inputs on each calibration "
+             "sample of the whole model, so the quantizer gives them the scales it gave them there."
+             if "calib=" in command else "")
     return (f"# Repro of a divergence found by aligner bisect\n\nRoot cause: `{cause.node}` ({cause.op_type}), kind "
             f"`{cause.kind}`.\n\n{cause.reason}\n\nNodes in this piece:\n{listed}\n\n`inputs.npz` holds the reference's values of "
-            f"its inputs, `expected.npz` the reference's outputs. This piece {status}:\n\n    {command}\n")
+            f"its inputs, `expected.npz` the reference's outputs.{calib} This piece {status}; the command uses absolute paths, "
+            f"so it runs from any folder:\n\n    {command}\n")
