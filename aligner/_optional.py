@@ -23,10 +23,12 @@ _EXTRA_OF = {
     "onnxruntime_extensions": ("onnxruntime-extensions", "plugins"),
     "pynvml": ("nvidia-ml-py", "gpu"),
     "transformers": ("transformers", "dev"),
+    "ray": ("ray", "ray"),
 }
 # Core dependencies (pyproject.toml [project] dependencies): missing only from a broken install.
 _CORE = {"pycocotools": "pycocotools", "PIL": "pillow", "matplotlib": "matplotlib", "jinja2": "jinja2",
-         "pandas": "pandas", "rich": "rich", "onnx": "onnx", "onnxruntime": "onnxruntime"}
+         "pandas": "pandas", "rich": "rich", "onnx": "onnx", "onnxruntime": "onnxruntime",
+         "cloudpickle": "cloudpickle"}
 
 
 class MissingCoreDependencyError(MissingDependencyError):
