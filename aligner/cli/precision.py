@@ -20,7 +20,8 @@ from aligner.graph.model import ModelGraph
 from aligner.inputs import write_atomic
 from aligner.search.plan import PrecisionPlan
 from aligner.backends.replay import FEW_SAMPLES
-from aligner.search.precision import search_precision, verdict
+from aligner.search.executor import ExecutorStats
+from aligner.search.precision import executor_for, search_precision, verdict
 from aligner.report.console import fit_table
 
 TABLE_ROWS = 40  # the final table's rows at most (the plan JSON and the report list every node)
@@ -79,6 +80,12 @@ examples:
   aligner precision model.onnx --target ort:cpu:int8@calibrate=entropy --calib calib/ --no-sweep \\
       --accept-cmd "python eval.py {{model}}"
 
+workers: --workers N runs independent trials (delta debugging's removals, speculated a few at a
+  time) in N local processes; --workers ray (or ray://HOST:PORT) as Ray actors across a cluster
+  (pip install aligner[ray]). The plan and the trials log are the serial search's: parallelism
+  changes when a trial runs, never which result is used, so --resume works across both. The
+  summary gives each worker's trials and the speed-up. INT8 searches run serially for now.
+
 exit status: 0 a plan was found and verified, 1 no passing plan or not verified, 2 usage or input error
 """
 
@@ -99,6 +106,8 @@ def add_parser(sub) -> None:
     p.add_argument("--accept-cmd", metavar="CMD", help="external check on top of the rule; {model} is replaced by the mixed model's "
                    "path; exit 0 = pass")
     p.add_argument("--max-trials", type=int, default=200, help="stop after this many trials (default 200); resume later")
+    p.add_argument("--workers", default="1", metavar="N|ray|ray://HOST:PORT",
+                   help="run independent trials at once: N local processes (default 1), or Ray (see below); same plan")
     p.add_argument("--no-fusion-check", dest="fusion_check", action="store_false",
                    help="skip checking whether a passing plan relies on the runtime's fusions (on a fusing target the plan is re-run on "
                         "the plain emulator on CPU, and searched there if it fails: up to 20 more trials on CPU)")
@@ -131,17 +140,19 @@ def run(args: argparse.Namespace) -> int:
     console = Console(stderr=True, highlight=False)
     from aligner.quant.calib import reporting
 
-    with console.status("measuring value ranges on the reference...") as status, reporting(_phase_progress(console, status)):
+    executor = executor_for(args.workers, target)
+    with executor, console.status("measuring value ranges on the reference...") as status, reporting(_phase_progress(console, status)):
         def progress(trial, n: int) -> None:
             mark = "[green]pass[/]" if trial.passed else ("[red]error[/]" if trial.error else "fail")
-            console.print(f"trial {n:3d}/{args.max_trials} {trial.phase:<8} {len(trial.pins):4d} pins  {mark}  "
+            console.print(f"trial {n:3d}/{args.max_trials}{_worker_tag(trial, executor)} {trial.phase:<8} {len(trial.pins):4d} pins  {mark}  "
                           f"{escape(trial.reason or trial.error)[:90]}")
             status.update(f"trial {n + 1}/{args.max_trials}...")
 
         plan = search_precision(graph, target=target, samples=samples, accept=accept, trials_log=trials,
                                 resume=args.resume, max_trials=args.max_trials, save_model=args.save_model, progress=progress,
-                                sweep=args.sweep and target.is_quantized, fusion_check=args.fusion_check)
+                                sweep=args.sweep and target.is_quantized, fusion_check=args.fusion_check, workers=executor)
     print_plan(plan)
+    print_workers(executor.stats(), "trial")
     if verdict(plan)[0] == "NOT VERIFIED:":
         print_resume_hint(args, trials)
     if args.out:
@@ -238,3 +249,19 @@ def print_quantization(record: dict, console: Console) -> None:
     calib = record.get("calibration", {})
     console.print("quantizer: " + ", ".join(f"{k}={v}" for k, v in settings.items()) + f"; calibration: {escape(str(calib.get('source')))} "
                   f"({calib.get('samples')} sample(s))")
+
+
+def _worker_tag(trial, executor) -> str:
+    """' [w2]': which worker ran a trial, when several do (nothing for trials from a resumed log)."""
+    return escape(f" [{trial.worker}]") if executor.workers > 1 and trial.worker else ""
+
+
+def print_workers(stats: ExecutorStats, what: str, console: Console | None = None) -> None:
+    """With several workers: each one's share and the speed-up over running the same tasks one after
+    another (worker seconds of the results used / wall seconds)."""
+    if len(stats.workers) <= 1:
+        return
+    console = console or Console(stderr=True, highlight=False)
+    shares = ", ".join(f"{w.name} {w.tasks} in {w.seconds:.1f} s" + (f" ({w.crashed} crashed)" if w.crashed else "") for w in stats.workers)
+    console.print(f"workers ({stats.kind}): {shares}; {stats.used_seconds:.1f} s of {what}s used in {stats.wall:.1f} s wall: "
+                  f"~{stats.speedup():.2f}x over one at a time" + (f"; {stats.wasted} speculative {what}(s) not needed" if stats.wasted else ""))

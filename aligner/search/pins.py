@@ -16,7 +16,7 @@ A trial that fails to build or run (``error``) never counts as "passes"; it is k
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 
@@ -30,6 +30,7 @@ class Trial:
     error: str = ""  # the target failed to build or run
     seconds: float = 0.0
     reason: str = ""  # why it failed, in words
+    worker: str = field(default="", compare=False)  # which worker ran it (aligner.search.executor); not logged
 
 
 Check = Callable[[frozenset[str], str], Trial]
@@ -59,7 +60,7 @@ def grow(seeds: Sequence[str], check: Check, limit: int, universe: Sequence[str]
     return pins, trial, grown
 
 
-def minimize(pins: Sequence[str], check: Check, halve_above: int = 128) -> list[str]:
+def minimize(pins: Sequence[str], check: Check, halve_above: int = 128, ahead: Ahead | None = None) -> list[str]:
     """Delta debugging over a passing pin set: a subset that still passes and from which no single
     pin can be removed (1-minimal).
 
@@ -69,42 +70,94 @@ def minimize(pins: Sequence[str], check: Check, halve_above: int = 128) -> list[
     recursive halves (adaptive group testing): a chunk whose removal still passes is dropped
     whole, one that fails is split. Every kept pin is then re-checked against
     the final set (the check need not be monotone), so the result is 1-minimal by construction.
+
+    Before each trial, ``ahead`` (if given) is told the pin sets the search will check next if this
+    trial and those after it all fail (the set does not change while trials fail), so that a
+    parallel executor can run them at once; the trials checked, their order and the result are
+    those of the serial search whatever ``ahead`` does.
     """
     current = list(pins)
+    look = ahead or (lambda sets: None)
 
-    def drop(chunk: list[str]) -> None:
+    def drop(chunks: list[list[str]], later: Sequence[list[str]] = ()) -> None:
+        """Remove each chunk in turn if the rest passes, else its halves (depth first, first half
+        first); ``later`` are the chunks the caller drops next (only looked ahead at)."""
         nonlocal current
-        chunk = [p for p in chunk if p in current]
-        if not chunk:
-            return
-        rest = [p for p in current if p not in set(chunk)]
-        if check(frozenset(rest), "minimize").passed:
-            current = rest
-        elif len(chunk) > 1:
-            mid = len(chunk) // 2
-            drop(chunk[:mid])
-            drop(chunk[mid:])
+        stack = [list(c) for c in reversed(chunks)]
+        while stack:
+            chunk = [p for p in stack.pop() if p in current]
+            if not chunk:
+                continue
+            look(_halving_ahead(current, chunk, stack, later))
+            rest = [p for p in current if p not in set(chunk)]
+            if check(frozenset(rest), "minimize").passed:
+                current = rest
+            elif len(chunk) > 1:
+                mid = len(chunk) // 2
+                stack += [chunk[mid:], chunk[:mid]]
 
     mid = len(current) // 2
     # Sparse (many seeds, or dropping the first half already passes): thin by halves first.
-    if len(current) > halve_above or (len(current) > 3 and check(frozenset(current[mid:]), "minimize").passed):
-        drop(current[:mid])
-        drop(current[mid:])
+    sparse = len(current) > halve_above
+    if not sparse and len(current) > 3:
+        look(_chain([frozenset(current[mid:])], _removals_ahead(current, current, False)))
+        sparse = check(frozenset(current[mid:]), "minimize").passed
+    if sparse:
+        drop([current[:mid]], later=[current[mid:]])
+        drop([current[mid:]])  # the second half of what is left now, as ever
     changed = True
     while changed:  # 1-minimal against the final set, whatever the check's monotonicity
         changed = False
-        for pin in list(current):
+        snapshot = list(current)
+        for i, pin in enumerate(snapshot):
+            look(_removals_ahead(current, snapshot[i:], changed))
             if check(frozenset(p for p in current if p != pin), "minimize").passed:
                 current = [p for p in current if p != pin]
                 changed = True
     return current
 
 
+Ahead = Callable[[Iterator[frozenset[str]]], None]
+
+
+def _chain(*parts: Iterable[frozenset[str]]) -> Iterator[frozenset[str]]:
+    for part in parts:
+        yield from part
+
+
+def _halving_ahead(current: list[str], chunk: list[str], stack: list[list[str]], later: Sequence[list[str]]) -> Iterator[frozenset[str]]:
+    """The removals :func:`minimize`'s halving checks from ``chunk`` on while every check fails."""
+    stack = [list(c) for c in reversed(later)] + [list(c) for c in stack]
+    while True:
+        yield frozenset(p for p in current if p not in set(chunk))
+        if len(chunk) > 1:
+            mid = len(chunk) // 2
+            stack += [chunk[mid:], chunk[:mid]]
+        chunk = []
+        while stack and not chunk:
+            chunk = [p for p in stack.pop() if p in current]
+        if not chunk:
+            return
+
+
+def _removals_ahead(current: list[str], rest: Sequence[str], changed: bool) -> Iterator[frozenset[str]]:
+    """The single removals :func:`minimize` checks from ``rest[0]`` on while every check fails: the
+    rest of this pass, then (when this pass removed a pin already) the next pass."""
+    for pin in rest:
+        yield frozenset(p for p in current if p != pin)
+    if changed:
+        for pin in current:
+            yield frozenset(p for p in current if p != pin)
+
+
 def search_pins(seeds: Sequence[str], check: Check, grow_limit: int = 64,
-                universe: Sequence[str] = ()) -> tuple[list[str], Trial | None]:
+                universe: Sequence[str] = (), ahead: Ahead | None = None) -> tuple[list[str], Trial | None]:
     """Pure low precision first, then seeds + growth (up to every node of ``universe``), then
     minimisation. Returns (pins, the trial that verifies them) or (pins tried last, None) when
-    nothing passed."""
+    nothing passed. ``ahead``: see :func:`minimize` (here also told the seeds' trial while pure
+    low precision runs)."""
+    if ahead is not None and seeds:
+        ahead(iter([frozenset(), frozenset(dict.fromkeys(seeds))]))
     pure = check(frozenset(), "pure")
     if pure.passed:
         return [], pure
@@ -114,8 +167,8 @@ def search_pins(seeds: Sequence[str], check: Check, grow_limit: int = 64,
     pins, trial, _ = grow(start, check, grow_limit, universe)
     if not trial.passed:
         return pins, None
-    pins = minimize(pins, check, halve_above=0 if trial.phase == "all" else 128)  # from everything: thin by halves
+    pins = minimize(pins, check, halve_above=0 if trial.phase == "all" else 128, ahead=ahead)  # from everything: thin by halves
     return pins, check(frozenset(pins), "final")
 
 
-__all__ = ["Check", "Trial", "grow", "minimize", "search_pins"]
+__all__ = ["Ahead", "Check", "Trial", "grow", "minimize", "search_pins"]

@@ -10,24 +10,26 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import onnx
 
-from aligner.backends import make_runner, parse_target, reference_runner
+from aligner.backends import parse_target, reference_runner
 from aligner.backends.replay import model_sha, verification
 from aligner.backends.target import Target
 from aligner.compare.layerwise import estimate_sizes, plan_groups
 from aligner.compare.tolerance import tolerance_for
 from aligner.errors import InputError, TargetRunError
 from aligner.graph.model import ModelGraph, _node_inputs
-from aligner.graph.precision import auto_pinned, is_fp32, node_typing, rewrite_precision
+from aligner.graph.precision import auto_pinned, is_fp32, node_typing
 from aligner.inputs import Feeds, make_inputs, validate_feeds, write_atomic
-from aligner.search.acceptance import Acceptance, check_outputs, default_acceptance, external_verdict
+from aligner.search.acceptance import Acceptance, default_acceptance
+from aligner.search.executor import Executor, SerialExecutor, Workers, make_executor, parse_workers
 from aligner.search.pins import Trial, search_pins
 from aligner.search.plan import Pin, PrecisionPlan, TrialLog, flop_fraction
+from aligner.search.trial_job import TrialJob, trial_model
 from aligner.limits import FP16_MIN_SUBNORMAL, LOW_MAX
 from aligner.search.verdict import ValueRange
 
@@ -94,12 +96,16 @@ class _Evaluator:
 
     def __init__(self, graph: ModelGraph, target: Target, samples: list[Feeds], accept: Acceptance, log_: TrialLog,
                  locate: bool, max_trials: int, progress: Callable[[Trial, int], None] | None, universe: Sequence[str] = (),
-                 fallback=None):
+                 fallback=None, executor: Executor | None = None):
+        executor = executor or SerialExecutor()
         self.graph, self.target, self.samples, self.accept, self.log = graph, target, samples, accept, log_
         self.fallback = fallback  # INT8: aligner.search.int8.FallbackRanking; the search is int8.search_fallback
         self.locate, self.max_trials, self.progress, self.universe = locate, max_trials, progress, set(universe)
         ref = reference_runner(graph)
         self.reference = [ref.run(feeds) for feeds in samples]
+        self.executor = executor
+        executor.start(TrialJob(graph, target, samples, self.reference, accept))  # each worker loads it once
+        self.pending: dict[frozenset[str], int] = {}  # trials running ahead: pin set -> the executor's ticket
         self.trials = log_.resumed  # numbered on from a resumed log, so the count agrees with the log
         self.new_trials = 0  # run by this call (what --max-trials limits)
         self.culprit_runs = 0
@@ -111,36 +117,48 @@ class _Evaluator:
             self.best = trial
         return trial
 
+    def ahead(self, upcoming: Iterator[frozenset[str]]) -> None:
+        """Run ahead the trials the search will check next if the coming ones fail (``upcoming``, in
+        the search's order): the first not yet known, as many as the executor runs at once (and the
+        trial cap allows). Trials no longer upcoming are dropped. Results are logged only when the
+        search asks for them, so the log is the serial search's."""
+        room = min(self.executor.workers, self.max_trials - self.new_trials)
+        wanted: list[frozenset[str]] = []
+        for pins in upcoming:
+            if len(wanted) >= room:
+                break
+            if pins not in self.log.cache and pins not in wanted:
+                wanted.append(pins)
+        for pins in [p for p in self.pending if p not in wanted]:
+            self.executor.discard(self.pending.pop(pins))
+        for pins in wanted:
+            if pins not in self.pending:
+                self.pending[pins] = self.executor.submit(pins)
+
     def _new(self, pins: frozenset[str], phase: str) -> Trial:
         if self.new_trials >= self.max_trials:
             raise _OutOfTrials()
+        ticket = self.pending.pop(pins, None)
+        outcome = self.executor.result(ticket if ticket is not None else self.executor.submit(pins))
+        passed, metrics, reason, error = False, {}, "", ""
+        if isinstance(outcome.error, TargetRunError):
+            error = str(outcome.error)
+        elif outcome.error is not None:
+            raise outcome.error
+        else:
+            passed, metrics, reason = outcome.value.passed, outcome.value.metrics, outcome.value.reason
         start = time.perf_counter()
-        try:
-            passed, metrics, reason = self._run(pins)
-            error = ""
-        except TargetRunError as exc:
-            passed, metrics, reason, error = False, {}, "", str(exc)
         culprit = None
         if not passed and not error and (phase in ("seed", "grow") or (phase == "pure" and self.locate)):
             culprit = self._culprit(pins)  # only growing needs to know where it goes wrong
-        trial = Trial(pins, passed, phase, metrics, culprit, error, time.perf_counter() - start, reason)
+        seconds = outcome.seconds + time.perf_counter() - start
+        trial = Trial(pins, passed, phase, metrics, culprit, error, seconds, reason, worker=outcome.worker)
         self.trials += 1
         self.new_trials += 1
         self.log.record(trial)
         if self.progress:
             self.progress(trial, self.trials)
         return trial
-
-    def _run(self, pins: frozenset[str]) -> tuple[bool, dict[str, float], str]:
-        runner = make_runner(self.graph, self.target, pins)
-        worst: dict[str, float] = {}
-        reason = ""
-        for feeds, ref in zip(self.samples, self.reference):
-            said = check_outputs(self.accept, ref, runner.run(feeds), worst)  # every sample runs: worst covers them all
-            reason = reason or said
-        if not reason:
-            reason = external_verdict(self.accept, lambda: trial_model(self.graph, self.target, pins), runner)
-        return not reason, worst, reason
 
     def _culprit(self, pins: frozenset[str]) -> str | None:
         """Where NaN/inf (else the divergence) starts under these pins, not already pinned; on INT8,
@@ -194,13 +212,19 @@ def search_precision(
     progress: Callable[[Trial, int], None] | None = None,
     sweep: bool = False,
     fusion_check: bool = True,
+    workers: Workers | Executor = 1,
 ) -> PrecisionPlan:
     """The smallest verified set of nodes to keep in FP32 so ``target`` passes ``accept`` — the one
     verdict rule, :class:`~aligner.compare.tolerance.Tolerance` (default: the target's, as compare
     judges it: :func:`~aligner.compare.tolerance.tolerance_for`), its external check on top; on INT8
     targets the pins are nodes kept in float (excluded from quantization), every trial re-quantized
     with ONNX Runtime's quantizer and run on ``target``; ``sweep`` first picks the quantizer setting
-    with the smallest full-INT8 error (:func:`aligner.quant.sweep.sweep_settings`)."""
+    with the smallest full-INT8 error (:func:`aligner.quant.sweep.sweep_settings`).
+
+    ``workers`` runs independent trials at once (:mod:`aligner.search.executor`): a number of local
+    processes, ``"ray"`` or ``"ray://HOST:PORT"``, or an executor the caller made (and reads the
+    stats of); the plan and the trials log are the serial search's. INT8 searches run serially
+    for now."""
     graph = model if isinstance(model, ModelGraph) else ModelGraph.load(model)
     target = parse_target(target) if isinstance(target, str) else target
     from aligner.graph.precision import built_precision
@@ -235,8 +259,14 @@ def search_precision(
             fallback = int8.FallbackRanking(graph, target, samples, universe, kernel)
         else:
             seeds = seed_pins(graph, value_ranges(graph, samples), target.precision)
-        evaluator = _Evaluator(graph, target, list(samples), accept, log_, not seeds, max_trials, progress, universe, fallback)
-        pins, verified, notes = _search(list(seeds), evaluator, universe, max_trials, target.precision)
+        own = isinstance(workers, (int, str))
+        executor = executor_for(workers, target) if own else workers
+        try:
+            evaluator = _Evaluator(graph, target, list(samples), accept, log_, not seeds, max_trials, progress, universe, fallback, executor)
+            pins, verified, notes = _search(list(seeds), evaluator, universe, max_trials, target.precision)
+        finally:
+            if own:
+                executor.close()
         passed = verified is not None and verified.passed and not notes  # a note says why the search has no verified plan
     if log_.resumed:
         notes.append(f"resumed {log_.resumed} trial(s) from {resume}; {evaluator.new_trials} new")
@@ -263,14 +293,13 @@ def search_precision(
     return plan
 
 
-def trial_model(graph: ModelGraph, target: Target, pins: Iterable[str]) -> onnx.ModelProto:
-    """The model a trial runs: FP16/BF16 rewritten with ``pins`` in FP32, or INT8 quantized by ONNX
-    Runtime's quantizer with ``pins`` excluded (kept in float)."""
-    if target.is_quantized:
-        from aligner.quant.quantize import quantize
-
-        return quantize(graph, target, exclude=pins).model
-    return rewrite_precision(graph, pins, target.precision).model
+def executor_for(workers: Workers, target: Target) -> Executor:
+    """The executor a search on ``target`` runs its trials on (:func:`~aligner.search.executor.make_executor`):
+    a Ray worker takes a GPU where the target runs on one; INT8 searches run serially for now."""
+    if target.is_quantized and parse_workers(workers) != 1:  # the INT8 search's parallel phases are not built yet
+        log.warning("--workers %s: the INT8 search runs its trials one after another for now", workers)
+        workers = 1
+    return make_executor(workers, gpus=1.0 if target.device == "cuda" else 0.0)
 
 
 def pinnable(graph: ModelGraph, auto: dict[str, str]) -> list[str]:
@@ -291,7 +320,7 @@ def _search(seeds: list[str], evaluator: _Evaluator, universe: list[str], max_tr
 
             pins, verified = search_fallback(evaluator.fallback.groups, evaluator, evaluator.graph.index_of.__getitem__)
         else:
-            pins, verified = search_pins(seeds, evaluator, universe=universe)
+            pins, verified = search_pins(seeds, evaluator, universe=universe, ahead=evaluator.ahead)
     except _OutOfTrials:
         best = evaluator.best
         cap = f"{CAPPED} {max_trials}-trial cap (--max-trials)"
@@ -346,4 +375,4 @@ def _reasons(graph: ModelGraph, pins: list[str], seeds: dict[str, str], log_: Tr
     return out
 
 
-__all__ = ["Acceptance", "default_acceptance", "search_precision", "seed_pins", "value_ranges", "verdict"]
+__all__ = ["Acceptance", "default_acceptance", "executor_for", "search_precision", "seed_pins", "value_ranges", "verdict"]
