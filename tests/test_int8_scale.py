@@ -165,3 +165,34 @@ def test_opset11_model_falls_back_to_per_tensor_when_the_upgrade_fails(tmp_path,
     assert "quantized per-tensor" in quantized.opset_note and "no adapter" in quantized.opset_note
     got = make_runner(graph, target).run(_image(7))["y"]  # runs: no raw INVALID_GRAPH
     assert np.isfinite(got).all()
+
+
+def test_isolation_groups_units_by_their_real_tensor_sizes_within_the_budget(tmp_path):
+    """Isolating the quantized nodes holds at most the budget of tensors per run (their sizes from
+    shape inference, not a fixed guess per node); smaller budgets give more runs, the same errors."""
+    from aligner.compare.tolerance import tolerance_for
+    from aligner.quant.match import QdqMap
+    from aligner.search.isolate import isolate_quantized, unit_bytes
+
+    size = 96
+    path = tmp_path / "m.onnx"
+    onnx.save(conv_net(size, channels=16, layers=4), str(path))
+    graph = ModelGraph.load(path)
+    target = Target.parse(f"ort:cpu:int8@reduce_range=1,calib={_calib_dir(tmp_path, 2, size)}")
+    feeds = _image(3, size)
+    qmap = QdqMap(graph, quantize(graph, target).model)
+    units = {n: u for n in ("conv1", "conv2", "conv3") if (u := qmap.unit(n)) is not None}
+    activation = 16 * size * size * 4
+    assert unit_bytes(graph, units, feeds) == {n: activation + 3 * activation for n in units}  # its input; its output x (reference + 2 runs)
+    names = [f"conv{i}" for i in range(5)]
+    results = {}
+    for budget in (2**30, 2 * 4 * activation):  # everything in one run; two middle units a run
+        probes = []
+        errors = isolate_quantized(graph, names, feeds, reference_runner(graph), target, tolerance_for(target), budget_bytes=budget,
+                                   on_probe=probes.append)
+        results[budget] = ({e.node: e.metrics["rel_l2"] for e in errors}, len(probes))
+    (big, big_runs), (small, small_runs) = results.values()
+    assert big_runs == 1 and small_runs == 3  # conv0 (3-channel input) + conv1, conv2 + conv3, conv4
+    assert small.keys() == big.keys() == set(names)
+    for node in names:
+        np.testing.assert_allclose(small[node], big[node], rtol=1e-5, err_msg=node)

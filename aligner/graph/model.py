@@ -266,7 +266,8 @@ def concrete_shapes(graph: ModelGraph, input_shapes: dict[str, tuple[int, ...]])
                 d.dim_value = int(size)
     del fixed.graph.value_info[:]
     inferred = infer_shapes(fixed)
-    return {vi.name: TensorInfo(vi.name, *_type_and_shape(vi.type), kind="activation") for vi in inferred.graph.value_info}
+    return {vi.name: TensorInfo(vi.name, *_type_and_shape(vi.type), kind="activation")
+            for vi in (*inferred.graph.value_info, *inferred.graph.output)}  # the outputs' shapes are inferred too
 
 
 def numpy_dtype(elem_type: int) -> np.dtype:

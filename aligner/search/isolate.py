@@ -114,6 +114,7 @@ def isolate_quantized(graph: ModelGraph, names: Sequence[str], feeds: Mapping[st
     float (``emulated_<metric>`` in the metrics): a node whose emulated error is small but whose
     real error is large loses accuracy in ONNX Runtime's integer kernel, not in quantization."""
     from aligner.backends.onnxruntime import OrtRunner
+    from aligner.quant.calib import report
     from aligner.quant.match import QdqMap, units_model
     from aligner.quant.quantize import quantize, session_target
 
@@ -124,7 +125,9 @@ def isolate_quantized(graph: ModelGraph, names: Sequence[str], feeds: Mapping[st
     units = {k: u for k in dict.fromkeys(kernel_of.values()) if (u := qmap.unit(k)) is not None}
     order = sorted(units, key=graph.index_of.__getitem__)
     errors: list[LocalError] = []
-    for group in plan_groups(order, {n: 8 * 2**20 for n in order}, budget_bytes):
+    groups = plan_groups(order, unit_bytes(graph, units, feeds, runs=2 if target.runtime == "ort" else 1), budget_bytes)
+    for i, group in enumerate(groups):
+        report(f"isolating quantized nodes ({len(order)} in {len(groups)} run(s))", i + 1, len(groups))
         chosen = [units[n] for n in group]
         wanted = [t for u in chosen for t in (*u.feeds.values(), *u.outputs.values())]
         ref = reference.run(dict(feeds), [t for t in dict.fromkeys(wanted) if t in reference.capturable])
@@ -143,6 +146,22 @@ def isolate_quantized(graph: ModelGraph, names: Sequence[str], feeds: Mapping[st
             errors += [replace(own, node=n, op_type=graph.node(n).op_type, index=graph.index_of[n]) if n != unit.node else own
                        for n, k in kernel_of.items() if k == unit.node]
     return sorted(errors, key=lambda e: e.index)
+
+
+def unit_bytes(graph: ModelGraph, units: Mapping, feeds: Mapping[str, np.ndarray], runs: int = 2) -> dict[str, int]:
+    """What isolating each unit of ``units`` holds for one sample of ``feeds``' shapes: the reference
+    values of its inputs and outputs, and its outputs once more per target run (``runs``: the integer
+    kernels, Q/DQ in float). From shape inference; a tensor of unknown size counts 4 MB. A unit's feed
+    shared with another unit of the same group is counted in both (a bound, not an exact sum)."""
+    from aligner.compare.layerwise import UNKNOWN_SIZE, estimate_sizes
+
+    sizes = {**estimate_sizes(graph, dict(feeds)), **{k: np.asarray(v).nbytes for k, v in feeds.items()}}
+
+    def size(t: str) -> int:
+        return sizes.get(t, UNKNOWN_SIZE)
+
+    return {n: sum(size(t) for t in set(u.feeds.values())) + (1 + runs) * sum(size(t) for t in set(u.outputs.values()))
+            for n, u in units.items()}
 
 
 def _unit_error(graph: ModelGraph, unit, ref: dict, got: dict, tol: Tolerance) -> LocalError:
@@ -195,4 +214,4 @@ def kernel_or_quantization(error: LocalError, tol: Tolerance) -> str:
     return "quantization" if tol.exceeded({tol.metric: emulated, "max_abs": error.metrics.get("max_abs", 0.0)}) else "kernel"
 
 
-__all__ = ["isolate", "isolate_quantized", "kernel_or_quantization", "worst_channel_rel_l2"]
+__all__ = ["isolate", "isolate_quantized", "kernel_or_quantization", "unit_bytes", "worst_channel_rel_l2"]
