@@ -22,6 +22,7 @@ from aligner.errors import InputError
 from aligner.eval.adapters import ADAPTERS
 from aligner.eval.dataset import CocoDataset, Preprocess
 from aligner.eval.run import EvalResult, evaluate_detector, label_map_for
+from aligner.search.executor import make_executor
 from aligner.graph.model import ModelGraph
 from aligner.inputs import parse_input_shapes, write_atomic
 from aligner.report.console import fit_table
@@ -77,6 +78,9 @@ def add_parser(sub) -> None:
                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("model", nargs="?", help="detector .onnx (default: the built-in example detector)")
     c.add_argument("--no-check", action="store_true", help="skip the ONNX checker when loading")
+    c.add_argument("--workers", default="1", metavar="N|ray|ray://HOST:PORT",
+                   help="evaluate image shards at once in N local processes (default 1) or on Ray; the metric is computed once "
+                        "on the merged detections: the serial result to the last digit")
     c.add_argument("--data", metavar="DIR", help="image folder (val2017 layout)")
     c.add_argument("--ann", metavar="JSON", help="COCO instances JSON")
     c.add_argument("--adapter", choices=sorted(ADAPTERS), help="how to read the outputs (default yolo for the example)")
@@ -152,15 +156,19 @@ def run(args: argparse.Namespace) -> int:
     # results are keyed by the targets as the user wrote them, unless the sidecar or calibration changed them
     targets = [spec if Target.parse(spec, plan=args.plan) == t else t for spec, t in zip(specs, targets)]
     console = Console(stderr=True, highlight=False)
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, transient=True) as bar:
+    executor = make_executor(args.workers)
+    with executor, Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                            console=console, transient=True) as bar:
         task = bar.add_task(f"evaluating {len(targets)} target(s)", total=len(dataset))
 
         def progress(phase: str, done: int, total: int) -> None:
             bar.update(task, completed=done)
 
         result = evaluate_detector(graph, dataset, adapter, preprocess, targets, args.plan,
-                                   label_map_for(dataset.gt, args.label_map), args.batch, progress)
+                                   label_map_for(dataset.gt, args.label_map), args.batch, progress, workers=executor)
+    from aligner.cli.precision import print_workers
+
+    print_workers(executor.stats(), "shard", console)
     print_eval(result)
     if args.json:
         write_atomic(Path(args.json), json.dumps(result.to_dict(), indent=1).encode())

@@ -95,12 +95,14 @@ class CocoDataset:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def batches(self, preprocess: Preprocess, batch: int) -> Iterator[tuple[np.ndarray, list[dict], list[tuple]]]:
-        """(inputs [B, ...], image entries, back-mapping per image), in image-id order."""
+    def batches(self, preprocess: Preprocess, batch: int, only: range | None = None) -> Iterator[tuple[np.ndarray, list[dict], list[tuple]]]:
+        """(inputs [B, ...], image entries, back-mapping per image), in image-id order; ``only``: the
+        batches of these indices (a shard), else all."""
         require("PIL", "reading the dataset's images", package="pillow")
         from PIL import Image
 
-        for start in range(0, len(self.entries), batch):
+        starts = range(0, len(self.entries), batch)
+        for start in (starts if only is None else starts[only.start:only.stop]):
             chunk = self.entries[start:start + batch]
             arrays, backs = [], []
             for entry in chunk:

@@ -17,6 +17,7 @@ from aligner.eval.adapters import Adapter, Detections, output_mvre
 from aligner.eval.coco import STAT_NAMES, CocoStats, evaluate_coco, stats_delta
 from aligner.eval.dataset import CocoDataset, Preprocess
 from aligner.graph.model import ModelGraph
+from aligner.search.executor import Executor, Workers, make_executor
 
 
 @dataclass(frozen=True)
@@ -113,11 +114,17 @@ def evaluate_detector(
     label_map: Mapping[int, int] | None = None,
     batch: int = 16,
     progress: Callable[[str, int, int], None] | None = None,
+    workers: Workers | Executor = 1,
 ) -> EvalResult:
     """COCO metrics of ``model`` on ``dataset`` for each target; the first target is the reference
     of the Δ and MVRE columns. Targets ending in ``+plan`` keep the nodes of the plan file ``plan``
     in FP32. Results are keyed by each target as given (``emu:fp16+plan``); each records the
-    resolved target (plan file, runtime options) as ``spec``."""
+    resolved target (plan file, runtime options) as ``spec``.
+
+    ``workers`` (a number of local processes, ``"ray"``, ``"ray://HOST:PORT"`` or an executor:
+    :mod:`aligner.search.executor`) runs shards of images at once; the detections and error sums
+    are merged in image order and the metric is computed once on them, so the result is the
+    serial one to the last digit (only the seconds differ)."""
     graph = model if isinstance(model, ModelGraph) else ModelGraph.load(model)
     targets = [str(t) for t in targets]
     if not targets:
@@ -125,34 +132,113 @@ def evaluate_detector(
     input_name = image_input(graph.input_names, preprocess)
     batch = model_batch(graph, batch)
     label_map = label_map if label_map is not None else label_map_for(dataset.gt)
-    runners = [runner_for(graph, t, plan) for t in targets]
-    dets = {t: [] for t in targets}
+    runners = [runner_for(graph, t, plan) for t in targets]  # bad targets and plans fail here, before any work
+    job = _EvalJob(graph, dataset, adapter, preprocess, targets, plan, dict(label_map), batch, input_name)
+    batches = -(-len(dataset) // batch)
+    executor, own = (make_executor(workers), True) if isinstance(workers, (int, str)) else (workers, False)
+    if executor.workers == 1:
+        job.runners = [r for r, _ in runners]  # in this process: the runners made above
+    shards = _shards(batches, executor.workers)
+    dets: dict[str, list] = {t: [] for t in targets}
     nonfinite = dict.fromkeys(targets, 0)
     seconds = dict.fromkeys(targets, 0.0)
     err_sum: dict[str, dict[str, float]] = {t: {} for t in targets}
     err_n: dict[str, dict[str, int]] = {t: {} for t in targets}
     done = 0
-    for x, entries, backs in dataset.batches(preprocess, batch):
-        ref_out = None
-        for spec, (runner, _) in zip(targets, runners):
-            start = time.perf_counter()
-            out = runner.run(model_feeds(input_name, x, entries, backs, preprocess))
-            seconds[spec] += time.perf_counter() - start
-            ref_out = out if ref_out is None else ref_out
-            _accumulate_mvre(ref_out, out, err_sum[spec], err_n[spec])
-            for k in range(len(entries)):
-                if any(not np.all(np.isfinite(np.asarray(v)[k])) for v in out.values() if np.asarray(v).dtype.kind == "f"):
-                    nonfinite[spec] += 1
-            dets[spec] += _coco_detections(out, entries, backs, adapter, preprocess, label_map)
-        done += len(entries)
-        if progress:
-            progress("images", done, len(dataset))
+    try:
+        executor.start(job)
+        tickets = [executor.submit(shard) for shard in shards]
+        for ticket in tickets:  # in image order, whatever order the shards finished in
+            outcome = executor.result(ticket)
+            if outcome.error is not None:
+                raise outcome.error
+            for part in outcome.value:
+                for spec in targets:
+                    got = part[spec]
+                    dets[spec] += got.detections
+                    nonfinite[spec] += got.nonfinite
+                    seconds[spec] += got.seconds
+                    for name, weighted, n in got.errors:  # the serial running sums, added in the same order
+                        err_sum[spec][name] = err_sum[spec].get(name, 0.0) + weighted
+                        err_n[spec][name] = err_n[spec].get(name, 0) + n
+                done += part.images
+                if progress:
+                    progress("images", done, len(dataset))
+    finally:
+        if own:
+            executor.close()
     results = []
     for spec, (_, target) in zip(targets, runners):
         stats = evaluate_coco(dataset.gt, dets[spec], image_ids=dataset.image_ids)
         mvre = {k: err_sum[spec][k] / err_n[spec][k] if err_n[spec][k] else math.nan for k in err_sum[spec]}
         results.append(TargetEval(spec, stats, mvre, len(dataset), nonfinite[spec], seconds[spec], len(target.pins), str(target)))
     return EvalResult(str(graph.path or "<in-memory>"), str(dataset.annotations), targets[0], tuple(results))
+
+
+def _shards(batches: int, workers: int) -> list[range]:
+    """Batch ranges in order: one batch each on one worker (progress per batch), else about four
+    shards per worker (balance while some run slower)."""
+    if workers <= 1:
+        return [range(i, i + 1) for i in range(batches)]
+    size = max(1, -(-batches // (4 * workers)))
+    return [range(i, min(i + size, batches)) for i in range(0, batches, size)]
+
+
+@dataclass(frozen=True)
+class _TargetPart:
+    detections: list[dict]
+    errors: list[tuple[str, float, int]]  # (output, MVRE x finite elements, finite elements), in output order
+    nonfinite: int
+    seconds: float
+
+
+class _Part(dict):
+    """One batch: target -> :class:`_TargetPart`, and the number of images."""
+
+    images: int = 0
+
+
+class _EvalJob:
+    """What a worker holds to evaluate shards: the model, dataset and targets; its runners are made
+    on its first shard and kept."""
+
+    def __init__(self, graph, dataset, adapter, preprocess, targets, plan, label_map, batch, input_name):
+        self.graph, self.dataset, self.adapter, self.preprocess = graph, dataset, adapter, preprocess
+        self.targets, self.plan, self.label_map, self.batch, self.input_name = targets, plan, label_map, batch, input_name
+        self.runners: list[Runner] | None = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__, runners=None)
+        graph = state.pop("graph")
+        state["model"], state["path"] = graph.model.SerializeToString(), graph.path
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        import onnx
+
+        model, path = state.pop("model"), state.pop("path")
+        self.__dict__.update(state)
+        self.graph = ModelGraph(onnx.ModelProto.FromString(model), path)
+
+    def __call__(self, shard: range) -> list[_Part]:
+        if self.runners is None:
+            self.runners = [runner_for(self.graph, t, self.plan)[0] for t in self.targets]
+        parts = []
+        for x, entries, backs in self.dataset.batches(self.preprocess, self.batch, only=shard):
+            part, ref_out = _Part(), None
+            part.images = len(entries)
+            feeds = model_feeds(self.input_name, x, entries, backs, self.preprocess)
+            for spec, runner in zip(self.targets, self.runners):
+                start = time.perf_counter()
+                out = runner.run(feeds)
+                took = time.perf_counter() - start
+                ref_out = out if ref_out is None else ref_out
+                bad = sum(any(not np.all(np.isfinite(np.asarray(v)[k])) for v in out.values() if np.asarray(v).dtype.kind == "f")
+                          for k in range(len(entries)))
+                dets = _coco_detections(out, entries, backs, self.adapter, self.preprocess, self.label_map)
+                part[spec] = _TargetPart(dets, _mvre_terms(ref_out, out), bad, took)
+            parts.append(part)
+        return parts
 
 
 def coco_acceptance(dataset: CocoDataset, adapter: Adapter, preprocess: Preprocess, reference: Runner,
@@ -207,16 +293,18 @@ def _coco_detections(out: dict, entries: list[dict], backs: list, adapter: Adapt
     return dets
 
 
-def _accumulate_mvre(ref: dict, out: dict, sums: dict, counts: dict) -> None:
-    """Running MVRE per output over all images: :func:`output_mvre` weighted by finite elements."""
+def _mvre_terms(ref: dict, out: dict) -> list[tuple[str, float, int]]:
+    """One batch's share of the running MVRE per output over all images: :func:`output_mvre`
+    weighted by finite elements, and that count."""
+    terms = []
     for name, r in ref.items():
         r, t = np.asarray(r), np.asarray(out[name])
         if r.dtype.kind != "f" or r.shape != t.shape:
             continue
         n = int((np.isfinite(r) & np.isfinite(t)).sum())
         if n:
-            sums[name] = sums.get(name, 0.0) + output_mvre(r, t) * n
-            counts[name] = counts.get(name, 0) + n
+            terms.append((name, output_mvre(r, t) * n, n))
+    return terms
 
 
 __all__ = ["EvalResult", "TargetEval", "coco_acceptance", "evaluate_detector", "image_input", "label_map_for", "model_batch", "model_feeds",
