@@ -124,7 +124,8 @@ def validate_feeds(graph: ModelGraph, feeds: Feeds) -> Feeds:
         _check_shape(info, tuple(array.shape))
         want = numpy_dtype(info.elem_type) if info.elem_type else array.dtype
         if array.dtype != want:
-            if array.dtype.kind != want.kind and not (array.dtype.kind in "iu" and want.kind in "iu"):
+            strings = want.kind == "O" and array.dtype.kind in "US"  # a string input: .npz holds strings as unicode arrays
+            if array.dtype.kind != want.kind and not (array.dtype.kind in "iu" and want.kind in "iu") and not strings:
                 raise InputError(f"Input {info.name!r}: expected dtype {want}, given {array.dtype}.")
             array = array.astype(want)
         _warn_nonfinite(info.name, array)
