@@ -84,6 +84,9 @@ def diff_tensor(ref: np.ndarray | list, test: np.ndarray | list, tol: Tolerance)
     ref, test = np.asarray(ref), np.asarray(test)
     if ref.shape != test.shape:
         return Diff({}, nonfinite_counts(ref), nonfinite_counts(test), True, f"shape {ref.shape} vs {test.shape}")
+    if ref.dtype.kind in "OSU" or test.dtype.kind in "OSU":  # string tensors: equal or not (no metric applies)
+        differs = bool(np.any(ref.astype(str) != test.astype(str)))
+        return Diff({}, NonFinite(), NonFinite(), differs, "values" if differs else "")
     metrics, nf_ref, nf_test = measure(ref, test)
     if nonfinite_differs(ref, test, nf_ref, nf_test):
         return Diff(metrics, nf_ref, nf_test, True, "nonfinite")
