@@ -14,6 +14,7 @@ directory when they are large, so each capture group costs a few KB of protobuf 
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import weakref
@@ -42,6 +43,9 @@ SESSION_OPTIONS = {
     "execution_mode": "sequential|parallel",
     "sandbox": "1|0; 1 (default for ort targets): run in a child process, so a crash of ONNX Runtime is reported as a target failure",
 }
+# Threads inside one op when the target does not say (intra_op_num_threads): set by aligner's trial
+# workers to their share of the cores, so N workers do not each start a pool the size of the machine.
+THREADS_ENV = "ALIGNER_ORT_THREADS"
 # CUDA execution provider options (ort:cuda:*), passed to ONNX Runtime as given.
 CUDA_OPTIONS = {
     "cudnn_conv_algo_search": "EXHAUSTIVE|HEURISTIC|DEFAULT",
@@ -115,6 +119,8 @@ def session_options(target: Target, optimize: bool) -> ort.SessionOptions:
     for key in ("intra_op_num_threads", "inter_op_num_threads"):
         if key in options:
             setattr(so, key, int_option(target, key, options[key]))
+    if "intra_op_num_threads" not in options and os.environ.get(THREADS_ENV, "").isdigit():
+        so.intra_op_num_threads = int(os.environ[THREADS_ENV])  # a trial worker's share of the cores (aligner.search.executor)
     if "execution_mode" in options:
         mode = choice_option(target, "execution_mode", options["execution_mode"], ("sequential", "parallel"))
         so.execution_mode = getattr(ort.ExecutionMode, f"ORT_{mode.upper()}")

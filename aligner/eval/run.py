@@ -136,9 +136,9 @@ def evaluate_detector(
     job = _EvalJob(graph, dataset, adapter, preprocess, targets, plan, dict(label_map), batch, input_name)
     batches = -(-len(dataset) // batch)
     executor, own = (make_executor(workers), True) if isinstance(workers, (int, str)) else (workers, False)
+    executor.warm()
     if executor.workers == 1:
         job.runners = [r for r, _ in runners]  # in this process: the runners made above
-    shards = _shards(batches, executor.workers)
     dets: dict[str, list] = {t: [] for t in targets}
     nonfinite = dict.fromkeys(targets, 0)
     seconds = dict.fromkeys(targets, 0.0)
@@ -147,7 +147,7 @@ def evaluate_detector(
     done = 0
     try:
         executor.start(job)
-        tickets = [executor.submit(shard) for shard in shards]
+        tickets = [executor.submit(shard) for shard in _shards(batches, executor.workers)]  # a Ray cluster's size is known now
         for ticket in tickets:  # in image order, whatever order the shards finished in
             outcome = executor.result(ticket)
             if outcome.error is not None:

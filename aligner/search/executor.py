@@ -91,6 +91,8 @@ class Outcome:
 class Executor(Protocol):
     workers: int  # how many tasks run at once
 
+    def warm(self) -> None: ...  # start the workers now (they import while the caller prepares the job)
+
     def start(self, job: Callable[[Any], Any]) -> None: ...
 
     def submit(self, task: Any) -> int: ...
@@ -125,6 +127,9 @@ class _Base:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def warm(self) -> None:
+        """Nothing to start ahead of the job."""
 
     def _ticket(self) -> int:
         self._next += 1
@@ -238,6 +243,8 @@ def _portable(exc: BaseException) -> BaseException:
 
 
 def _serve(read_fd: int, write_fd: int) -> None:  # pragma: no cover - runs in the worker
+    import aligner.backends.onnxruntime  # noqa: F401 - onnx, ONNX Runtime, numpy: imported while the caller prepares the job
+
     requests, replies = os.fdopen(read_fd, "rb"), os.fdopen(write_fd, "wb")
     try:
         _, path, blob = _read(requests)
@@ -262,6 +269,19 @@ def _serve(read_fd: int, write_fd: int) -> None:  # pragma: no cover - runs in t
             _write(replies, (ticket, None, TargetRunError(f"the worker's result cannot be sent back: {exc}"), seconds))
 
 
+def worker_env(workers: int) -> dict[str, str]:
+    """A worker's environment: ONNX Runtime's threads inside one op default to its share of the cores
+    (``ALIGNER_ORT_THREADS``, unless set already: 0 is ONNX Runtime's own default), so N workers do not
+    each start a thread pool the size of the machine (on 2 busy cores, 2 threads per worker ran the
+    detector 1.5-1.9x slower than 1; the values were bitwise equal)."""
+    from aligner.backends.onnxruntime import THREADS_ENV
+
+    env = dict(os.environ)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    env.setdefault(THREADS_ENV, str(max(1, cores // workers)))
+    return env
+
+
 def _describe(code: int | None) -> str:
     if code is not None and code < 0:
         try:
@@ -274,16 +294,18 @@ def _describe(code: int | None) -> str:
 class _Worker:
     """One worker process and the task it is running."""
 
-    def __init__(self, index: int, blob: bytes):
+    def __init__(self, index: int, env: dict[str, str]):
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
         self.proc = subprocess.Popen([sys.executable, "-c", f"from aligner.search.executor import _serve; _serve({to_child_r}, {from_child_w})"],
-                                     pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+                                     pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env)
         os.close(to_child_r)
         os.close(from_child_w)
         self.index, self.requests, self.replies = index, os.fdopen(to_child_w, "wb"), os.fdopen(from_child_r, "rb")
-        self.ready = False
+        self.ready = False  # it has loaded the job
         self.task: tuple[int, float] | None = None  # (ticket, sent at)
+
+    def load(self, blob: bytes) -> None:
         _write(self.requests, ("init", list(sys.path), blob))
 
     def close(self, kill: bool = False) -> int | None:
@@ -315,15 +337,29 @@ class ProcessExecutor(_Base):
         self._queue: deque[tuple[int, Any]] = deque()
         self._sel = selectors.DefaultSelector()
 
+    def warm(self) -> None:
+        """Start the worker processes now: they import ONNX Runtime while the caller prepares the job."""
+        if not self._pool:
+            self._stats = [WorkerStats(f"w{i + 1}") for i in range(self.workers)]
+            self._pool = [self._spawn(i) for i in range(self.workers)]
+
     def start(self, job) -> None:
         self._blob, self._started = pack_job(job), time.perf_counter()
-        self._stats = [WorkerStats(f"w{i + 1}") for i in range(self.workers)]
-        self._pool = [self._spawn(i) for i in range(self.workers)]  # they import and load the job while the caller goes on
+        self.warm()
+        for worker in self._pool:
+            if worker is not None:
+                self._load(worker)
 
     def _spawn(self, index: int) -> _Worker:
-        worker = _Worker(index, self._blob)
+        worker = _Worker(index, worker_env(self.workers))
         self._sel.register(worker.replies, selectors.EVENT_READ, worker)
         return worker
+
+    def _load(self, worker: _Worker) -> None:
+        try:
+            worker.load(self._blob)
+        except (BrokenPipeError, OSError):
+            self._lost(worker)
 
     def submit(self, task) -> int:
         ticket = self._ticket()
@@ -354,6 +390,8 @@ class ProcessExecutor(_Base):
                 return
             if worker is None:
                 worker = self._pool[i] = self._spawn(i)
+                self._load(worker)
+                continue  # it takes a task once it has loaded the job
             if worker.ready and worker.task is None:
                 ticket, task = self._queue.popleft()
                 try:
@@ -448,7 +486,11 @@ class RayExecutor(_Base):
             self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
         self._started = time.perf_counter()
         self._blob = ray.put(pack_job(job))
-        self._actor_class = ray.remote(num_cpus=1, num_gpus=self.gpus, max_restarts=0)(_RayWorker)
+        from aligner.backends.onnxruntime import THREADS_ENV
+
+        threads = {THREADS_ENV: os.environ.get(THREADS_ENV, "1")}  # one CPU per actor: one thread inside an op
+        self._actor_class = ray.remote(num_cpus=1, num_gpus=self.gpus, max_restarts=0,
+                                       runtime_env={"env_vars": threads})(_RayWorker)
         self._stats = [WorkerStats(f"r{i + 1}") for i in range(self.workers)]
         self._actors = [self._actor_class.remote(self._blob) for _ in range(self.workers)]
 

@@ -252,22 +252,23 @@ def search_precision(
         universe = pinnable(graph, auto)
     header = {"model": str(graph.path or "<in-memory>"), "model_sha": model_sha(graph), "target": str(target),
               "accept": list(accept.clauses()), "samples": len(samples)}
-    with TrialLog(Path(trials_log) if trials_log else None, header, Path(resume) if resume else None) as log_:
-        fallback = None
-        if target.is_quantized:  # groups of nodes to keep in float together, by the tensor each keeps unquantized
-            seeds, kernel = int8.quantization_seeds(graph, target, samples[0], universe)
-            fallback = int8.FallbackRanking(graph, target, samples, universe, kernel)
-        else:
-            seeds = seed_pins(graph, value_ranges(graph, samples), target.precision)
-        own = isinstance(workers, (int, str))
-        executor = executor_for(workers, target) if own else workers
-        try:
+    own = isinstance(workers, (int, str))
+    executor = executor_for(workers, target) if own else workers
+    executor.warm()  # workers import ONNX Runtime while the value ranges are measured
+    try:
+        with TrialLog(Path(trials_log) if trials_log else None, header, Path(resume) if resume else None) as log_:
+            fallback = None
+            if target.is_quantized:  # groups of nodes to keep in float together, by the tensor each keeps unquantized
+                seeds, kernel = int8.quantization_seeds(graph, target, samples[0], universe)
+                fallback = int8.FallbackRanking(graph, target, samples, universe, kernel)
+            else:
+                seeds = seed_pins(graph, value_ranges(graph, samples), target.precision)
             evaluator = _Evaluator(graph, target, list(samples), accept, log_, not seeds, max_trials, progress, universe, fallback, executor)
             pins, verified, notes = _search(list(seeds), evaluator, universe, max_trials, target.precision)
-        finally:
-            if own:
-                executor.close()
-        passed = verified is not None and verified.passed and not notes  # a note says why the search has no verified plan
+            passed = verified is not None and verified.passed and not notes  # a note says why the search has no verified plan
+    finally:
+        if own:
+            executor.close()
     if log_.resumed:
         notes.append(f"resumed {log_.resumed} trial(s) from {resume}; {evaluator.new_trials} new")
     pins = sorted(pins, key=graph.index_of.__getitem__)
