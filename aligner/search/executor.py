@@ -480,7 +480,13 @@ class RayExecutor(_Base):
 
         ray = self._ray = require("ray", "--workers ray (trials as Ray tasks)")
         if not ray.is_initialized():
-            ray.init(address=self.address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            if self.address:  # ray://HOST:PORT: Ray Client (the ray extra brings ray[client])
+                ray.init(address=self.address)
+            else:  # a new local cluster, or the one RAY_ADDRESS (or a running local one) names
+                try:
+                    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+                except ValueError:  # an existing cluster refuses settings of a new one
+                    ray.init(log_to_driver=False, configure_logging=False)
             self._own = True
         if not self.workers:
             self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
