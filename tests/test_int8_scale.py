@@ -196,3 +196,25 @@ def test_isolation_groups_units_by_their_real_tensor_sizes_within_the_budget(tmp
     assert small.keys() == big.keys() == set(names)
     for node in names:
         np.testing.assert_allclose(small[node], big[node], rtol=1e-5, err_msg=node)
+
+
+def test_weights_in_constant_nodes_are_said_and_the_sweep_skips_reduce_range(tmp_path):
+    """PaddlePaddle's exporter writes weights as Constant nodes (PP-OCRv4 det: all 62 Conv weights); ONNX
+    Runtime's quantizer then calibrates them as activations and per_channel/reduce_range do nothing: the
+    plan says so and the sweep does not spend trials on reduce_range."""
+    from aligner.compare.tolerance import tolerance_for
+    from aligner.search.int8 import constant_weights, quantizer_settings
+
+    model = conv_net(layers=2, seed=3)
+    for init in [i for i in model.graph.initializer if i.name.endswith(".w")]:
+        model.graph.node.insert(0, helper.make_node("Constant", [], [init.name], name=f"const_{init.name}", value=init))
+        model.graph.initializer.remove(init)
+    path = tmp_path / "constants.onnx"
+    onnx.save(model, str(path))
+    graph = ModelGraph.load(path)
+    assert constant_weights(graph) == ["conv0.w", "conv1.w", "conv2.w"]
+    target = Target.parse(f"ort:cpu:int8@calib={_calib_dir(tmp_path, 2)}")
+    _, record = quantizer_settings(graph, target, [_image(5)], tolerance_for(target), sweep=True)
+    assert "3 Conv/MatMul/Gemm weight(s) are Constant nodes' outputs" in record["weights"]
+    assert len(record["sweep"]) == 3 and len({p["options"]["reduce_range"] for p in record["sweep"]}) == 1
+    assert constant_weights(ModelGraph(conv_net())) == []

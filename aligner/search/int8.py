@@ -78,18 +78,35 @@ def quantizer_settings(graph: ModelGraph, target: Target, samples: Sequence[Feed
     _, opset_note, _ = quantizable_model(graph)
     if opset_note:
         record["opset"] = opset_note
+    inert = constant_weights(graph)
+    if inert:
+        record["weights"] = (f"{len(inert)} Conv/MatMul/Gemm weight(s) are Constant nodes' outputs, not initializers: ONNX Runtime's "
+                             "quantizer quantizes them as activations (one calibrated scale each), so per_channel and reduce_range "
+                             "do not apply to them")
     if sweep:
-        from aligner.quant.sweep import sweep_settings
+        from aligner.quant.sweep import candidate_settings, sweep_settings
 
         calibrate_ranges(graph, target, CALIBRATE)  # every method's ranges in one streaming pass, before the sweep uses them
         metric = accept.metric
-        target, points = sweep_settings(graph, target, samples, metric)
+        base = QuantSettings.of(target)
+        candidates = candidate_settings(base, reduce_range=(base.reduce_range,) if inert else (False, True))  # reduce_range: weights only
+        target, points = sweep_settings(graph, target, samples, metric, candidates)
         record["sweep"] = [p.to_dict() for p in points]
     record["settings"] = QuantSettings.of(target).to_dict()
     # what +plan.json replays (aligner.backends.replay): the data's path and content hash, the model and samples
     record["calibration"] = {**calibration_of(graph, target).to_dict(), **calibration_record(target)}
     record["verified"] = verification(graph, samples)  # the plan's "verified" block (PrecisionPlan takes it from here)
     return target, record
+
+
+def constant_weights(graph: ModelGraph) -> list[str]:
+    """Weights (input 1) of Conv/ConvTranspose/MatMul/Gemm nodes written by Constant nodes, as PaddlePaddle's exporter
+    writes every weight (PP-OCRv4 det: all 62 Conv weights). ONNX Runtime's quantizer takes only initializers
+    for weights; these it calibrates and quantizes like activations. (Moving them into initializers made
+    PP-OCRv4 det's full INT8 worse here — emu:int8 at 320x320, two document pages: output rel_l2 0.27/0.40 -> 0.44/0.59,
+    per-channel or not — so aligner says so and leaves the model as it is.)"""
+    return [n.input[1] for n in graph.nodes if n.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm") and len(n.input) > 1
+            and n.input[1] not in graph.initializers and (p := graph.producer.get(n.input[1])) is not None and p.op_type == "Constant"]
 
 
 class FallbackRanking:
@@ -194,4 +211,4 @@ def fallback_reasons(pins: Sequence[str], groups: Sequence[FallbackGroup], seeds
     return out
 
 
-__all__ = ["FallbackGroup", "FallbackRanking", "fallback_reasons", "quantizable", "quantization_seeds", "quantizer_settings", "rank_key", "search_fallback"]
+__all__ = ["FallbackGroup", "FallbackRanking", "constant_weights", "fallback_reasons", "quantizable", "quantization_seeds", "quantizer_settings", "rank_key", "search_fallback"]
