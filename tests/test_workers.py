@@ -199,3 +199,27 @@ def test_cli_precision_workers_prints_each_workers_share(vit, serial, tmp_path, 
     assert code == 0 and json.loads(out.read_text())["fp32_nodes"] == serial[0].to_dict()["fp32_nodes"]
     assert "workers (processes): w1 " in err and ", w2 " in err and "over one at a time" in err
     assert "[w1]" in err or "[w2]" in err  # per-trial: which worker ran it
+
+
+def test_int8_searches_stay_serial_with_a_warning(caplog):
+    from aligner.backends.target import Target
+    from aligner.search.executor import SerialExecutor
+    from aligner.search.precision import executor_for
+
+    with caplog.at_level("WARNING"):
+        executor = executor_for(2, Target.parse("ort:cpu:int8"))
+    assert isinstance(executor, SerialExecutor) and "INT8 search runs its trials one after another" in caplog.text
+
+
+def test_cli_eval_coco_workers_writes_the_serial_json(tmp_path):
+    from aligner.cli.main import main
+
+    docs = []
+    for workers in ("1", "2"):
+        out = tmp_path / f"eval{workers}.json"
+        assert main(["eval", "coco", "--limit", "24", "--batch", "8", "--workers", workers, "--json", str(out)]) == 0
+        doc = json.loads(out.read_text())
+        for row in doc["targets"].values():
+            del row["seconds"], row["images_per_s"]
+        docs.append(doc)
+    assert docs[0] == docs[1]
