@@ -130,10 +130,11 @@ model, folder, count, tmp = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), Pa
 sub = tmp / f"calib{count}"
 sub.mkdir(exist_ok=True)
 for f in sorted(folder.glob("*.npz"))[:count]:
-    (sub / f.name).symlink_to(f)
+    if not (sub / f.name).exists():
+        (sub / f.name).symlink_to(f)
 calibration = load_calibration(ModelGraph.load(model), sub)
 with open(tmp / f"progress{count}.txt", "w") as out, reporting(lambda phase, done, total: print(phase, done, total, file=out, flush=True)):
-    calibrate(model, calibration.samples, ["minmax", "entropy", "percentile"])
+    calibrate(model, calibration.samples, sys.argv[5].split(","))
 """
 
 
@@ -261,6 +262,8 @@ def main() -> None:
     ap.add_argument("--accept", default="rel_l2<=0.2")
     ap.add_argument("--max-trials", type=int, default=0, help="--max-trials of --mode precision (default: the command's own)")
     ap.add_argument("--json", help="write the rows here too")
+    ap.add_argument("--methods", default="minmax,entropy,percentile",
+                    help="calibration methods of 'after' (default: the three of the settings sweep; minmax alone: what --no-sweep calibrates)")
     ap.add_argument("--keep", help="work in this folder (kept: data, logs, calibration progress) instead of a temp one")
     args = ap.parse_args()
     height, width = (int(v) for v in args.size.split("x"))
@@ -296,7 +299,7 @@ def main() -> None:
             if count <= args.before_max:
                 row["before_mib"], row["before_s"], err = measure(BEFORE, [str(model), str(calib), str(count), str(tmp)])
                 row["before_error"] = err
-            row["after_mib"], row["after_s"], err = measure(AFTER, [str(model), str(calib), str(count), str(tmp)])
+            row["after_mib"], row["after_s"], err = measure(AFTER, [str(model), str(calib), str(count), str(tmp), args.methods])
             row["after_error"] = err
             rows.append(row)
             before = f"{row['before_mib']:11.0f} {row['before_s']:9.1f}" if "before_mib" in row else f"{'-':>11} {'-':>9}"
