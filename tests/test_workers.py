@@ -106,8 +106,8 @@ def test_resume_goes_on_across_serial_and_parallel(vit, serial, tmp_path):
 
 # ---- a worker that dies ------------------------------------------------------------------------
 
-CRASH = frozenset({"/blocks.1/norm2/Add", "/blocks.1/norm2/ReduceMean_1", "/blocks.1/norm2/Sqrt", "/norm/Add", "/norm/Pow",
-                   "/norm/ReduceMean_1", "/norm/Sqrt"})  # a pin set the search checks while minimising (it passes)
+CRASH = frozenset({"/blocks.1/norm2/Sqrt", "/norm/Add", "/norm/Pow", "/norm/ReduceMean_1", "/norm/Sqrt"})  # a pin set the search
+# checks while minimising (it passes; the first assertion of the test checks it is still one)
 
 
 def _abort_on_crash_set(runner) -> str:

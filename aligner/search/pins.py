@@ -103,8 +103,9 @@ def minimize(pins: Sequence[str], check: Check, halve_above: int = 128, ahead: A
         look(_chain([frozenset(current[mid:])], _removals_ahead(current, current, False)))
         sparse = check(frozenset(current[mid:]), "minimize").passed
     if sparse:
-        drop([current[:mid]], later=[current[mid:]])
-        drop([current[mid:]])  # the second half of what is left now, as ever
+        first, second = current[:mid], current[mid:]  # both halves of the set as it was (mid is not an index of what is left)
+        drop([first], later=[second])
+        drop([second])
     changed = True
     while changed:  # 1-minimal against the final set, whatever the check's monotonicity
         changed = False
