@@ -264,7 +264,10 @@ def fusion_dependence(graph: ModelGraph, target, feeds: Mapping[str, np.ndarray]
     from aligner.compare.layerwise import compare
 
     plain = Target.parse(f"emu:{target.precision}", pins=target.pins)
-    unfused = compare(graph, target=plain, feeds=dict(feeds), tolerance=tolerance)
+    # only what the fused kernels hold: outside them the deployed graph stores what the plain emulator stores
+    held = list(dict.fromkeys(o for k in observer.fused for n in k.originals if n in graph.node_by_name
+                              for o in graph.node(n).output if o))
+    unfused = compare(graph, target=plain, feeds=dict(feeds), tolerance=tolerance, tensors=held)
     first = unfused.first_nonfinite or unfused.first_divergent
     if first is None:
         return ""
