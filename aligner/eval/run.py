@@ -208,17 +208,7 @@ class _EvalJob:
         self.runners: list[Runner] | None = None
 
     def __getstate__(self) -> dict:
-        state = dict(self.__dict__, runners=None)
-        graph = state.pop("graph")
-        state["model"], state["path"] = graph.model.SerializeToString(), graph.path
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        import onnx
-
-        model, path = state.pop("model"), state.pop("path")
-        self.__dict__.update(state)
-        self.graph = ModelGraph(onnx.ModelProto.FromString(model), path)
+        return dict(self.__dict__, runners=None)  # sessions stay with each worker (the graph pickles as its model)
 
     def __call__(self, shard: range) -> list[_Part]:
         if self.runners is None:

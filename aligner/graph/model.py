@@ -149,6 +149,13 @@ class ModelGraph:
         self.output_names = [o.name for o in graph.output]
         self.tensors = self._tensor_infos()
 
+    def __getstate__(self) -> dict:
+        """Pickled (for worker processes) as the serialized model and its path: the rest is rebuilt."""
+        return {"model": self.model.SerializeToString(), "path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(onnx.ModelProto.FromString(state["model"]), state["path"])
+
     @classmethod
     def load(cls, path: str | os.PathLike, check: bool = True) -> "ModelGraph":
         return cls(load_model(path, check=check), Path(path))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import pickle
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -143,6 +144,33 @@ class _Base:
         wall = end - self._started if self._started is not None else 0.0
         return ExecutorStats(self.kind, [WorkerStats(w.name, w.tasks, w.seconds, w.crashed) for w in self._stats], wall, self._used,
                              self._wasted)
+
+
+class _Queued(_Base):
+    """A queue of tasks waiting for a worker (the process pool's and Ray's): ``_dispatch`` starts them."""
+
+    def __init__(self, workers: int):
+        super().__init__(workers)
+        self._queue: deque[tuple[int, Any]] = deque()
+
+    def submit(self, task) -> int:
+        ticket = self._ticket()
+        self._queue.append((ticket, task))
+        self._dispatch()
+        return ticket
+
+    def discard(self, ticket: int) -> None:
+        queued = [t for t in self._queue if t[0] != ticket]
+        if len(queued) < len(self._queue):
+            self._queue = deque(queued)  # not started: never runs
+        elif ticket in self._done:
+            self._done.pop(ticket)
+            self._wasted += 1
+        else:
+            self._dropped.add(ticket)  # running: its result is thrown away when it comes
+
+    def _dispatch(self) -> None:
+        raise NotImplementedError
 
 
 def _run(job, task) -> tuple[Any, BaseException | None, float]:

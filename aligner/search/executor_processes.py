@@ -18,11 +18,10 @@ import struct
 import subprocess
 import sys
 import time
-from collections import deque
 from typing import Any
 
 from aligner.errors import InputError, TargetRunError
-from aligner.search.executor import Outcome, WorkerStats, _Base, _portable, _run, pack_job
+from aligner.search.executor import Outcome, WorkerStats, _Queued, _portable, _run, pack_job
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +124,7 @@ class _Worker:
             return self.proc.wait()
 
 
-class ProcessExecutor(_Base):
+class ProcessExecutor(_Queued):
     """N local worker processes, each unpickling the job once; a dead worker is replaced."""
 
     kind = "processes"
@@ -136,7 +135,6 @@ class ProcessExecutor(_Base):
         super().__init__(workers)
         self._blob = b""
         self._pool: list[_Worker | None] = []
-        self._queue: deque[tuple[int, Any]] = deque()
         self._sel = selectors.DefaultSelector()
 
     def warm(self) -> None:
@@ -162,22 +160,6 @@ class ProcessExecutor(_Base):
             worker.load(self._blob)
         except (BrokenPipeError, OSError):
             self._lost(worker)
-
-    def submit(self, task) -> int:
-        ticket = self._ticket()
-        self._queue.append((ticket, task))
-        self._dispatch()
-        return ticket
-
-    def discard(self, ticket: int) -> None:
-        queued = [t for t in self._queue if t[0] != ticket]
-        if len(queued) < len(self._queue):
-            self._queue = deque(queued)  # not started: never runs
-        elif ticket in self._done:
-            self._done.pop(ticket)
-            self._wasted += 1
-        else:
-            self._dropped.add(ticket)  # running: its result is thrown away when it comes
 
     def result(self, ticket: int) -> Outcome:
         while ticket not in self._done:

@@ -7,14 +7,13 @@ from __future__ import annotations
 import os
 import pickle
 import time
-from collections import deque
 from typing import Any
 
 from aligner.errors import TargetRunError
-from aligner.search.executor import Outcome, WorkerStats, _Base, _portable, _run, pack_job
+from aligner.search.executor import Outcome, WorkerStats, _Queued, _portable, _run, pack_job
 
 
-class RayExecutor(_Base):
+class RayExecutor(_Queued):
     """N Ray actors (default: one per CPU of the cluster), each holding the job; ``address`` None
     starts or joins a local cluster, ``ray://HOST:PORT`` joins a remote one."""
 
@@ -27,7 +26,6 @@ class RayExecutor(_Base):
         self._own = False
         self._actors: list = []
         self._running: dict[Any, tuple[int, int]] = {}  # object ref -> (ticket, actor index)
-        self._queue: deque[tuple[int, Any]] = deque()
 
     def start(self, job) -> None:
         from aligner._optional import require
@@ -53,22 +51,6 @@ class RayExecutor(_Base):
                                        runtime_env={"env_vars": threads})(_RayWorker)
         self._stats = [WorkerStats(f"r{i + 1}") for i in range(self.workers)]
         self._actors = [self._actor_class.remote(self._blob) for _ in range(self.workers)]
-
-    def submit(self, task) -> int:
-        ticket = self._ticket()
-        self._queue.append((ticket, task))
-        self._dispatch()
-        return ticket
-
-    def discard(self, ticket: int) -> None:
-        queued = [t for t in self._queue if t[0] != ticket]
-        if len(queued) < len(self._queue):
-            self._queue = deque(queued)
-        elif ticket in self._done:
-            self._done.pop(ticket)
-            self._wasted += 1
-        else:
-            self._dropped.add(ticket)
 
     def _dispatch(self) -> None:
         busy = {index for _, index in self._running.values()}

@@ -47,17 +47,6 @@ class TrialJob:
             reason = external_verdict(self.accept, lambda: trial_model(self.graph, self.target, pins), runner)
         return TrialResult(not reason, worst, reason)
 
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        graph = state.pop("graph")
-        state["model"], state["path"] = graph.model.SerializeToString(), graph.path
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        model, path = state.pop("model"), state.pop("path")
-        self.__dict__.update(state)
-        self.graph = ModelGraph(onnx.ModelProto.FromString(model), path)
-
 
 def trial_model(graph: ModelGraph, target: Target, pins) -> onnx.ModelProto:
     """The model a trial runs: FP16/BF16 rewritten with ``pins`` in FP32, or INT8 quantized by ONNX
