@@ -188,7 +188,7 @@ class Sandbox:
             except (EOFError, BrokenPipeError, ConnectionResetError):
                 code = self._proc.wait(10)
                 self._proc = None
-                raise TargetRunError(f"{label}: ONNX Runtime crashed ({_describe(code)}) {doing}The runtime died, not aligner: "
+                raise TargetRunError(f"{label}: ONNX Runtime crashed ({describe_exit(code)}) {doing}The runtime died, not aligner: "
                                      f"nothing was judged on this run. {advice}") from None
         if reply["status"] == "ok":
             return reply, values
@@ -223,7 +223,8 @@ def _fetched(fetch: Sequence[str]) -> str:
     return f"with {len(fetch)} output(s) ({', '.join(list(fetch)[:3])}{', ...' if len(fetch) > 3 else ''})"
 
 
-def _describe(code: int | None) -> str:
+def describe_exit(code: int | None) -> str:
+    """How a child process ended, in words (``signal SIGSEGV``, ``exit code 3``)."""
     if code is not None and code < 0:
         try:
             return f"signal {signal.Signals(-code).name}"

@@ -294,9 +294,10 @@ def tolerance_from_args(args: argparse.Namespace, target: Target) -> Tolerance:
     --metric/--threshold/--atol, and precision's --accept clauses and --accept-cmd on top."""
     base = tolerance_for(target, Target.parse(getattr(args, "reference", REFERENCE)), args.metric, args.threshold, args.atol)
     specs, command = getattr(args, "accept", None) or [], getattr(args, "accept_cmd", None)
-    if (args.threshold is not None or args.metric != "rel_l2") and any(parse_clause(s, base)[0] is None for s in specs):
-        raise InputError(f"--accept {next(s for s in specs if parse_clause(s, base)[0] is None)!r} and --metric/--threshold both set the "
-                         "rule of every output; give one of them (--accept 'rel_l2<=5e-3' is --metric rel_l2 --threshold 5e-3).")
+    whole = [s for s in specs if parse_clause(s, base)[0] is None]  # clauses that set the rule of every output
+    if whole and (args.threshold is not None or args.metric != "rel_l2"):
+        raise InputError(f"--accept {whole[0]!r} and --metric/--threshold both set the rule of every output; give one of them "
+                         "(--accept 'rel_l2<=5e-3' is --metric rel_l2 --threshold 5e-3).")
     return parse_tolerance(specs, base, command) if specs or command else base
 
 

@@ -31,6 +31,7 @@ import onnx
 from aligner.backends.base import choice_option
 from aligner.backends.target import Target
 from aligner.errors import InputError, TargetError, TargetRunError
+from aligner.graph.fingerprint import model_digest
 from aligner.graph.model import ModelGraph
 from aligner.quant.calib import Calibration, load_calibration
 
@@ -183,7 +184,8 @@ _CACHE = _Cache()
 
 
 def model_sha(graph: ModelGraph) -> str:
-    return hashlib.sha256(graph.model.SerializeToString()).hexdigest()[:16]
+    """The model's content hash (the one plans record; streamed, so no 2 GiB protobuf limit)."""
+    return model_digest(graph.model)
 
 
 def calibration_of(graph: ModelGraph, target: Target) -> Calibration:

@@ -13,13 +13,13 @@ import logging
 import os
 import pickle
 import selectors
-import signal
 import struct
 import subprocess
 import sys
 import time
 from typing import Any
 
+from aligner.backends.sandbox import describe_exit
 from aligner.errors import InputError, TargetRunError
 from aligner.search.executor import Outcome, WorkerStats, _Queued, _portable, _run, pack_job
 
@@ -81,15 +81,6 @@ def worker_env(workers: int) -> dict[str, str]:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     env.setdefault(THREADS_ENV, str(max(1, cores // workers)))
     return env
-
-
-def _describe(code: int | None) -> str:
-    if code is not None and code < 0:
-        try:
-            return f"signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"signal {-code}"
-    return f"exit code {code}"
 
 
 class _Worker:
@@ -218,14 +209,14 @@ class ProcessExecutor(_Queued):
         if worker.task is None:
             if not worker.ready:
                 self.close()
-                raise TargetRunError(f"Worker process {stats.name} died ({_describe(code)}) while loading the search; "
+                raise TargetRunError(f"Worker process {stats.name} died ({describe_exit(code)}) while loading the search; "
                                      "see its message above, or use --workers 1.")
             return
         ticket, sent = worker.task
         stats.crashed += 1
-        log.warning("worker %s died (%s) while running a trial; a new worker takes its place", stats.name, _describe(code))
+        log.warning("worker %s died (%s) while running a trial; a new worker takes its place", stats.name, describe_exit(code))
         self._finished(ticket, Outcome(None, TargetRunError(
-            f"worker {stats.name}: the process died ({_describe(code)}) while building or running this trial: the runtime crashed "
+            f"worker {stats.name}: the process died ({describe_exit(code)}) while building or running this trial: the runtime crashed "
             "(in-process: custom ops are not sandboxed). Nothing was judged on this trial; the search goes on."),
             stats.name, time.perf_counter() - sent))
         self._dispatch()
