@@ -271,20 +271,10 @@ class _Run:
         return self._do("precision", command, f"the smallest verified set of nodes to keep in higher precision{on}", work)
 
     def _residual(self, plan) -> str:
-        """'' when, with the plan, every tensor inside matches as the outputs do; else what still diverges (the
-        acceptance judges the outputs: a NaN a later node masks passes it, and compare of the plan exits 1)."""
-        from aligner.compare import compare
-
-        if self.target.is_quantized:
+        """What still diverges inside with a passing plan (:func:`hidden_divergence`), with the command that lists it."""
+        if not plan.inside:
             return ""
-        with_plan = compare(self.graph, target=replace(self.target, pins=tuple(plan.fp32_nodes)), reference=self.reference, feeds=self.feeds)
-        first, nonfinite = with_plan.first_divergent, with_plan.first_nonfinite
-        if first is None:
-            return ""
-        where = (f"NaN/inf still appear at {nonfinite.op_type} {nonfinite.node!r}" if nonfinite is not None
-                 else f"the first at {first.op_type} {first.node!r}")
-        return (f"with the plan, {len(with_plan.diverging)} tensor(s) inside still diverge ({where}), masked before the outputs: "
-                f"on other inputs they may not be (aligner compare {self.model} --target {shlex.quote(_with_plan(self.target))} "
+        return (f"{plan.inside} (aligner compare {self.model} --target {shlex.quote(_with_plan(self.target))} "
                 f"--plan {shlex.quote(str(self.plan_path))} --inputs {self.inputs} lists them)")
 
     def build(self, plan):

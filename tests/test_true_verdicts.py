@@ -155,3 +155,17 @@ def test_a_root_cause_in_a_parameter_names_the_parameter():
         cause = bisect(model, target="emu:fp16", strategy=strategy).root_cause
         assert cause.node == "p2o.BatchNormalization.1"
         assert "'batch_norm_0.w_2'" in cause.reason and "9.79e+07" in cause.reason and "inf once stored in FP16" in cause.reason
+
+
+def test_a_passing_plan_says_what_still_diverges_inside():
+    """The tiny ViT on emu:fp16: its first LayerNorm overflows (inf) but a later LayerNorm masks it, so the
+    outputs pass with the final norm pinned alone; the plan says where NaN/inf remain, as compare of it would."""
+    from aligner.search.precision import search_precision
+
+    graph, feeds = ModelGraph(tiny_vit()), example_inputs()
+    plan = search_precision(graph, target="emu:fp16", samples=[feeds], fusion_check=False)
+    assert plan.passed
+    with_plan = compare(graph, target=f"emu:fp16+fp32={','.join(plan.fp32_nodes)}" if plan.fp32_nodes else "emu:fp16", feeds=feeds)
+    assert with_plan.first_nonfinite is not None  # compare of the plan exits 1 ...
+    assert str(len(with_plan.diverging)) in plan.inside and with_plan.first_nonfinite.node in plan.inside  # ... and the plan says so
+    assert plan.to_dict()["inside"] == plan.inside

@@ -215,6 +215,8 @@ def print_plan(plan: PrecisionPlan, console: Console | None = None) -> None:
         console.print(f"note: {escape(note)}")
     if plan.fusion_dependence:
         console.print(f"[bold yellow]fusion:[/] {escape(plan.fusion_dependence)}")
+    if plan.inside:
+        console.print(f"[bold yellow]inside:[/] {escape(plan.inside)}")
     samples = plan.verified.get("samples", FEW_SAMPLES) if plan.verified else FEW_SAMPLES
     if plan.passed and samples < FEW_SAMPLES:
         console.print(f"[bold yellow]few samples:[/] verified on {samples} input sample(s): its acceptance may not hold on others "

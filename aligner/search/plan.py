@@ -51,6 +51,7 @@ class PrecisionPlan:
     notes: tuple[str, ...] = ()
     quantization: dict = field(default_factory=dict)  # INT8: quantizer, settings, calibration, sweep
     fusion_dependence: str = ""  # the plan passes only because the runtime fuses some nodes: which, and what without
+    inside: str = ""  # with the plan, tensors inside that still diverge though the outputs pass (masked): how many, where
     # What the acceptance was verified with (aligner.backends.replay.verification: the model's content hash, its node count
     # and inputs, the number of samples): TARGET+plan.json refuses another model. INT8 searches record it with their
     # quantizer settings (aligner.search.int8.quantizer_settings), from where it moves here.
@@ -90,6 +91,7 @@ class PrecisionPlan:
             "notes": list(self.notes),
             **({"quantization": self.quantization} if self.quantization else {}),
             **({"fusion_dependence": self.fusion_dependence} if self.fusion_dependence else {}),
+            **({"inside": self.inside} if self.inside else {}),
             **({"verified": self.verified} if self.verified else {}),
         }
 
