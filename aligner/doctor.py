@@ -3,7 +3,10 @@
 inspect (static FP16 risks) → compare (the target against the reference, every tensor) → bisect
 (first divergent node, its root cause, a standalone repro) → precision (the smallest verified set
 of nodes kept in FP32, or in float for INT8) → build (the deployable model, checked against FP32)
-→ bench (its speed beside FP32 and the pure low precision) → one HTML report.
+→ eval (with a task metric, :class:`~aligner.doctor_task.CocoEval`: COCO AP of FP32, the pure low
+precision and the plan; the plan is then searched with that AP as its acceptance) → bench (its
+speed beside FP32 and the pure low precision) → one HTML report. ``aligner demo`` is this on the
+built-in example detector with its val split (:func:`~aligner.doctor_task.example_coco`).
 
 Every step writes under ``out`` (a run directory per step in ``out/runs/``) and records the command
 that re-runs it alone on the same inputs (``out/inputs.npz``, the first sample: compare, bisect,
@@ -19,20 +22,24 @@ import json
 import shlex
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
+from aligner.backends.registry import backend_of
 from aligner.backends.target import REFERENCE, Target
+from aligner.doctor_task import CocoEval, example_coco
 from aligner.errors import InputError, MissingDependencyError, TargetError, TargetRunError
 from aligner.graph.model import ModelGraph
 from aligner.inputs import save_inputs, write_atomic
+from aligner.search.bisect import Strategy
 
-STEPS = ("inspect", "compare", "bisect", "precision", "build", "bench", "report")
+STEPS = ("inspect", "compare", "bisect", "precision", "build", "eval", "bench", "report")
 Status = Literal["ok", "diverged", "passed", "failed", "skipped"]
 Progress = Callable[[int, str, str], None]  # (step number from 1, step name, message)
+OnStep = Callable[["Step", object], None]  # a finished step and what it returned (CompareResult, BisectResult, ...; None if skipped)
 
 
 @dataclass(frozen=True)
@@ -85,23 +92,32 @@ class StepError(TargetRunError):
 
 
 def doctor(model: ModelGraph | str | Path, target: str | Target, out: str | Path,
-           feeds: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]],
+           feeds: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]] | None = None,
            reference: str = REFERENCE, bench_runs: int = 20, progress: Progress | None = None,
-           inputs: str | Path | None = None) -> DoctorResult:
+           inputs: str | Path | None = None, task: CocoEval | None = None, strategy: Strategy = "auto",
+           on_step: OnStep | None = None) -> DoctorResult:
     """Run the pipeline (module docstring) for ``target`` on ``feeds`` (one sample, or a list of
     samples: precision searches on all, the other steps run the first; ``inputs`` names the file or
-    folder they came from, for the report), writing under ``out`` (the caller checks it may). Returns what each step found; raises :class:`StepError` when a step's
-    target cannot run here."""
+    folder they came from, for the report), writing under ``out`` (the caller checks it may).
+    ``task``: a task metric (:class:`~aligner.doctor_task.CocoEval`) for the plan's acceptance and the
+    eval step; without ``feeds`` its first batch of images is fed. ``strategy``: bisect's.
+    ``bench_runs`` 0 skips the bench step. ``progress`` gets a line as each step starts and ends;
+    ``on_step`` each finished step with its typed result. Returns what each step found; raises
+    :class:`StepError` when a step's target cannot run here."""
     graph = model if isinstance(model, ModelGraph) else ModelGraph.load(model)
     target = Target.parse(target)
-    if target.runtime == "torch":
+    if not backend_of(target).runs_onnx:
         raise InputError(f"aligner doctor runs the ONNX model on its target; {target} runs a PyTorch module. Compare the module "
                          "with: aligner compare model.onnx --torch MODULE:FUNCTION --target torch:cpu:fp32")
+    if feeds is None and task is not None:
+        feeds, inputs = task.feeds(graph), inputs or task.source()
+    if feeds is None:
+        raise InputError("doctor needs input samples (feeds), or a task metric whose images it feeds.")
     samples = [dict(feeds)] if isinstance(feeds, Mapping) else [dict(s) for s in feeds]
     if not samples:
         raise InputError("doctor needs at least one input sample.")
     run = _Run(graph, target, Path(out), samples, reference, progress or (lambda n, s, m: None), str(inputs) if inputs else None)
-    run.bench_runs = bench_runs
+    run.bench_runs, run.task, run.strategy, run.on_step = bench_runs, task, strategy, on_step
     run.out.mkdir(parents=True, exist_ok=True)
     save_inputs(samples[:1], run.out / "inputs.npz", force=True)
     if len(samples) > 1:
@@ -109,8 +125,9 @@ def doctor(model: ModelGraph | str | Path, target: str | Target, out: str | Path
             save_inputs([sample], run.out / "samples" / f"{i:04d}.npz", force=True)
     run.inspect()
     result = run.compare()
-    diverged = result.first_divergent is not None or bool(getattr(result, "failed", ""))
+    diverged = result.first_divergent is not None or bool(getattr(result, "failed", "")) or bool(run.task_miss)
     fixed = pins = None
+    plan = None
     if diverged:
         run.bisect()
         plan = run.precision()
@@ -120,7 +137,11 @@ def doctor(model: ModelGraph | str | Path, target: str | Target, out: str | Path
         run.skip("bisect", "the target agrees with the reference: nothing to locate")
         run.skip("precision", "no node needs to stay in FP32")
         run.build(None)
-    run.bench()
+    run.evaluate(plan)
+    if bench_runs > 0:
+        run.bench()
+    else:
+        run.skip("bench", "not asked for (bench_runs 0)")
     report = run.report()
     doc = DoctorResult(str(graph.path or "<in-memory>"), str(target), str(run.out), tuple(run.steps), diverged, fixed, report, pins,
                        run.residual)
@@ -142,32 +163,44 @@ class _Run:
         self.runs: list[Path] = []
         self.plan_path: Path | None = None
         self.residual = ""  # what still diverges inside with a passing plan (see _residual)
+        self.task: CocoEval | None = None
+        self.strategy: Strategy = "auto"
+        self.on_step: OnStep | None = None
+        self.min_ap: float | None = None  # with a task metric: the AP the plan must keep (its re-run command's --min-ap)
+        self.task_miss = ""  # with a task metric: why the pure target fails it, when its outputs on the feeds do not diverge
 
     # -- bookkeeping -------------------------------------------------------------------------------
     @property
     def number(self) -> int:
         return len(self.steps) + 1
 
-    def _do(self, name: str, command: str, what: str, work: Callable[[], tuple[Status, str, tuple[str, ...], object]],
-            fatal: bool = True):
+    def _do(self, name: str, command: str | Callable[[], str], what: str,
+            work: Callable[[], tuple[Status, str, tuple[str, ...], object]], fatal: bool = True):
+        """Run one step; ``command`` (or a function giving it once the work is done) re-runs it alone."""
         self.say(self.number, name, what)
         start = time.perf_counter()
         try:
             status, summary, outputs, value = work()
         except (TargetError, TargetRunError, MissingDependencyError) as exc:
             if fatal:
-                raise StepError(self.number, name, exc, command, self.out) from None
+                raise StepError(self.number, name, exc, command() if callable(command) else command, self.out) from None
             status, summary, outputs, value = "failed", str(exc), (), None
+        command = command() if callable(command) else command
         step = Step(name, status, summary, command, outputs, round(time.perf_counter() - start, 2))
         self.steps.append(step)
         self.say(step_number := len(self.steps), name, f"{status}: {summary} ({step.seconds:.1f} s)")
         if command:
             self.say(step_number, name, f"re-run alone: {command}")
+        if self.on_step is not None:
+            self.on_step(step, value)
         return value
 
     def skip(self, name: str, why: str) -> None:
-        self.steps.append(Step(name, "skipped", why))
+        step = Step(name, "skipped", why)
+        self.steps.append(step)
         self.say(len(self.steps), name, f"skipped: {why}")
+        if self.on_step is not None:
+            self.on_step(step, None)
 
     def _write_run(self, kind: str, doc: dict, trials: Path | None = None) -> Path:
         from aligner.report import write_run
@@ -208,8 +241,12 @@ class _Run:
             write_atomic(self.out / "compare.json", json.dumps(result.to_dict(), indent=1).encode())
             self._write_run("compare", result.to_dict())
             first = result.first_divergent
-            status = "diverged" if first is not None else "ok"
-            return status, result.verdict(), (str(run_dir),), result
+            summary = result.verdict()
+            if first is None and self.task is not None:  # these inputs agree; the task metric on the whole dataset may not
+                self.task_miss = self._task_miss()
+                summary = f"{self.task_miss}, while on the inputs fed: {summary}" if self.task_miss else summary
+            status = "diverged" if first is not None or self.task_miss else "ok"
+            return status, summary, (str(run_dir),), result
 
         return self._do("compare", command, f"{self.target} vs {self.reference}, every tensor", work)
 
@@ -217,16 +254,17 @@ class _Run:
         from aligner.search import bisect
 
         run_dir, repro = self.out / "runs" / "bisect", self.out / "culprit"
-        command = self._cmd("bisect", self.model, "--target", shlex.quote(str(self.target)), "--inputs", self.inputs,
+        strategy = ["--strategy", self.strategy] if self.strategy != "auto" else []
+        command = self._cmd("bisect", self.model, "--target", shlex.quote(str(self.target)), "--inputs", self.inputs, *strategy,
                             "--save-repro", shlex.quote(str(repro)), "--run", shlex.quote(str(run_dir)), "--force")
 
         def work():
             note = ""
             try:
-                verdict = bisect(self.graph, target=self.target, reference=self.reference, feeds=self.feeds, strategy="auto",
+                verdict = bisect(self.graph, target=self.target, reference=self.reference, feeds=self.feeds, strategy=self.strategy,
                                  save_repro=repro, force=True)
             except InputError as exc:  # the repro's own run can refuse what the whole model takes (INT8 calibration on a subgraph)
-                verdict = bisect(self.graph, target=self.target, reference=self.reference, feeds=self.feeds, strategy="auto")
+                verdict = bisect(self.graph, target=self.target, reference=self.reference, feeds=self.feeds, strategy=self.strategy)
                 note = f"; no repro saved ({exc})"
             self._write_run("bisect", verdict.to_dict())
             cause = verdict.root_cause
@@ -244,13 +282,21 @@ class _Run:
 
         self.plan_path = self.out / "plan.json"
         trials, mixed = self.out / "plan.trials.jsonl", self.out / f"model.{self.target.precision}.mixed.onnx"
-        command = self._cmd("precision", self.model, "--target", shlex.quote(str(self.target)), *self.all_inputs,
-                            "--out", shlex.quote(str(self.plan_path)), "--save-model", shlex.quote(str(mixed)),
-                            "--run", shlex.quote(str(self.out / "runs" / "precision")), "--force")
+
+        def command() -> str:
+            return self._cmd("precision", self.model, "--target", shlex.quote(str(self.target)), *self.all_inputs, *self._accept_words(),
+                             "--out", shlex.quote(str(self.plan_path)), "--save-model", shlex.quote(str(mixed)),
+                             "--run", shlex.quote(str(self.out / "runs" / "precision")), "--force")
 
         def work():
             trials.unlink(missing_ok=True)  # a fresh search (doctor's own folder)
-            plan = search_precision(self.graph, target=self.target, samples=self.samples, trials_log=trials, save_model=mixed)
+            accept = {}
+            if self.task is not None:  # the task metric decides, on top of finite outputs
+                accept = {"accept": self.task.acceptance(self.graph)}
+                if self.min_ap is None:
+                    self.min_ap = self.task.reference_ap(self.graph) - self.task.max_drop
+            plan = search_precision(self.graph, target=self.target, samples=self.samples, trials_log=trials, save_model=mixed,
+                                    **accept)
             write_atomic(self.plan_path, json.dumps(plan.to_dict(), indent=1).encode())
             self._write_run("precision", plan.to_dict(), trials)
             kept = "in float" if self.target.is_quantized else "in FP32"
@@ -268,7 +314,49 @@ class _Run:
             return "passed" if plan.passed else "failed", summary, (str(self.plan_path), str(trials), str(mixed)), plan
 
         on = f" on {len(self.samples)} samples" if len(self.samples) > 1 else ""
+        on += f", accepted on COCO AP within {self.task.max_drop:g} of FP32" if self.task is not None else ""
         return self._do("precision", command, f"the smallest verified set of nodes to keep in higher precision{on}", work)
+
+    def _task_miss(self) -> str:
+        """'' when the pure target keeps the task metric within ``max_drop`` of the reference, else how far it falls."""
+        evaluation = self.task.evaluate(self.graph, [self.reference, str(self.target)])
+        ref, got = (t.stats["AP"] for t in evaluation.targets)
+        self.min_ap = ref - self.task.max_drop
+        if got >= self.min_ap:
+            return ""
+        return (f"{self.target} loses COCO AP: {got:.4f} vs {ref:.4f} for FP32 on {evaluation.targets[0].images} images "
+                f"(allowed drop {self.task.max_drop:g})")
+
+    def _accept_words(self) -> list[str]:
+        """With a task metric, precision's own flags for it: finite outputs, and ``aligner eval coco`` on
+        the mixed model (ONNX Runtime CPU) at the AP the search kept."""
+        if self.task is None or self.min_ap is None:
+            return []
+        check = self.task.command("{model}", "--targets", "ort:cpu:fp32", "--min-ap", f"{self.min_ap:.4f}")
+        return ["--accept", "finite", "--accept-cmd", shlex.quote(check)]
+
+    def evaluate(self, plan) -> None:
+        """The task metric of the reference, the pure target and (when one passed) the plan's target."""
+        if self.task is None:
+            self.skip("eval", "no task metric given (a COCO dataset and adapter, as aligner eval coco takes them)")
+            return
+        with_plan = plan is not None and plan.passed and bool(plan.pins)
+        targets = [self.reference, str(self.target)] + ([_with_plan(self.target)] if with_plan else [])
+        plan_args = ["--plan", shlex.quote(str(self.plan_path))] if with_plan else []
+        command = self.task.command(self.model, "--targets", shlex.quote(",".join(targets)), *plan_args,
+                                    "--json", shlex.quote(str(self.out / "eval.json")),
+                                    "--run", shlex.quote(str(self.out / "runs" / "eval")), "--force")
+
+        def work():
+            result = self.task.evaluate(self.graph, targets, self.plan_path if with_plan else None)
+            write_atomic(self.out / "eval.json", json.dumps(result.to_dict(), indent=1).encode())
+            self._write_run("eval", result.to_dict())
+            ref = result[self.reference].stats["AP"]
+            rows = [f"{t.target} AP {t.stats['AP']:.4f}" + (f" ({t.stats['AP'] - ref:+.4f})" if t.target != self.reference else "")
+                    for t in result.targets]
+            return "ok", f"{'; '.join(rows)} on {result.targets[0].images} images", (str(self.out / "runs" / "eval"),), result
+
+        self._do("eval", command, f"COCO AP of {', '.join(targets)} on {len(self.task.dataset)} images", work)
 
     def _residual(self, plan) -> str:
         """What still diverges inside with a passing plan (:func:`hidden_divergence`), with the command that lists it."""
@@ -283,6 +371,9 @@ class _Run:
         target = self.deployed()
         if target.precision in ("fp32",):
             self.skip("build", f"{self.target} is FP32: the model ships as it is")
+            return None
+        if backend_of(target).build is None:
+            self.skip("build", f"{backend_of(target).title} compiles the ONNX model itself: it ships as it is (with the plan's pins)")
             return None
         spec = _with_plan(target) if plan is not None and plan.pins else str(target)
         output = self.out / f"model.{target.precision}.onnx"
@@ -361,9 +452,7 @@ class _Run:
     def deployed(self) -> Target:
         """The runtime target a build and a timing use: the target itself, or for the emulator the ONNX
         Runtime CPU target of its precision (the emulator models a GPU build; its speed means nothing)."""
-        if self.target.runtime in ("ort", "trt"):
-            return self.target
-        return replace(Target.parse(f"ort:cpu:{self.target.precision}"), options=self.target.options if self.target.is_quantized else ())
+        return backend_of(self.target).deploys_as(self.target) or self.target
 
 
 def _with_plan(target: Target) -> str:
@@ -384,4 +473,4 @@ def _batch(feeds: Mapping[str, np.ndarray]) -> int:
     return int(first.shape[0]) if first is not None and first.ndim else 1
 
 
-__all__ = ["DoctorResult", "STEPS", "Step", "StepError", "doctor"]
+__all__ = ["CocoEval", "DoctorResult", "STEPS", "Step", "StepError", "doctor", "example_coco"]

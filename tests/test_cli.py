@@ -52,6 +52,21 @@ def test_demo_runs_and_refuses_foreign_folder(capsys, tmp_path, demo_run):
     code, out, folder = demo_run
     assert code == 0 and "/stem_norm/Pow" in out and (folder / "compare.json").exists()
     assert "emu:fp16+plan" in out and (folder / "report.html").exists()
+    # the demo is doctor on the built-in detector, with its val split as the task metric
+    steps = {s["name"]: s for s in json.loads((folder / "doctor.json").read_text())["steps"]}
+    assert "root cause /stem_norm/Pow" in steps["bisect"]["summary"] and "--strategy all" in steps["bisect"]["command"]
+    plan = json.loads((folder / "plan.json").read_text())
+    assert plan["passed"] and any("COCO AP drop <= 0.005" in a for a in plan["accept"])
+    assert {p["node"] for p in plan["fp32_nodes"]} >= {"/stem_norm/Pow"}
+    assert steps["build"]["status"] == "passed" and (folder / "model.fp16.onnx").exists()
+    evaluation = json.loads((folder / "eval.json").read_text())["targets"]
+    assert list(evaluation) == ["ort:cpu:fp32", "emu:fp16", "emu:fp16+plan"]
+    assert evaluation["emu:fp16+plan"]["AP"] >= evaluation["ort:cpu:fp32"]["AP"] - 0.005 > evaluation["emu:fp16"]["AP"]
+    for shown in ("first 6 of", "probes", "kept in FP32", "COCO metrics on 200 images", "what aligner found"):
+        assert shown in out  # each step's result printed in full
+    html = (folder / "report.html").read_text()
+    for section in ("Layer-by-layer compare: emu:fp16", "Bisect: emu:fp16", "Precision plan: emu:fp16", "COCO metrics"):
+        assert section in html
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "thesis.txt").write_text("do not touch")

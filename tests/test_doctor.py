@@ -7,6 +7,7 @@ import json
 import numpy as np
 
 from aligner.cli.main import main
+from aligner.doctor import STEPS
 
 
 def _run(capsys, *argv):
@@ -22,8 +23,8 @@ def test_doctor_finds_fixes_builds_and_reports_a_vit_fp16_overflow(capsys, tmp_p
                              "--bench-runs", "3")
     assert code == 0, err
     assert "Traceback" not in err
-    for n, step in enumerate(("inspect", "compare", "bisect", "precision", "build", "bench", "report"), 1):
-        assert f"[{n}/7] {step}" in err  # a progress line per step
+    for n, step in enumerate(STEPS, 1):
+        assert f"[{n}/{len(STEPS)}] {step}" in err  # a progress line per step
     assert "re-run alone: aligner bisect" in err and "FIXED" in stdout
     doc = json.loads((out / "doctor.json").read_text())
     steps = {s["name"]: s for s in doc["steps"]}
@@ -50,7 +51,7 @@ def test_doctor_stops_at_the_step_whose_target_cannot_run(capsys, tmp_path, vit_
     code, _, err = _run(capsys, "doctor", vit_path, "--target", "ort:cuda:fp16", "--input-shapes", "pixels:1x3x64x64",
                         "--out", tmp_path / "doc")
     assert code == 3 and "Traceback" not in err
-    assert "step 2/7 (compare) could not run" in err and "CUDAExecutionProvider" in err
+    assert f"step 2/{len(STEPS)} (compare) could not run" in err and "CUDAExecutionProvider" in err
     assert "Re-run it alone with: aligner compare" in err
     assert (tmp_path / "doc" / "inspect.json").exists()  # the steps before it are kept
 
@@ -68,5 +69,6 @@ def test_doctor_on_an_int8_target_with_calibration(capsys, tmp_path, cnn_path):
     assert code in (0, 1) and "Traceback" not in err, err
     doc = json.loads((out / "doctor.json").read_text())
     assert doc["target"].startswith("ort:cpu:int8")
-    assert [s["name"] for s in doc["steps"]] == ["inspect", "compare", "bisect", "precision", "build", "bench", "report"]
+    assert [s["name"] for s in doc["steps"]] == list(STEPS)
+    assert doc["steps"][STEPS.index("eval")]["status"] == "skipped"  # no task metric given
     assert (out / "report.html").exists()

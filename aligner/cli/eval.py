@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from aligner.cli.bench import split_targets
+from aligner.backends.target import split_targets
 from aligner.cli.common import (add_input_arguments, add_report_arguments, check_writable, emit_run, input_samples, input_source,
                                 report_paths, resolve_targets)
 from aligner.backends.target import Target
@@ -81,17 +81,11 @@ def add_parser(sub) -> None:
     c.add_argument("--workers", default="1", metavar="N|ray|ray://HOST:PORT",
                    help="evaluate image shards at once in N local processes (default 1) or on Ray; the metric is computed once "
                         "on the merged detections: the serial result to the last digit")
-    c.add_argument("--data", metavar="DIR", help="image folder (val2017 layout)")
-    c.add_argument("--ann", metavar="JSON", help="COCO instances JSON")
-    c.add_argument("--adapter", choices=sorted(ADAPTERS), help="how to read the outputs (default yolo for the example)")
-    c.add_argument("--adapter-outputs", metavar="NAMES", help="comma-separated output names the adapter reads")
     c.add_argument("--targets", default="ort:cpu:fp32,emu:fp16", help="comma-separated targets (default ort:cpu:fp32,emu:fp16)")
     c.add_argument("--plan", metavar="PLAN.json", help="precision plan for the +plan targets")
     c.add_argument("--calib", metavar="NPZ|DIR", help="INT8 targets: calibration inputs (.npz or a folder of them; default: the first "
                    "16 evaluation images, with a warning that this overstates accuracy)")
-    g = _add_preprocess_arguments(c, batch=16)
-    g.add_argument("--label-map", choices=("contiguous", "identity"), default="contiguous",
-                   help="model label i -> i-th category id (contiguous) or label = category id")
+    add_coco_arguments(c, batch=16)
     o = c.add_argument_group("output")
     o.add_argument("--json", metavar="FILE", help="write the metrics per target as JSON")
     o.add_argument("--min-ap", type=float, help="exit 1 if any target's AP is below this (e.g. as an --accept-cmd)")
@@ -117,6 +111,60 @@ def add_parser(sub) -> None:
     to.add_argument("--force", action="store_true", help="overwrite existing output files")
 
 
+def add_coco_arguments(p: argparse.ArgumentParser, batch: int, group: argparse._ArgumentGroup | None = None) -> None:
+    """The COCO dataset, how to read the outputs and how to preprocess the images: the same flags in
+    ``eval coco`` and ``doctor`` (:func:`coco_from_args`)."""
+    d = group or p
+    d.add_argument("--data", metavar="DIR", help="image folder (val2017 layout)")
+    d.add_argument("--ann", metavar="JSON", help="COCO instances JSON")
+    d.add_argument("--adapter", choices=sorted(ADAPTERS), help="how to read the outputs (default yolo for the example)")
+    d.add_argument("--adapter-outputs", metavar="NAMES", help="comma-separated output names the adapter reads")
+    d.add_argument("--example-data", action="store_true", help="the built-in example's val split, adapter and preprocessing (what "
+                   "aligner demo evaluates; for the example detector and models made from it)")
+    g = _add_preprocess_arguments(p, batch=batch)
+    g.add_argument("--label-map", choices=("contiguous", "identity"), default="contiguous",
+                   help="model label i -> i-th category id (contiguous) or label = category id")
+
+
+def coco_from_args(args: argparse.Namespace, graph: ModelGraph, builtin: bool = False, max_drop: float = 0.005):
+    """The :class:`~aligner.doctor_task.CocoEval` the COCO flags describe (``builtin``, or
+    --example-data: the built-in example's), or None when no dataset is given."""
+    from aligner import examples
+    from aligner.doctor_task import CocoEval, example_coco
+
+    if builtin or args.example_data:
+        if args.data or args.ann:
+            raise InputError("--example-data is the built-in example's val split; drop --data and --ann, or drop --example-data.")
+        example = example_coco(max_drop, args.batch)
+        dataset = CocoDataset(*examples.shapes_val(), limit=args.limit)
+        words = [*example.words, *(["--adapter", args.adapter] if args.adapter else []),
+                 *(["--adapter-outputs", args.adapter_outputs] if args.adapter_outputs else []),
+                 *(["--input-size", args.input_size] if args.input_size else []), *_limit_words(args)]
+        return CocoEval(dataset, _adapter(args, False) if args.adapter else example.adapter,
+                        _preprocess(args, graph) if args.input_size else example.preprocess, max_drop,
+                        label_map_for(dataset.gt, args.label_map), args.batch, tuple(words))
+    if not (args.data or args.ann):
+        return None
+    if not (args.data and args.ann):
+        raise InputError("Give the dataset as a pair: --data IMAGE_DIR --ann INSTANCES.json (the val2017 layout).")
+    dataset = CocoDataset(Path(args.data), Path(args.ann), limit=args.limit)
+    words = ["--data", str(Path(args.data).resolve()), "--ann", str(Path(args.ann).resolve()), "--adapter", args.adapter or ""]
+    words += ["--adapter-outputs", args.adapter_outputs] if args.adapter_outputs else []
+    words += ["--input-size", args.input_size] if args.input_size else []
+    words += ["--resize", args.resize, "--scale", repr(args.scale), "--mean", args.mean, "--std", args.std]
+    words += ["--mask-input", args.mask_input] if args.mask_input else []
+    words += ["--label-map", args.label_map, *_limit_words(args)]
+    if not args.input_size and getattr(args, "input_shapes", None):  # the size --input-shapes gives, said where it is read
+        preprocess = _preprocess(args, graph)
+        words += ["--input-size", f"{preprocess.size[0]}x{preprocess.size[1]}"]
+    return CocoEval(dataset, _adapter(args, False), _preprocess(args, graph), max_drop, label_map_for(dataset.gt, args.label_map),
+                    args.batch, tuple(words))
+
+
+def _limit_words(args: argparse.Namespace) -> tuple[str, ...]:
+    return ("--limit", str(args.limit)) if args.limit else ()
+
+
 def _add_preprocess_arguments(p: argparse.ArgumentParser, batch: int):
     g = p.add_argument_group("preprocessing")
     g.add_argument("--input-size", metavar="HxW", help="model input size (default: from the model's input shape)")
@@ -139,17 +187,14 @@ def run(args: argparse.Namespace) -> int:
 
     specs = split_targets(args.targets)
     targets = resolve_targets(args, specs)  # a built model: its sidecar's options (args.model: the model)
-    builtin = args.model is None
+    builtin = args.model is None and not (args.data or args.ann)
     path = Path(args.model) if args.model else examples.shapes_detector_path()
     graph = ModelGraph.load(path, check=not args.no_check)
-    images, ann = (Path(args.data), Path(args.ann)) if args.data and args.ann else (None, None)
-    if images is None:
-        if not builtin:
-            raise InputError("Give the dataset: --data IMAGE_DIR --ann INSTANCES.json (the val2017 layout).")
-        images, ann = examples.shapes_val()
-    dataset = CocoDataset(images, ann, limit=args.limit)
-    adapter = _adapter(args, builtin)
-    preprocess = examples.shapes_preprocess() if builtin and not args.input_size else _preprocess(args, graph)
+    task = coco_from_args(args, graph, builtin)
+    if task is None:
+        raise InputError("Give the dataset: --data IMAGE_DIR --ann INSTANCES.json (the val2017 layout), or --example-data for "
+                         "the built-in example's val split.")
+    dataset, adapter, preprocess = task.dataset, task.adapter, task.preprocess
     from aligner.quant.calib import calibrate_targets
 
     targets, _calib_dir = calibrate_targets(targets, args.calib, dataset, preprocess, graph.input_names[0])  # INT8 targets

@@ -1,0 +1,55 @@
+"""aligner doctor with a task metric (a COCO dataset, as aligner eval coco takes it): the images
+are the inputs, the eval step scores FP32 and the target side by side, and the printed command
+re-runs it alone to the same numbers. The demo is this path on the built-in example (demo_run)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+
+import numpy as np
+
+from aligner.cli.main import main
+from aligner.doctor import STEPS
+from aligner.examples import shapes_detector_path, shapes_val
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_doctor_with_a_coco_dataset_feeds_its_images_and_evaluates_every_target(capsys, tmp_path):
+    model = tmp_path / "det.onnx"
+    shutil.copyfile(shapes_detector_path(), model)  # a user's detector: not the built-in path
+    images, ann = shapes_val()
+    out = tmp_path / "doc"
+    code, stdout, err = _run(capsys, "doctor", model, "--data", images, "--ann", ann, "--adapter", "yolo", "--adapter-outputs",
+                             "detections", "--limit", 12, "--batch", 6, "--max-ap-drop", 1.0, "--bench-runs", 0, "--out", out)
+    assert code == 0 and "Traceback" not in err, err
+    doc = json.loads((out / "doctor.json").read_text())
+    steps = {s["name"]: s for s in doc["steps"]}
+    assert list(steps) == list(STEPS)
+    assert np.load(out / "inputs.npz")["pixels"].shape == (6, 3, 128, 128)  # the first batch of images, preprocessed
+    assert steps["eval"]["status"] == "ok" and "on 12 images" in steps["eval"]["summary"]
+    evaluation = json.loads((out / "eval.json").read_text())
+    assert list(evaluation["targets"]) == ["ort:cpu:fp32", "emu:fp16"]
+    assert steps["bench"]["status"] == "skipped"
+    assert "COCO metrics" in (out / "report.html").read_text()  # the eval run is in the report
+    # the eval step re-runs alone, from its printed command, to the same numbers
+    (out / "eval.json").unlink()
+    assert main(shlex.split(steps["eval"]["command"])[1:]) == 0
+    capsys.readouterr()
+    again = json.loads((out / "eval.json").read_text())
+    for target, row in evaluation["targets"].items():
+        assert again["targets"][target]["AP"] == row["AP"]
+
+
+def test_doctor_refuses_half_a_dataset_with_the_fix(capsys, tmp_path):
+    images, _ = shapes_val()
+    code, _, err = _run(capsys, "doctor", shapes_detector_path(), "--data", images, "--out", tmp_path / "d")
+    assert code == 2 and "--ann" in err and "Traceback" not in err
+    code, _, err = _run(capsys, "doctor", shapes_detector_path(), "--data", images, "--ann", shapes_val()[1], "--out", tmp_path / "e")
+    assert code == 2 and "--adapter" in err and "Traceback" not in err
