@@ -24,6 +24,7 @@ _EXTRA_OF = {
     "pynvml": ("nvidia-ml-py", "gpu"),
     "transformers": ("transformers", "dev"),
     "ray": ("ray", "ray"),
+    "openvino": ("openvino", "openvino"),
 }
 # Core dependencies (pyproject.toml [project] dependencies): missing only from a broken install.
 _CORE = {"pycocotools": "pycocotools", "PIL": "pillow", "matplotlib": "matplotlib", "jinja2": "jinja2",

@@ -21,14 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from aligner.backends import make_runner
+from aligner.backends import backend_of, backends, make_runner
 from aligner.backends.target import Target
 from aligner.errors import InputError
 from aligner.graph.model import ModelGraph
 from aligner.inputs import make_inputs, validate_feeds
 from aligner.tune import NOISE
 
-TIMED_RUNTIMES = ("ort", "trt", "torch")
 
 
 @dataclass(frozen=True)
@@ -97,25 +96,8 @@ def precision_inversions(rows: Sequence[BenchRow], targets: Mapping[str, Target]
 
 
 def _advice(target: Target) -> str:
-    """The option to try when ``target`` is slower than a higher precision."""
-    tune = f"or measure the candidates with: aligner build MODEL --target {target.base} --tune"
-    if target.precision == "int8" and (target.runtime, target.device) == ("ort", "cuda"):
-        return ("ONNX Runtime's CUDA provider has no integer Conv/MatMul kernels: the Q/DQ run as kernels of their own around "
-                "float compute. INT8 on NVIDIA GPUs ships through TensorRT (trt:int8); keep FP16/FP32 on ORT CUDA")
-    if target.precision == "int8":
-        return ("INT8 does not pay on this hardware as quantized (few integer kernels, or Q/DQ pairs around float "
-                "fallbacks): try @reduce_range or another types= setting, fewer float nodes, or ship the faster precision")
-    if target.runtime == "ort" and target.device == "cuda":
-        if target.is_low_precision and target.option_dict.get("cudnn_conv_algo_search", "").upper() != "HEURISTIC":
-            return (f"try {target.base}@cudnn_conv_algo_search=HEURISTIC (the default EXHAUSTIVE search can pick slow "
-                    f"low-precision convolutions), {tune}")
-        return f"try {tune[3:]}"
-    if target.runtime == "ort":
-        return (f"ONNX Runtime's CPU provider has few {target.precision.upper()} kernels and casts around the rest: keep FP32 "
-                f"on the CPU, {tune}")
-    if target.runtime == "trt":
-        return "try @builder_optimization_level=5 (a longer tactic search), and check the plan's Casts between FP32 islands"
-    return "try @cudnn_benchmark=1 or @channels_last=1"
+    """The option to try when ``target`` is slower than a higher precision (its runtime's advice)."""
+    return backend_of(target).advice(target)
 
 
 def bench(model: ModelGraph | str | Path, targets: Iterable[str | Target], batches: Iterable[int] = (1,),
@@ -138,10 +120,12 @@ def bench(model: ModelGraph | str | Path, targets: Iterable[str | Target], batch
                          "Target.parse(spec, pins=nodes) as the target.")
     parsed = [Target.parse(t, plan=plan) for t in targets]  # every spec checked before any timing
     for target in parsed:
-        if target.runtime not in TIMED_RUNTIMES:
-            raise InputError(f"aligner bench times ONNX Runtime (ort:*), TensorRT (trt:*) and PyTorch (torch:*) targets; "
-                             f"{target} is the {target.runtime} runtime (an emulator: its speed means nothing). "
-                             f"Time ort:cpu:{target.precision} instead.")
+        runtime = backend_of(target)
+        if not runtime.timed:
+            deployed = runtime.deploys_as(target)
+            timed = ", ".join(f"{b.title} ({name}:*)" for name, b in backends().items() if b.timed)
+            raise InputError(f"aligner bench times {timed} targets; {target} is {runtime.title} (its speed means nothing)."
+                             + (f" Time {deployed.base} instead." if deployed is not None and deployed != target else ""))
     batches, notes = _batches(graph, batches)
     rows, total = [], len(parsed) * len(batches)
     for target in parsed:
@@ -168,9 +152,10 @@ def _batches(graph: ModelGraph, batches: Iterable[int]) -> tuple[list[int], list
 def _time_target(graph: ModelGraph, target: Target, batches: list[int], runs: int, warmup: int,
                  torch_module, inputs=None, shapes=None) -> Iterator[tuple[int, list[float], float | None]]:
     """(batch, latencies in ms, peak GPU MiB) per batch, from the target's runner."""
-    on_torch_gpu = target.runtime == "torch" and target.device == "cuda"
+    eager = not backend_of(target).runs_onnx  # PyTorch: the module, its own allocator's peak
+    on_torch_gpu = eager and target.device == "cuda"
     base = _gpu_memory_mb() if target.device == "cuda" and not on_torch_gpu else None
-    runner = make_runner(graph, target, module=torch_module if target.runtime == "torch" else None)
+    runner = make_runner(graph, target, module=torch_module if eager else None)
     for batch in batches:
         if on_torch_gpu:
             import torch
@@ -242,4 +227,4 @@ def _device_name(device: str) -> str:
     return f"cpu ({platform.processor() or platform.machine()})"
 
 
-__all__ = ["BenchResult", "BenchRow", "Inversion", "PRECISION_RANK", "TIMED_RUNTIMES", "bench", "precision_inversions"]
+__all__ = ["BenchResult", "BenchRow", "Inversion", "PRECISION_RANK", "bench", "precision_inversions"]

@@ -35,11 +35,12 @@ from typing import Literal
 import numpy as np
 
 from aligner.backends.replay import check_replay
-from aligner.backends import check_target
+from aligner.backends import backend_of, backends, check_target
+from aligner.backends.resolve import Sidecar, read_sidecar, sidecar_path  # noqa: F401 - written here, read there
 from aligner.backends.target import REFERENCE, Target, plan_doc
 from aligner.compare import compare
 from aligner.compare.tolerance import Tolerance, parse_clause, parse_tolerance, tolerance_for
-from aligner.errors import AlignerError, InputError
+from aligner.errors import InputError
 from aligner.graph.model import ModelGraph
 from aligner.graph.precision import BUILT_PRECISION, Overflow, rewrite_precision
 from aligner.inputs import make_inputs, validate_feeds, write_atomic
@@ -114,47 +115,6 @@ class BuildResult:
                 "tuning": self.tuning.to_dict() if self.tuning else None, "quantization": self.quantization}
 
 
-def sidecar_path(output: str | Path) -> Path:
-    """Where a build's sidecar JSON goes: beside the output, ``.json`` appended."""
-    return Path(str(output) + ".json")
-
-
-@dataclass(frozen=True)
-class Sidecar:
-    """A build's sidecar read back: where it is, the model it describes, the target it was built for."""
-
-    path: Path  # the JSON
-    model: Path  # the built model beside it
-    target: Target  # as built: pins, plan name and runtime options (tuned ones included)
-    kind: str  # "onnx" or "engine"
-
-
-def read_sidecar(path: str | Path) -> Sidecar | None:
-    """The sidecar of a built model: ``path`` is the model (``<path>.json`` beside it) or the sidecar
-    itself. None for a model without one; a JSON given directly that is not a sidecar is an error."""
-    path = Path(path)
-    given = path.suffix.lower() == ".json"
-    json_path = path if given else sidecar_path(path)
-    if not json_path.is_file():
-        if given:
-            raise InputError(f"{path}: no such file. Give the built model or its sidecar (written by aligner build -o MODEL).")
-        return None
-    try:
-        doc = json.loads(json_path.read_text())
-        t = doc["target"]
-        target = Target(t["runtime"], t["device"], t["precision"], tuple(t.get("fp32_nodes") or ()), t.get("plan"),
-                        tuple(sorted((str(k), str(v)) for k, v in (t.get("options") or {}).items())))
-        kind = doc["kind"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError, AlignerError) as exc:
-        if given:
-            raise InputError(f"{path}: not a sidecar written by aligner build ({type(exc).__name__}: {exc}).") from None
-        return None  # a JSON of the user's own beside the model: not ours
-    model = json_path.with_name(json_path.name[: -len(".json")]) if json_path.name.endswith(".json") else json_path
-    if given and not model.is_file():
-        raise InputError(f"{path}: the model it describes, {model}, is not beside it.")
-    return Sidecar(json_path, model, target, kind)
-
-
 def build_outputs(output: str | Path, ort_optimized: str | Path | None = None) -> list[Path]:
     """Every file a build writes (checked before any work: they exist only with ``force``)."""
     return [Path(output), sidecar_path(output)] + ([Path(ort_optimized)] if ort_optimized else [])
@@ -164,16 +124,16 @@ def build_target(target: str | Target, plan: str | Path | None = None) -> Target
     """The target of a build, checked before any work: ort:* or trt:*, runtime options it takes,
     and for trt:* an importable TensorRT (a missing one says what to install)."""
     target = check_target(Target.parse(target, plan=plan))
-    if target.runtime not in ("ort", "trt"):
-        raise InputError(f"Target {target}: aligner build writes models for ONNX Runtime (ort:*) or engines (trt:*).")
-    if target.runtime == "ort":
-        from aligner.backends.onnxruntime import session_options
-
-        session_options(_session(target), optimize=True)  # option values too (threads=x), before any work
-    if target.runtime == "trt":
-        from aligner.backends.tensorrt import load_tensorrt
-
-        load_tensorrt()
+    runtime = backend_of(target)
+    if runtime.build is None:
+        models = " and ".join(f"{b.title} ({name}:*)" for name, b in backends().items() if b.build == "onnx")
+        engines = ", ".join(f"{name}:*" for name, b in backends().items() if b.build == "engine")
+        deployed = runtime.deploys_as(target)
+        raise InputError(f"Target {target}: aligner build writes models for {models} or engines ({engines}); {runtime.title} "
+                         "is not built here."
+                         + (f" Build for {deployed.base}." if deployed is not None and deployed != target and backend_of(deployed).build else ""))
+    if runtime.build_check is not None:
+        runtime.build_check(target)  # option values too (threads=x), the runtime's library: before any work
     return target
 
 
@@ -195,9 +155,10 @@ def build(model: ModelGraph | str | Path, target: str | Target, output: str | Pa
     target = build_target(target, plan)
     if tuning is not None:
         check_tunable(target)
-    if target.runtime == "ort" and (layer_precision or plugins):
+    writes = backend_of(target).build
+    if writes != "engine" and (layer_precision or plugins):
         raise InputError(f"Target {target}: --layer-precision and --plugins are TensorRT build settings (trt:* targets).")
-    if ort_optimized and target.runtime != "ort":
+    if ort_optimized and writes != "onnx":
         raise InputError(f"Target {target}: --ort-optimized writes ONNX Runtime's optimized graph (ort:* targets).")
     _check_writable(build_outputs(output, ort_optimized), force)
     graph = model if isinstance(model, ModelGraph) else ModelGraph.load(model)
@@ -206,7 +167,7 @@ def build(model: ModelGraph | str | Path, target: str | Target, output: str | Pa
     graph, fused, notes = _fused(graph, list(fuse), feeds)
     rule, note = build_rule(target, tolerance)
     notes += [note] if note else []
-    if target.runtime == "trt":
+    if writes == "engine":
         return _build_engine(graph, target, Path(output), feeds, fused, notes, input_shapes, plugins, layer_precision, write_anyway, rule)
     return _build_onnx(graph, target, Path(output), feeds, fused, notes, ort_optimized, write_anyway, rule, tuning, progress)
 

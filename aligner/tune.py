@@ -36,7 +36,6 @@ defaults and the best single change; the choice is made among those three.
 
 from __future__ import annotations
 
-import os
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -44,7 +43,7 @@ from typing import Literal
 
 import numpy as np
 
-from aligner.backends import check_target, make_runner, reference_runner
+from aligner.backends import backend_of, backends, check_target, make_runner, reference_runner
 from aligner.backends.target import Target
 from aligner.compare.layerwise import diff_tensor
 from aligner.compare.tolerance import Tolerance, tolerance_for
@@ -116,34 +115,23 @@ class TuneResult:
 
 
 def candidates(target: Target, graph: ModelGraph) -> list[dict[str, str]]:
-    """The documented candidate set of ``target`` (module docstring): the defaults first, then one
-    change at a time; changes to an option the target fixes are left out."""
-    if target.runtime != "ort":
-        raise InputError(f"Target {target}: tuning times ONNX Runtime options (ort:* targets); {target.runtime} is not tuned here.")
-    if target.device == "cuda":
-        singles = [{"cudnn_conv_algo_search": "HEURISTIC"}, {"cudnn_conv_algo_search": "DEFAULT"}, {"prefer_nhwc": "1"},
-                   {"cudnn_conv_use_max_workspace": "0"}]
-        if target.is_low_precision:
-            singles.append({"use_tf32": "1"})
-        if all(isinstance(d, int) for i in graph.input_infos() for d in (i.shape or (None,))):
-            singles.append({"enable_cuda_graph": "1"})
-    else:
-        threads = os.cpu_count() or 1
-        singles = [{"intra_op_num_threads": "1"}] + ([{"intra_op_num_threads": str(threads)}] if threads > 1 else [])
-        singles += [{"graph_optimization_level": "extended"}, {"graph_optimization_level": "basic"}]
-    fixed = target.option_dict
-    return [{}] + [s for s in singles if not set(s) & set(fixed)]
+    """The documented candidate set of ``target`` (module docstring; its runtime's ``tune`` hook): the
+    defaults first, then one change at a time; changes to an option the target fixes are left out."""
+    runtime = backend_of(target)
+    if runtime.tune is None:
+        raise InputError(f"Target {target}: {runtime.title} targets are not tuned here ({runtime.not_tuned}).")
+    return runtime.tune(target, graph)
 
 
 def check_tunable(target: Target) -> Target:
     """``target`` checked for tuning before any work: ONNX Runtime, and its provider in this install."""
     target = check_target(target)
-    if target.runtime != "ort":
-        raise InputError(f"Target {target}: --tune times ONNX Runtime options (ort:* targets); TensorRT builds record their "
-                         "builder settings (@builder_optimization_level=..., timing_cache, workspace_mb) as given.")
-    from aligner.backends.onnxruntime import providers_for
-
-    providers_for(target)  # a missing CUDA provider is named here, not after the build
+    runtime = backend_of(target)
+    if runtime.tune is None:
+        tuned = ", ".join(f"{name}:*" for name, b in backends().items() if b.tune is not None)
+        raise InputError(f"Target {target}: --tune times runtime options ({tuned} targets); {runtime.not_tuned}.")
+    if runtime.tune_check is not None:
+        runtime.tune_check(target)  # a missing provider is named here, not after the build
     return target
 
 

@@ -94,23 +94,18 @@ POLICIES = ("boundaries", "all", "outputs")
 
 
 def capture_policy(target: Target) -> CapturePolicy:
-    """The target's ``capture`` option, or its default: ``boundaries`` on TensorRT (the tensors its
-    engine's layers write, from the layer information; marking others undoes its fusions), on ONNX
-    Runtime in FP16/BF16 or on CUDA (where fusions change the numbers) and on the emulator emulating
-    fusions, ``all`` elsewhere (the reference, the plain
-    emulator, ORT CPU FP32)."""
+    """The target's ``capture`` option, or its runtime's default (its descriptor's ``capture_default``):
+    ``boundaries`` where fusions change the numbers (TensorRT: the tensors its engine's layers write;
+    ONNX Runtime in FP16/BF16 or on CUDA; the emulator emulating fusions; OpenVINO), ``all``
+    elsewhere (the reference, the plain emulator, ORT CPU FP32)."""
     chosen = target.option_dict.get("capture")
     if chosen is not None:
         if chosen not in POLICIES:
             raise TargetError(f"Target {target}: capture={chosen!r}; choose one of {', '.join(POLICIES)}.")
         return chosen  # type: ignore[return-value]
-    if target.runtime == "trt":
-        return "boundaries"
-    if target.runtime == "emu" and "fusions" in target.option_dict:
-        return "boundaries"
-    if target.runtime == "ort" and (target.is_low_precision or target.device == "cuda"):
-        return "boundaries"
-    return "all"
+    from aligner.backends.registry import backend_of
+
+    return backend_of(target).capture_default(target)
 
 
 def check_options(target: Target, known: Mapping[str, str], elsewhere: Mapping[str, str] | None = None) -> dict[str, str]:

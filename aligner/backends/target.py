@@ -26,18 +26,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from aligner.backends.registry import backend, backends
 from aligner.errors import InputError, PlanError, TargetError
 
-# runtime -> device -> precisions that exist in this version
-SUPPORTED: dict[str, dict[str, tuple[str, ...]]] = {
-    "ort": {"cpu": ("fp32", "fp16", "bf16", "int8"), "cuda": ("fp32", "tf32", "fp16", "bf16", "int8")},
-    "emu": {"cpu": ("fp16", "bf16", "int8")},  # int8: the QDQ model with Q/DQ in float (exact fake-quant)
-    "trt": {"cuda": ("fp32", "fp16", "bf16", "int8")},  # strongly typed from aligner's rewrite (int8: the QDQ model; TensorRT 10/11, TensorRT-RTX)
-    "torch": {"cpu": ("fp32",), "cuda": ("fp32", "tf32", "fp16", "bf16", "autocast")},
-}
-DEFAULT_DEVICE = {"ort": "cpu", "emu": "cpu", "trt": "cuda", "torch": "cpu"}
-DEFAULT_PRECISION = {"ort": "fp32", "emu": "fp16", "trt": "fp16", "torch": "fp32"}
-_SHORT = ("emu", "trt")  # one device only: written without it
 _OPTION = re.compile(r"^[A-Za-z_][\w.]*=[^,=]*(,[A-Za-z_][\w.]*=[^,=]*)*$")
 
 
@@ -53,7 +44,8 @@ class Target:
     options: tuple[tuple[str, str], ...] = field(default=())  # runtime options, sorted by key
 
     def __post_init__(self):
-        devices = SUPPORTED.get(self.runtime)
+        runtime = backends().get(self.runtime)
+        devices = runtime.devices if runtime is not None else None
         if devices is None or self.device not in devices or self.precision not in devices[self.device]:
             raise TargetError(_unknown(f"{self.runtime}:{self.device}:{self.precision}"))
         if self.pins and self.precision not in ("fp16", "bf16", "int8"):
@@ -77,7 +69,7 @@ class Target:
     @property
     def base(self) -> str:
         """``runtime:device:precision`` (short form for single-device runtimes), without pins or options."""
-        return f"{self.runtime}:{self.precision}" if self.runtime in _SHORT else f"{self.runtime}:{self.device}:{self.precision}"
+        return f"{self.runtime}:{self.precision}" if backend(self.runtime).short else f"{self.runtime}:{self.device}:{self.precision}"
 
     def __str__(self) -> str:
         text = self.base
@@ -117,6 +109,7 @@ class Target:
 
 
 REFERENCE = "ort:cpu:fp32"
+DEFAULT_TARGET = "emu:fp16"  # what every command checks when no --target is given: the FP16 emulator, any machine
 
 
 def parse_target(spec: "str | Target") -> Target:
@@ -125,7 +118,22 @@ def parse_target(spec: "str | Target") -> Target:
 
 
 def valid_targets() -> list[str]:
-    return [Target(r, d, p).base for r, devs in SUPPORTED.items() for d, ps in devs.items() for p in ps]
+    return [Target(r, d, p).base for r, b in backends().items() for d, ps in b.devices.items() for p in ps]
+
+
+def split_targets(text: str) -> list[str]:
+    """A comma-separated target list: a comma starts a new target only before a runtime's name, so
+    ``ort:cuda:fp16@a=1,b=2,emu:fp16`` and ``ort:cpu:fp16+fp32=/x/Pow,/x/Sqrt`` split as meant."""
+    starts = re.compile(r"^\s*(" + "|".join(map(re.escape, backends())) + r")(?=$|[:+@\s])")
+    targets: list[str] = []
+    for piece in text.split(","):
+        if targets and not starts.match(piece):
+            targets[-1] += "," + piece
+        else:
+            targets.append(piece.strip())
+    if not targets or not all(targets):
+        raise InputError(f"Targets {text!r}: write comma-separated targets, e.g. ort:cpu:fp32,emu:fp16.")
+    return targets
 
 
 def _parse(spec: str, plan: str | Path | None) -> Target:
@@ -142,12 +150,13 @@ def _parse(spec: str, plan: str | Path | None) -> Target:
         text, options = head, dict(kv.split("=", 1) for kv in tail.split(","))
     text, _, extra = text.partition("+")
     parts = [p.strip().lower() for p in text.split(":")]
-    if not parts or parts[0] not in SUPPORTED or any(not p for p in parts):
+    if not parts or parts[0] not in backends() or any(not p for p in parts):
         raise TargetError(_unknown(spec))
     runtime, rest = parts[0], parts[1:]
-    devices = SUPPORTED[runtime]
-    device = rest.pop(0) if rest and rest[0] in devices else DEFAULT_DEVICE[runtime]
-    precision = rest.pop(0) if rest else DEFAULT_PRECISION[runtime]
+    described = backend(runtime)
+    devices = described.devices
+    device = rest.pop(0) if rest and rest[0] in devices else described.default_device
+    precision = rest.pop(0) if rest else described.default_precision
     if rest or precision not in devices[device]:
         raise TargetError(_unknown(spec))
     pins, plan_path = _pins(spec, extra, plan)
@@ -155,8 +164,8 @@ def _parse(spec: str, plan: str | Path | None) -> Target:
         _check_plan_precision(plan_path, f"{runtime}:{device}:{precision}")
     if precision == "int8" and plan_path is not None:  # the quantizer settings and calibration the plan was verified with
         planned = read_plan_quantization(plan_path)
-        if runtime == "trt":  # TensorRT's INT8 is s8s8 symmetric whatever the plan was searched with
-            planned = {k: v for k, v in planned.items() if k not in TRT_FORCED}
+        # a runtime whose INT8 kernels force settings (TensorRT: s8s8 symmetric) takes them whatever the plan was searched with
+        planned = {k: v for k, v in planned.items() if k not in described.int8_forced}
         options = {**planned, **options}  # explicit options contradicting the plan are refused by Target.parse
     return Target(runtime, device, precision, pins, plan_path, tuple(sorted(options.items())))
 
@@ -227,9 +236,6 @@ def read_plan_quantization(path: str | Path) -> dict[str, str]:
     return {**out, **({"calib": calib} if isinstance(calib, str) and calib else {})}
 
 
-TRT_FORCED = ("types", "symmetric", "quantize_bias", "reduce_range")  # trt:int8 quantizes s8s8 symmetric, float biases, whatever a plan says
-
-
 def _check_plan_settings(target: Target) -> None:
     """An INT8 ``+plan.json`` target quantizes with the settings the plan was verified with: an option
     that contradicts them is refused (other settings make another QDQ model than the one verified)."""
@@ -244,7 +250,7 @@ def _check_plan_settings(target: Target) -> None:
     except TypeError:
         return
     given = QuantSettings.of(target).options()
-    skip = TRT_FORCED if target.runtime == "trt" else ()
+    skip = backend(target.runtime).int8_forced
     differ = sorted(k for k in set(planned) | set(given) if k not in skip and planned.get(k) != given.get(k))
     if differ:
         shown = lambda opts: ", ".join(f"{k}={opts.get(k, '(default)')}" for k in differ)  # noqa: E731
@@ -259,5 +265,5 @@ def _unknown(spec: str) -> str:
             "runtime[:device][:precision][+plan.json][@key=value], e.g. ort:cuda:fp16+plan.json, emu:fp16, ort:cpu:int8@calib=calib/, torch:cuda:bf16.")
 
 
-__all__ = ["DEFAULT_DEVICE", "DEFAULT_PRECISION", "REFERENCE", "SUPPORTED", "Target", "parse_target", "plan_doc", "read_plan", "read_plan_quantization",
+__all__ = ["DEFAULT_TARGET", "REFERENCE", "Target", "parse_target", "split_targets", "plan_doc", "read_plan", "read_plan_quantization",
            "valid_targets"]

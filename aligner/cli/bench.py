@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 from rich.console import Console
@@ -15,7 +14,8 @@ from rich.table import Table
 from aligner.bench import BenchResult, bench
 from aligner.cli.common import (add_input_arguments, add_model_arguments, add_report_arguments, check_writable, emit_run, input_source,
                                 model_sidecar, report_paths, resolve_feeds, resolve_targets)
-from aligner.errors import InputError, TargetError
+from aligner.backends.target import split_targets
+from aligner.errors import InputError
 from aligner.graph.model import ModelGraph
 from aligner.inputs import parse_input_shapes, write_atomic
 from aligner.report.console import fit_table
@@ -118,42 +118,15 @@ def _batch_sizes(text: str | None, graph: ModelGraph, inputs: dict | None, shape
 
 def _runnable_here(target):
     """A built model's own target, or, where this machine cannot run its device (a model built for
-    ort:cuda on a machine without CUDA), the same precision on the CPU, said on stderr."""
-    if target.device == "cpu" or target.runtime != "ort":
-        return target
-    from dataclasses import replace
+    ort:cuda on a machine without CUDA), the same precision on a device it has, said on stderr."""
+    from aligner.backends import backend_of
 
-    from aligner.backends.onnxruntime import providers_for
-
-    try:
-        providers_for(target)
-        return target
-    except TargetError as exc:
-        try:
-            cpu = replace(target, device="cpu", options=())
-        except TargetError:  # a precision the CPU provider lacks (tf32)
-            cpu = replace(target, device="cpu", precision="fp32", options=())
+    here, why = backend_of(target).runnable_here(target)
+    if here != target:
         Console(stderr=True, highlight=False, soft_wrap=True).print(
-            f"note: the model was built for {escape(str(target))}, which cannot run on this machine: {escape(str(exc))}\n"
-            f"Timing it on {escape(str(cpu))} instead; give --target to choose.")
-        return cpu
-
-
-_STARTS_TARGET = re.compile(r"^\s*(ort|emu|trt|torch)(?=$|[:+@\s])")
-
-
-def split_targets(text: str) -> list[str]:
-    """A comma-separated target list: a comma starts a new target only before a runtime name, so
-    ``ort:cuda:fp16@a=1,b=2,emu:fp16`` and ``ort:cpu:fp16+fp32=/x/Pow,/x/Sqrt`` split as meant."""
-    targets: list[str] = []
-    for piece in text.split(","):
-        if targets and not _STARTS_TARGET.match(piece):
-            targets[-1] += "," + piece
-        else:
-            targets.append(piece.strip())
-    if not targets or not all(targets):
-        raise InputError(f"Targets {text!r}: write comma-separated targets, e.g. ort:cpu:fp32,emu:fp16.")
-    return targets
+            f"note: the model was built for {escape(str(target))}, which cannot run on this machine: {escape(why)}\n"
+            f"Timing it on {escape(str(here))} instead; give --target to choose.")
+    return here
 
 
 def print_bench(result: BenchResult, console: Console | None = None) -> None:

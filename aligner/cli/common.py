@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from aligner.backends.resolve import resolve_target as library_resolve, with_sidecar
 from aligner.backends.target import REFERENCE, Target
 from aligner.compare.metrics import METRICS
 from aligner.compare.tolerance import Tolerance, defaults_text, parse_clause, parse_tolerance, tolerance_for
@@ -54,16 +55,19 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-check", action="store_true", help="skip the ONNX checker when loading")
 
 
+def _runtimes_help() -> str:
+    """One paragraph per registered runtime, from its descriptor (aligner.backends.registry)."""
+    import textwrap
+
+    from aligner.backends.registry import backends
+
+    return "\n".join(textwrap.fill(b.help, 98, initial_indent="  ", subsequent_indent="    ") for b in backends().values() if b.help)
+
+
 TARGETS_HELP = f"""\
 targets: runtime[:device][:precision][+plan.json][@key=value,...]
-  ort:cpu:fp32 (the reference: ONNX Runtime CPU, graph optimizations off), ort:cpu:fp16,
-  ort:cuda:fp32|tf32|fp16|bf16, emu:fp16|bf16 (the FP16/BF16 emulator on ONNX Runtime CPU: the
-  overflow/underflow of a GPU build, deterministic, on any machine), trt:fp32|fp16|bf16 (TensorRT,
-  strongly typed), torch:cpu:fp32, torch:cuda:fp32|tf32|fp16|bf16|autocast (PyTorch eager),
-  ort:cpu:int8 (ONNX Runtime's QDQ quantization on its integer kernels; calibration from --calib),
-  emu:int8 (the same QDQ model with Q/DQ evaluated in float: quantization error without the
-  kernels'), ort:cuda:int8 (the QDQ model on the CUDA provider) and trt:int8 (TensorRT: s8s8,
-  symmetric, float biases); quantizer settings as options: @calibrate=minmax|entropy|percentile,types=u8s8|s8s8,
+{_runtimes_help()}
+  INT8 quantizer settings as options: @calibrate=minmax|entropy|percentile,types=u8s8|s8s8,
   reduce_range=0|1,per_channel=1|0,symmetric=0|1,fallback=fp32|fp16 (fp16: what stays unquantized
   runs in FP16). Tensors are compared dequantized, by their original names.
   +plan.json keeps a plan's nodes in FP32 (+plan: the file given with --plan); --fp32-nodes adds
@@ -202,31 +206,30 @@ def add_tolerance_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_target(args: argparse.Namespace) -> Target:
-    """The target of a comparing command: --target (default: the target a built model's sidecar
-    names, else the FP16 emulator, or the reference runtime when a second graph is given) with
-    --plan, --fp32-nodes and --target-option folded in, and the sidecar's options (:func:`resolve_targets`)."""
-    plan = getattr(args, "plan", None)
+    """The target of a comparing command: the library's one resolution
+    (:func:`aligner.backends.resolve.resolve_target`) of --target (default: the target a built
+    model's sidecar names, else the FP16 emulator, or the reference runtime when a second graph is
+    given), --plan, --fp32-nodes, --target-option, --calib and the sidecar's options."""
     pins = [n.strip() for n in (getattr(args, "fp32_nodes", None) or "").split(",") if n.strip()]
-    options = parse_options(getattr(args, "target_option", None) or [])
-    if not args.target and not getattr(args, "target_model", None) and not plan and not pins and model_sidecar(args):
-        return resolve_targets(args, None)[0].with_options(options)
-    spec = args.target or (REFERENCE if getattr(args, "target_model", None) else "emu:fp16")
-    head, at, options_text = spec.partition("@")  # +plan goes before the @options (whose values may hold '+')
-    if plan and "+" not in head:
-        spec = f"{head}+plan{at}{options_text}"
-    target = resolve_targets(args, [Target.parse(spec, pins=pins, plan=plan, options=options)])[0]
-    if target.is_quantized or getattr(args, "calib", None):
-        from aligner.quant.calib import with_calibration
+    return library_resolve(args.target, plan=getattr(args, "plan", None), pins=pins,
+                           options=parse_options(getattr(args, "target_option", None) or []), calib=getattr(args, "calib", None),
+                           inputs=input_source(args), second_graph=bool(getattr(args, "target_model", None)),
+                           sidecar=model_sidecar(args), say=_say)
 
-        target = with_calibration(target, getattr(args, "calib", None), input_source(args))
-    return target
+
+def _say(text: str) -> None:
+    """A resolution line on stderr, specs left copyable (no wrapping, no markup)."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True, highlight=False, soft_wrap=True).print(escape(text))
 
 
 def model_sidecar(args: argparse.Namespace):
     """The sidecar of ``args.model`` when it is a built model (``MODEL.json`` beside it) or the
     sidecar itself, read once; given the sidecar, ``args.model`` becomes the model it describes."""
     if not hasattr(args, "_sidecar"):
-        from aligner.build import read_sidecar
+        from aligner.backends.resolve import read_sidecar
 
         sidecar = read_sidecar(args.model) if getattr(args, "model", None) else None
         if sidecar is not None:
@@ -247,36 +250,16 @@ def model_sidecar(args: argparse.Namespace):
 
 
 def resolve_targets(args: argparse.Namespace, specs: list[str | Target] | None) -> list[Target]:
-    """The one place a built model's sidecar meets the command line: ``specs`` (None: none given, so
-    the sidecar's target itself) parsed with ``--plan``, each target of the sidecar's runtime and
-    device taking the sidecar's runtime options under its own (explicit @key=value wins); says so
-    on stderr ("options from model.fp16.onnx.json: ...")."""
+    """Several targets of one command (bench, eval): ``specs`` (None: none given, so the sidecar's
+    target itself) parsed with ``--plan``, each taking a built model's sidecar options as
+    :func:`aligner.backends.resolve.with_sidecar` says, said on stderr."""
     sidecar = model_sidecar(args)
     plan = getattr(args, "plan", None)
-    if sidecar is None:
-        if specs is None:
-            raise InputError("No target given; pass --target.")
-        return [Target.parse(s, plan=plan) for s in specs]
-    from rich.console import Console
-    from rich.markup import escape
-
-    built = sidecar.target
-    shown = ",".join(f"{k}={v}" for k, v in built.options) or "none"
-    say = Console(stderr=True, highlight=False, soft_wrap=True).print  # specs stay copyable
     if specs is None:
-        say(f"target from {escape(sidecar.path.name)}: {escape(str(built))} (options: {escape(shown)})")
-        return [built]
-    targets = []
-    for spec in specs:
-        target = Target.parse(spec, plan=plan)
-        if (target.runtime, target.device) == (built.runtime, built.device) and built.options:
-            merged = target.with_options({**built.option_dict, **target.option_dict})
-            overridden = sorted(k for k in built.option_dict if target.option_dict.get(k, built.option_dict[k]) != built.option_dict[k])
-            say(f"options from {escape(sidecar.path.name)}: {escape(shown)} (for {escape(target.base)}"
-                + (f"; overridden on the command line: {escape(', '.join(overridden))}" if overridden else "") + ")")
-            target = merged
-        targets.append(target)
-    return targets
+        if sidecar is None:
+            raise InputError("No target given; pass --target.")
+        return [library_resolve(None, sidecar=sidecar, say=_say)]
+    return [with_sidecar(Target.parse(s, plan=plan), sidecar, _say) for s in specs]
 
 
 def parse_options(items: list[str]) -> dict[str, str]:

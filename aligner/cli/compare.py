@@ -63,9 +63,10 @@ def run(args: argparse.Namespace) -> int:
     check_writable([args.json, args.csv, args.save_inputs] + report_paths(args), args.force)
     target = resolve_target(args)
     tolerance = tolerance_from_args(args, target)
-    from aligner.backends.sandbox import sandbox, sandboxed
+    from aligner.backends import backend_of
+    from aligner.backends.sandbox import sandbox
 
-    if target.runtime == "ort" and sandboxed(target):
+    if backend_of(target).sandboxed(target):
         sandbox().warm()  # the child imports ONNX Runtime while the model loads
     graph, other, feeds = load_models_and_feeds(args)
     console = Console(stderr=True, highlight=False)

@@ -32,7 +32,11 @@ log = logging.getLogger(__name__)
 
 def deployed_graph(runner, graph: ModelGraph, feeds: Mapping[str, np.ndarray] | None = None) -> DeployedGraph | None:
     """The deployed graph of ``runner`` mapped onto ``graph`` (None where the runner cannot say):
-    ONNX Runtime's optimized model, or TensorRT's layer information (its engine needs ``feeds``)."""
+    ONNX Runtime's optimized model, TensorRT's layer information (its engine needs ``feeds``), or the
+    runtime's own map (OpenVINO's runtime model: ``runner.deployed_graph``)."""
+    own = getattr(runner, "deployed_graph", None)
+    if own is not None:
+        return own(graph, feeds)
     layers = getattr(runner, "layer_information", None)
     if layers is not None and feeds is not None:
         info = layers(dict(feeds))
@@ -185,12 +189,14 @@ class Observer:
     policy: str
     deployed: DeployedGraph | None
     check: CaptureCheck | None
+    said: tuple[str, ...] = ()  # what the runner says of itself (OpenVINO: a precision hint it did not honour)
 
     @classmethod
     def of(cls, runner, graph: ModelGraph, feeds: Mapping[str, np.ndarray], background: bool = False) -> "Observer":
         policy = getattr(runner, "capture_policy", "all")
         deployed = deployed_graph(runner, graph, feeds) if policy == "boundaries" else None
-        return cls(policy, deployed, capture_check(runner, feeds, background))
+        said = tuple(n for n in [getattr(runner, "hint_note", "")] if n)
+        return cls(policy, deployed, capture_check(runner, feeds, background), said)
 
     @property
     def fused(self) -> list:
@@ -205,9 +211,13 @@ class Observer:
         return frozenset(o for k in self.deployed.fused for n in k.originals for o in outputs.get(n, ()) if o not in kept)
 
     def notes(self, unmatched: list[str]) -> list[str]:
+        out = list(self.said)
         if self.deployed is None:
-            return []
-        out = []
+            return out
+        ran = Counter(k.precision for k in self.deployed.kernels if k.precision and k.originals)
+        if ran:
+            out.append(f"the deployed graph ({self.deployed.runtime}) ran its layers computing ONNX nodes in: "
+                       + ", ".join(f"{p} {n}" for p, n in ran.most_common()) + " (each kernel's precision is in the JSON)")
         if self.deployed.fp32_fallback:
             out.append(f"the deployed graph ({self.deployed.runtime}) computes {self.deployed.fp32_fallback} node(s) in FP32: ONNX Runtime "
                        "has no kernel of that precision for them here and casts around them (those tensors exist only under "

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from aligner.backends import Runner, make_runner, reference_runner
+from aligner.backends import Runner, backend_of, make_runner, reference_runner
+from aligner.backends.resolve import target_for_model
 from aligner.backends.target import REFERENCE, Target
 from aligner.compare.capture import Observer, Perturbation, fusion_dependence
 from aligner.compare.metrics import NonFinite, measure, nonfinite_counts
@@ -108,7 +109,7 @@ def _end_to_end(value: list | tuple) -> np.ndarray:
 
 def compare(
     model: ModelGraph | str | Path,
-    target: str | Target = "emu:fp16",
+    target: str | Target | None = None,
     reference: str | Target = REFERENCE,
     target_model: ModelGraph | str | Path | None = None,
     feeds: Feeds | None = None,
@@ -123,10 +124,13 @@ def compare(
     and compare every tensor (or ``tensors``) in topological order. ``tolerance`` defaults to
     :func:`~aligner.compare.tolerance.tolerance_for` the two targets, as in every command. When
     the tensors need more than one capture group, ``segments`` cuts the model so each side runs
-    every node once (:mod:`aligner.compare.segments`); otherwise each group runs the whole model."""
+    every node once (:mod:`aligner.compare.segments`); otherwise each group runs the whole model.
+    ``target`` None: a built model's own target (its sidecar, whose runtime options a target of the
+    same runtime also takes, as on the command line), else emu:fp16 (ort:cpu:fp32 with ``target_model``)."""
     check_budget(capture_budget_mb)
+    tgt_target, model = target_for_model(target, model, second_graph=target_model is not None)  # a built model: its sidecar's target
     graph = model if isinstance(model, ModelGraph) else ModelGraph.load(model)
-    ref_target, tgt_target = Target.parse(reference), Target.parse(target)
+    ref_target = Target.parse(reference)
     other = graph
     if target_model is not None:
         other = target_model if isinstance(target_model, ModelGraph) else ModelGraph.load(target_model)
@@ -144,9 +148,9 @@ def compare(
     segmentable = segments and target_model is None and tensors is None and _segmentable(tgt_target)
     # segments need the uncaptured run only at the end: it runs meanwhile (in the sandbox's child)
     observer = Observer.of(tgt_runner, view, feeds, background=segmentable)
-    if tgt_target.runtime == "trt" and tensors is None and observer.policy == "outputs":
-        notes.append("TensorRT target with capture=outputs: the outputs are compared (capture=boundaries compares every "
-                     "tensor its layers write)")
+    if backend_of(tgt_target).capture_default(tgt_target) == "boundaries" and tensors is None and observer.policy == "outputs":
+        notes.append(f"{backend_of(tgt_target).title} target with capture=outputs: the outputs are compared (capture=boundaries "
+                     "compares every tensor its executed kernels write)")
     names, unmatched = _select(graph, view, tgt_runner, tensors)
     sizes = estimate_sizes(graph, feeds)
     groups = plan_groups(names, sizes, int(capture_budget_mb * 2**20) // 2)  # half per side
@@ -209,9 +213,7 @@ def _segmentable(target: Target) -> bool:
     each stored tensor, so FP32 carries of rounded values are exact) and ONNX Runtime in FP32/TF32.
     Not ONNX Runtime in FP16/BF16 (a segment's FP32 inputs and outputs let its optimizer keep values
     in FP32 that overflow FP16 in the whole model) nor INT8 (each segment would be quantized anew)."""
-    if target.runtime == "emu":
-        return target.precision in ("fp16", "bf16")
-    return target.runtime == "ort" and target.precision in ("fp32", "tf32")
+    return backend_of(target).segmentable(target)
 
 
 def _segmented(graph: ModelGraph, names: list[str], sizes: dict[str, int], budget: int, ref_target: Target, tgt_target: Target,
@@ -229,7 +231,7 @@ def _segmented(graph: ModelGraph, names: list[str], sizes: dict[str, int], budge
     log.info("comparing %d tensors in %d segment(s), one pass per side", len(names), len(segments))
     wanted = set(names)
     pins = set(tgt_target.pins)
-    if tgt_target.runtime == "ort":
+    if backend_of(tgt_target).sandboxed(tgt_target):
         # The pieces run here while the whole model runs uncaptured in the sandbox (the check): shipping every captured
         # tensor out of the child cost more than computing it (DETR-R50: 3 GB). A runtime that crashes on the model
         # crashes the uncaptured run first in practice; the reference and the emulator always run here.

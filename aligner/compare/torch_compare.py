@@ -11,7 +11,7 @@ from typing import Literal
 
 import numpy as np
 
-from aligner.backends import make_runner, reference_runner
+from aligner.backends import backend_of, make_runner, reference_runner
 from aligner.backends.target import Target
 from aligner.compare.discrete import DISCRETE_OPS, Margin, decision_margin
 from aligner.compare.layerwise import diff_tensor
@@ -136,11 +136,11 @@ def compare_torch(model, args: Sequence, onnx: str | Path | None = None, target:
                   tolerance: Tolerance | None = None) -> TorchCompareResult:
     """Each PyTorch module call's outputs (eager, FP32, CPU) against the matching ONNX tensors on ``target``
     (or ``target_model``'s, e.g. an edited copy); the ONNX model is exported first if ``onnx`` is missing."""
-    from aligner.backends.torch import capture_module_outputs
+    from aligner.backends.torch.runner import capture_module_outputs
 
     model = model.eval()
     target = Target.parse(target)
-    if target.runtime == "torch":
+    if not backend_of(target).runs_onnx:
         return _torch_vs_torch(model, args, target, tolerance)
     notes, trouble = [], []
     if onnx is None:  # an export nobody asked to keep: in a temporary folder, removed once loaded
@@ -271,7 +271,7 @@ def _torch_vs_torch(model, args: Sequence, target: Target, tolerance: Tolerance 
     """Every module call on ``target`` (e.g. torch:cuda:fp16) against eager FP32 on the CPU."""
     import copy
 
-    from aligner.backends.torch import capture_module_outputs
+    from aligner.backends.torch.runner import capture_module_outputs
 
     device, precision = target.device, target.precision
     reference = capture_module_outputs(copy.deepcopy(model), args)

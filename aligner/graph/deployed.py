@@ -36,13 +36,15 @@ class Kernel:
     op_type: str
     originals: tuple[str, ...]  # original nodes, topological order
     outputs: tuple[str, ...]  # original tensors it writes (its boundary)
+    precision: str = ""  # the precision the runtime ran it in, where the runtime says (OpenVINO's runtimePrecision)
 
     @property
     def fused(self) -> bool:
         return len(self.originals) > 1
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "op_type": self.op_type, "originals": list(self.originals), "outputs": list(self.outputs)}
+        out = {"name": self.name, "op_type": self.op_type, "originals": list(self.originals), "outputs": list(self.outputs)}
+        return out | ({"precision": self.precision} if self.precision else {})
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,11 @@ from aligner.backends.target import Target
 
 
 def checked_on(target: Target) -> Target:
-    """Where an INT8 build is checked: ``ort:cpu`` on its integer kernels; elsewhere :func:`emulated`."""
-    return target if (target.runtime, target.device) == ("ort", "cpu") else emulated(target)
+    """Where an INT8 build is checked: on ONNX Runtime's CPU integer kernels where it runs on them
+    (``ort:cpu``); elsewhere :func:`emulated`."""
+    from aligner.backends.registry import backend_of
+
+    return target if backend_of(target).cpu_integer_kernels(target) else emulated(target)
 
 
 def emulated(target: Target) -> Target:

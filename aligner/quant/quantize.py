@@ -29,6 +29,7 @@ from pathlib import Path
 import onnx
 
 from aligner.backends.base import choice_option
+from aligner.backends.registry import backend_of
 from aligner.backends.target import Target
 from aligner.errors import InputError, TargetError, TargetRunError
 from aligner.graph.fingerprint import model_digest
@@ -77,7 +78,7 @@ def vnni_missing() -> bool:
 
 def _default_reduce_range(target: Target, types: str) -> str:
     """reduce_range's default: 1 where the integer kernels run on this CPU and would saturate, else 0."""
-    if (target.runtime, target.device) != ("ort", "cpu") or types == "u8u8" or not vnni_missing():
+    if not backend_of(target).cpu_integer_kernels(target) or types == "u8u8" or not vnni_missing():
         return "0"
     if not _said_saturation:
         _said_saturation.append(True)
@@ -105,15 +106,18 @@ class QuantSettings:
     @classmethod
     def of(cls, target: Target) -> "QuantSettings":
         """The settings a target's options give (defaults for the rest); a bad value is a TargetError."""
-        o, trt = target.option_dict, target.runtime == "trt"
+        o, runtime = target.option_dict, backend_of(target)
+        defaults = runtime.int8_defaults  # what the runtime's INT8 kernels take (TensorRT: s8s8 symmetric, float biases)
         calibrate = choice_option(target, "calibrate", o.get("calibrate", "minmax"), CALIBRATE)
-        types = choice_option(target, "types", o.get("types", "s8s8" if trt else "u8s8"), TYPES)
-        flags = {k: choice_option(target, k, o.get(k, d), ("0", "1")) == "1"
-                 for k, d in (("reduce_range", _default_reduce_range(target, types)), ("per_channel", "1"), ("symmetric", "1" if trt else "0"),
-                              ("quantize_bias", "0" if trt else "1"))}
-        if trt and (types != "s8s8" or not flags["symmetric"] or flags["quantize_bias"]):
-            raise TargetError(f"Target {target}: TensorRT takes signed, symmetric INT8 with float biases only (types=s8s8, "
-                              "symmetric=1, quantize_bias=0: the defaults of trt:int8); leave those options out.")
+        types = choice_option(target, "types", o.get("types", defaults.get("types", "u8s8")), TYPES)
+        flags = {k: choice_option(target, k, o.get(k, defaults.get(k, d)), ("0", "1")) == "1"
+                 for k, d in (("reduce_range", _default_reduce_range(target, types)), ("per_channel", "1"), ("symmetric", "0"),
+                              ("quantize_bias", "1"))}
+        given = {"types": types, **{k: str(int(v)) for k, v in flags.items()}}
+        if any(given[k] != defaults[k] for k in runtime.int8_forced if k in defaults and k != "reduce_range"):
+            forced = ", ".join(f"{k}={defaults[k]}" for k in runtime.int8_forced if k in defaults and k != "reduce_range")
+            raise TargetError(f"Target {target}: {runtime.title} takes {runtime.int8_takes or 'INT8'} only ({forced}: the defaults "
+                              f"of {target.base}); leave those options out.")
         try:
             percentile = float(o.get("percentile", "99.999"))
         except ValueError:
@@ -121,7 +125,7 @@ class QuantSettings:
         if not 0 < percentile <= 100:
             raise TargetError(f"Target {target}: percentile={o.get('percentile')!r}; give a number in (0, 100], e.g. 99.99.")
         fallback = choice_option(target, "fallback", o.get("fallback", "fp32"), FALLBACK)
-        if fallback != "fp32" and (target.runtime, target.device) == ("ort", "cpu"):
+        if fallback != "fp32" and runtime.cpu_integer_kernels(target):
             raise TargetError(f"Target {target}: fallback={fallback} needs a runtime that computes in {fallback}: ONNX Runtime's CPU "
                               f"provider runs most FP16 ops in FP32. Use ort:cuda:int8 or trt:int8, or emu:int8@fallback={fallback} "
                               "to emulate it here.")
@@ -213,7 +217,7 @@ def quantize(graph: ModelGraph, target: Target, exclude: Iterable[str] | None = 
     sha = model_sha(graph)
     source, note, per_channel_ok = quantizable_model(graph)
     quantizer_settings = settings if per_channel_ok else replace(settings, per_channel=False)
-    emulate = settings.fallback != "fp32" and target.runtime == "emu"  # the fallback's rounding emulated, as emu:fp16 does
+    emulate = settings.fallback != "fp32" and backend_of(target).int8_emulated  # the fallback's rounding emulated, as emu:fp16 does
     key = (sha, settings, calibration.key, excluded, emulate)
     path = _CACHE.models.get(key)
     if path is None:

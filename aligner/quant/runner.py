@@ -84,23 +84,21 @@ def prequantized(model) -> bool:
 
 
 def qdq_runner(qdq, target: Target, path=None, label: str | None = None):
-    """The runner of a QDQ model as it is, on ``target``'s runtime: ONNX Runtime (``ort``: optimized,
-    its integer kernels on CPU; ``emu``: not optimized, Q/DQ in float) or TensorRT (``trt``: the Q/DQ
-    define where it runs INT8, built strongly typed)."""
-    if target.runtime == "trt":
-        from aligner.backends.trt_runner import TrtRunner
-        from aligner.quant.quantize import engine_target
+    """The runner of a QDQ model as it is, on ``target``'s runtime: its descriptor's ``qdq_runner``
+    (TensorRT: the Q/DQ define where it runs INT8, built strongly typed; OpenVINO: its integer kernels),
+    else ONNX Runtime's session (optimized where the runtime optimizes: ``ort``, its integer kernels on
+    CPU; not optimized for ``emu``: Q/DQ in float)."""
+    from aligner.backends.registry import backend_of
 
-        _check_tensorrt_qdq(qdq, target)
-        inner = TrtRunner(ModelGraph(qdq, path), engine_target(target))
-        inner.label = label or str(target)
-        return inner
+    runtime = backend_of(target)
+    if runtime.qdq_runner is not None:
+        return runtime.qdq_runner(qdq, target, path, label)
     from aligner.backends.onnxruntime import OrtRunner
 
-    return OrtRunner(qdq, session_target(target), optimize=target.runtime == "ort", label=label or str(target))
+    return OrtRunner(qdq, session_target(target), optimize=runtime.optimizes(target), label=label or str(target))
 
 
-def _check_tensorrt_qdq(qdq, target: Target) -> None:
+def check_tensorrt_qdq(qdq, target: Target) -> None:
     """TensorRT takes signed INT8 Q/DQ with zero points 0 and float biases: a QDQ model made for
     ONNX Runtime's CPU (u8 activations, int32 biases) is named as such, not left to its parser."""
     from onnx import TensorProto

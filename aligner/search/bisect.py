@@ -19,7 +19,8 @@ from typing import Literal
 
 import numpy as np
 
-from aligner.backends import Runner, make_runner, reference_runner
+from aligner.backends import Runner, backend_of, make_runner, reference_runner
+from aligner.backends.resolve import target_for_model
 from aligner.backends.target import REFERENCE, Target
 from aligner.compare.capture import Observer
 from aligner.compare.layerwise import UNKNOWN_SIZE, check_budget, diff_row, estimate_sizes, plan_groups, target_label
@@ -80,7 +81,7 @@ class _Run:
 
 def bisect(
     model: ModelGraph | str | Path,
-    target: str | Target = "emu:fp16",
+    target: str | Target | None = None,
     reference: str | Target = REFERENCE,
     target_model: ModelGraph | str | Path | None = None,
     feeds: Feeds | None = None,
@@ -107,6 +108,7 @@ def bisect(
     if sweep_runs is not None and (not isinstance(sweep_runs, int) or sweep_runs < 0):
         raise InputError(f"sweep runs must be a whole number >= 0; got {sweep_runs!r}.")
     check_budget(capture_budget_mb)
+    target, model = target_for_model(target, model, second_graph=target_model is not None)  # a built model: its sidecar's target
     graph = model if isinstance(model, ModelGraph) else ModelGraph.load(model)
     other = graph if target_model is None else (target_model if isinstance(target_model, ModelGraph) else ModelGraph.load(target_model))
     tgt_target, ref_target = Target.parse(target), Target.parse(reference)
@@ -186,7 +188,7 @@ def _resolve(strategy: str, target: Target, graph: ModelGraph, sizes: dict[str, 
     if strategy != "auto":
         return strategy
     total = sum(sizes.get(t, UNKNOWN_SIZE) for t in graph.activations())
-    return "all" if target.runtime in ("emu", "ort") and total <= budget else "frontier"
+    return "all" if backend_of(target).captures_cheaply and total <= budget else "frontier"
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import onnx
 
-from aligner.backends import Runner, make_runner
+from aligner.backends import Runner, backend_of, make_runner
 from aligner.backends.target import Target
 from aligner.errors import AlignerError, TargetRunError
 from aligner.graph.capture import extract_subgraph, with_outputs
@@ -92,8 +92,7 @@ def _workarounds(graph: ModelGraph, target: Target, suspect: str, feeds: Feeds) 
     tries = {}
     if target.precision in ("fp16", "bf16") and suspect not in target.pins:
         tries[f"--fp32-nodes {suspect}"] = target.with_pins([*target.pins, suspect])
-    if target.runtime == "ort" and target.option_dict.get("graph_optimization_level") not in ("basic", "disable_all"):
-        tries["--target-option graph_optimization_level=basic"] = target.with_options({"graph_optimization_level": "basic"})
+    tries.update(backend_of(target).workarounds(target))  # the runtime's own (ONNX Runtime: a lower optimization level)
     runs = {}
     for label, variant in tries.items():
         try:

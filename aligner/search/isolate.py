@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from aligner.backends import Runner, make_runner
+from aligner.backends import Runner, backend_of, make_runner
 from aligner.backends.target import Target
 from aligner.compare.layerwise import diff_tensor, plan_groups
 from aligner.compare.tolerance import Tolerance
@@ -125,7 +125,8 @@ def isolate_quantized(graph: ModelGraph, names: Sequence[str], feeds: Mapping[st
     units = {k: u for k in dict.fromkeys(kernel_of.values()) if (u := qmap.unit(k)) is not None}
     order = sorted(units, key=graph.index_of.__getitem__)
     errors: list[LocalError] = []
-    groups = plan_groups(order, unit_bytes(graph, units, feeds, runs=2 if target.runtime == "ort" else 1), budget_bytes)
+    optimizes = backend_of(target).optimizes(target)
+    groups = plan_groups(order, unit_bytes(graph, units, feeds, runs=2 if optimizes else 1), budget_bytes)
     for i, group in enumerate(groups):
         report(f"isolating quantized nodes ({len(order)} in {len(groups)} run(s))", i + 1, len(groups))
         chosen = [units[n] for n in group]
@@ -137,8 +138,8 @@ def isolate_quantized(graph: ModelGraph, names: Sequence[str], feeds: Mapping[st
             continue
         piece = units_model(qmap, chosen, ref)
         values = {t: ref[t] for u in chosen for t in u.feeds.values()}
-        runs = {"": OrtRunner(piece, session_target(target), optimize=target.runtime == "ort", label=f"{target} (isolated nodes)")}
-        if target.runtime == "ort":
+        runs = {"": OrtRunner(piece, session_target(target), optimize=optimizes, label=f"{target} (isolated nodes)")}
+        if optimizes:  # the runtime's integer kernels against Q/DQ in float: which of the two loses the accuracy
             runs["emulated_"] = OrtRunner(piece, Target.parse("emu:int8"), optimize=False, label="emu:int8 (isolated nodes)")
         got = _probed(lambda: {prefix: runner.run(values) for prefix, runner in runs.items()}, len(wanted), on_probe)
         for unit in chosen:
