@@ -201,16 +201,6 @@ def test_cli_precision_workers_prints_each_workers_share(vit, serial, tmp_path, 
     assert "[w1]" in err or "[w2]" in err  # per-trial: which worker ran it
 
 
-def test_int8_searches_stay_serial_with_a_warning(caplog):
-    from aligner.backends.target import Target
-    from aligner.search.executor import SerialExecutor
-    from aligner.search.precision import executor_for
-
-    with caplog.at_level("WARNING"):
-        executor = executor_for(2, Target.parse("ort:cpu:int8"))
-    assert isinstance(executor, SerialExecutor) and "INT8 search runs its trials one after another" in caplog.text
-
-
 def test_cli_eval_coco_workers_writes_the_serial_json(tmp_path):
     from aligner.cli.main import main
 

@@ -84,7 +84,8 @@ workers: --workers N runs independent trials (delta debugging's removals, specul
   time) in N local processes; --workers ray (or ray://HOST:PORT) as Ray actors across a cluster
   (pip install aligner[ray]). The plan and the trials log are the serial search's: parallelism
   changes when a trial runs, never which result is used, so --resume works across both. The
-  summary gives each worker's trials and the speed-up. INT8 searches run serially for now.
+  summary gives each worker's trials and the speed-up. INT8 searches run the settings sweep and
+  the trials on the workers (each gets the calibrated ranges once, never the calibration data).
 
 exit status: 0 a plan was found and verified, 1 no passing plan or not verified, 2 usage or input error
 """

@@ -22,7 +22,7 @@ import hashlib
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -304,6 +304,56 @@ def calibrate_ranges(graph: ModelGraph, target: Target, methods: Iterable[str]) 
     return {m: paths[m] for m in methods}
 
 
+@dataclass(frozen=True)
+class CalibrationState:
+    """What another process needs to quantize ``graph`` for a target as this one does, without reading
+    the calibration data or calibrating again: the data's key and size, and the computed ranges (the
+    calibration cache files' bytes). A trial job carries it to its worker processes or Ray actors
+    (:class:`aligner.search.int8.QuantizedTrialJob`): the data need not exist where they run."""
+
+    sha: str
+    source: str | None  # the target's calib option, as calibration_of keys it
+    described: str  # Calibration.source
+    key: str
+    count: int
+    ranges: tuple[tuple[str, bytes], ...]  # cache file name -> its bytes
+
+    def install(self) -> None:
+        """Put it into this process's cache (nothing where it is there already)."""
+        if (self.sha, self.source) not in _CACHE.calibrations:
+            _CACHE.calibrations[(self.sha, self.source)] = Calibration(_Elsewhere(self.count, self.described), self.described, self.key)
+        for name, blob in self.ranges:
+            path = _CACHE.dir / name
+            if not path.exists():
+                tmp = path.with_suffix(".part")
+                tmp.write_bytes(blob)
+                tmp.replace(path)
+
+
+class _Elsewhere(Sequence):
+    """The calibration samples of a state installed from another process: counted, not readable here."""
+
+    def __init__(self, count: int, source: str):
+        self.count, self.source = count, source
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i):
+        raise InputError(f"the calibration samples ({self.source}) are read in the process that started the search; "
+                         "this one has only their computed ranges")
+
+
+def calibration_state(graph: ModelGraph, target: Target) -> CalibrationState:
+    """``target``'s calibration of ``graph`` as :class:`CalibrationState` (its ranges as computed so far:
+    call :func:`calibrate_ranges` first for every method the other process will quantize with)."""
+    calibration = calibration_of(graph, target)
+    prefix = "ranges-"
+    ranges = tuple((p.name, p.read_bytes()) for p in sorted(_CACHE.dir.glob(prefix + "*.json")))
+    return CalibrationState(model_sha(graph), target.option_dict.get("calib"), calibration.source, calibration.key,
+                            len(calibration.samples), ranges)
+
+
 def _quantize_static(source: Path, settings: QuantSettings, excluded: tuple[str, ...], ranges: Path, out: Path) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -397,5 +447,5 @@ def session_target(target: Target) -> Target:
     return Target(target.runtime, target.device, target.precision, options=tuple(sorted(options.items())))
 
 
-__all__ = ["CALIBRATE", "FALLBACK", "PER_CHANNEL_OPSET", "QUANT_OPTIONS", "QuantSettings", "QuantizedModel", "TYPES", "calibrate_ranges",
+__all__ = ["CALIBRATE", "CalibrationState", "calibration_state", "FALLBACK", "PER_CHANNEL_OPSET", "QUANT_OPTIONS", "QuantSettings", "QuantizedModel", "TYPES", "calibrate_ranges",
            "calibration_of", "engine_target", "low_precision_fallback", "quantizable_model", "quantize", "save_quantized", "session_target"]

@@ -46,32 +46,50 @@ def candidate_settings(base: QuantSettings, methods: Sequence[str] = CALIBRATE, 
 
 
 def sweep_settings(graph: ModelGraph, target: Target, samples: Sequence[Feeds], metric: str = "rel_l2",
-                   candidates: Sequence[QuantSettings] | None = None) -> tuple[Target, tuple[SweepPoint, ...]]:
-    """``target`` with the best setting's options, and every point measured (full INT8, real kernels)."""
-    from aligner.backends import make_runner, reference_runner
-
-    ref = reference_runner(graph)
-    expected = [ref.run(dict(s)) for s in samples]
+                   candidates: Sequence[QuantSettings] | None = None, executor=None,
+                   expected: Sequence[dict] | None = None) -> tuple[Target, tuple[SweepPoint, ...]]:
+    """``target`` with the best setting's options, and every point measured (full INT8, real kernels).
+    ``executor`` (:mod:`aligner.search.executor`, started with :class:`aligner.search.int8.QuantizedTrialJob`)
+    runs the settings at once; the points, their order and the choice are the serial sweep's."""
+    from aligner.backends import reference_runner
     from aligner.quant.calib import report
 
-    points = []
+    if expected is None:
+        ref = reference_runner(graph)
+        expected = [ref.run(dict(s)) for s in samples]
     candidates = candidates or candidate_settings(QuantSettings.of(target))
+    tickets = [executor.submit(("sweep", tuple(sorted(c.options().items())), metric)) for c in candidates] if executor else []
+    points = []
     for i, settings in enumerate(candidates):
         report(f"quantizer sweep: {settings.describe()}", i + 1, len(candidates))
-        trial = target.with_pins(()).with_options(settings.options())
-        start = time.perf_counter()
-        try:
-            runner = make_runner(graph, trial)
-            value = max(_worst(metric, e, runner.run(dict(s))) for s, e in zip(samples, expected))
-            points.append(SweepPoint(settings, metric, value, time.perf_counter() - start))
-        except TargetRunError as exc:
-            points.append(SweepPoint(settings, metric, math.nan, time.perf_counter() - start, str(exc)))
+        if executor is not None:
+            outcome = executor.result(tickets[i])
+            if outcome.error is not None and not isinstance(outcome.error, TargetRunError):
+                raise outcome.error
+            value, error, seconds = (math.nan, str(outcome.error), outcome.seconds) if outcome.error else (outcome.value, "", outcome.seconds)
+        else:
+            start = time.perf_counter()
+            try:
+                value, error = full_int8_error(graph, target.with_options(settings.options()), samples, expected, metric), ""
+            except TargetRunError as exc:
+                value, error = math.nan, str(exc)
+            seconds = time.perf_counter() - start
+        points.append(SweepPoint(settings, metric, value, seconds, error))
         log.info("sweep %s: %s %.4g", settings.describe(), metric, points[-1].value)
     ok = [p for p in points if not math.isnan(p.value)]
     if not ok:
         return target, tuple(points)
     best = (max if metric in HIGHER_IS_BETTER else min)(ok, key=lambda p: p.value)
     return target.with_options(best.settings.options()), tuple(points)
+
+
+def full_int8_error(graph: ModelGraph, target: Target, samples: Sequence[Feeds], expected: Sequence[dict], metric: str) -> float:
+    """The worst ``metric`` over outputs and samples of the whole model quantized for ``target`` (no node
+    kept in float) on its real kernels; a TargetRunError when it cannot be quantized or run."""
+    from aligner.backends import make_runner
+
+    runner = make_runner(graph, target.with_pins(()))
+    return max(_worst(metric, e, runner.run(dict(s))) for s, e in zip(samples, expected))
 
 
 def _worst(metric: str, expected: dict, got: dict) -> float:
@@ -82,4 +100,4 @@ def _worst(metric: str, expected: dict, got: dict) -> float:
     return min(values) if metric in HIGHER_IS_BETTER else max(values)
 
 
-__all__ = ["SweepPoint", "candidate_settings", "sweep_settings"]
+__all__ = ["SweepPoint", "candidate_settings", "full_int8_error", "sweep_settings"]

@@ -13,7 +13,7 @@ quantizer settings may first be swept. Trials and the plan are :mod:`aligner.sea
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from aligner.backends import reference_runner
@@ -69,10 +69,13 @@ def rank_key(error, metric: str) -> tuple[float, float]:
     return error.metrics.get("channel_rel_l2", 0.0), -value if metric in HIGHER_IS_BETTER else value
 
 
-def quantizer_settings(graph: ModelGraph, target: Target, samples: Sequence[Feeds], accept, sweep: bool) -> tuple[Target, dict]:
-    """The INT8 target to search on (the sweep's best setting when ``sweep``) and what to record in the plan."""
+def quantizer_settings(graph: ModelGraph, target: Target, samples: Sequence[Feeds], accept, sweep: bool, executor=None,
+                       reference: Sequence[dict] | None = None) -> tuple[Target, dict]:
+    """The INT8 target to search on (the sweep's best setting when ``sweep``) and what to record in the plan.
+    Calibrates first (every method the sweep tries, in one streaming pass); then ``executor`` (if given)
+    is started with :class:`QuantizedTrialJob` — the sweep's settings and every later trial run on it."""
     from aligner.backends.replay import calibration_record, verification
-    from aligner.quant.quantize import CALIBRATE, QuantSettings, calibrate_ranges, calibration_of, quantizable_model
+    from aligner.quant.quantize import CALIBRATE, QuantSettings, calibrate_ranges, calibration_of, calibration_state, quantizable_model
 
     record: dict = {"quantizer": "onnxruntime.quantization.quantize_static (QDQ)"}
     _, opset_note, _ = quantizable_model(graph)
@@ -83,20 +86,85 @@ def quantizer_settings(graph: ModelGraph, target: Target, samples: Sequence[Feed
         record["weights"] = (f"{len(inert)} Conv/MatMul/Gemm weight(s) are Constant nodes' outputs, not initializers: ONNX Runtime's "
                              "quantizer quantizes them as activations (one calibrated scale each), so per_channel and reduce_range "
                              "do not apply to them")
+    base = QuantSettings.of(target)
+    calibrate_ranges(graph, target, CALIBRATE if sweep else (base.calibrate,))  # every method's ranges in one streaming pass
+    if executor is not None:  # its workers get the ranges, not the data: they never calibrate
+        executor.start(QuantizedTrialJob(graph, target, samples, reference, accept, calibration_state(graph, target)))
     if sweep:
         from aligner.quant.sweep import candidate_settings, sweep_settings
 
-        calibrate_ranges(graph, target, CALIBRATE)  # every method's ranges in one streaming pass, before the sweep uses them
-        metric = accept.metric
-        base = QuantSettings.of(target)
         candidates = candidate_settings(base, reduce_range=(base.reduce_range,) if inert else (False, True))  # reduce_range: weights only
-        target, points = sweep_settings(graph, target, samples, metric, candidates)
+        target, points = sweep_settings(graph, target, samples, accept.metric, candidates, executor, reference)
         record["sweep"] = [p.to_dict() for p in points]
     record["settings"] = QuantSettings.of(target).to_dict()
     # what +plan.json replays (aligner.backends.replay): the data's path and content hash, the model and samples
     record["calibration"] = {**calibration_of(graph, target).to_dict(), **calibration_record(target)}
     record["verified"] = verification(graph, samples)  # the plan's "verified" block (PrecisionPlan takes it from here)
     return target, record
+
+
+class QuantizedTrialJob:
+    """The INT8 search's job on a trial executor (:mod:`aligner.search.executor`), loaded once per worker:
+
+    * ``("sweep", options, metric)`` -> the worst ``metric`` of the whole model quantized with those
+      quantizer options (:func:`aligner.quant.sweep.full_int8_error`);
+    * ``("trial", options, task)`` -> what :class:`~aligner.search.trial_job.TrialJob` gives for ``task``
+      (a pin set kept in float, or a part of its trial) under those options.
+
+    It carries the calibration's computed ranges (:class:`aligner.quant.quantize.CalibrationState`),
+    installed in the worker's cache before its first task: a worker never reads the calibration data
+    or calibrates, and quantizes exactly as the search's own process does."""
+
+    def __init__(self, graph: ModelGraph, target: Target, samples: Sequence[Feeds], reference: Sequence[dict], accept, state):
+        self.graph, self.target, self.samples, self.reference, self.accept, self.state = graph, target, list(samples), list(reference), accept, state
+        self._jobs: dict = {}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_jobs": {}}
+
+    def __call__(self, task: tuple):
+        from aligner.search.trial_job import TrialJob
+
+        self.state.install()
+        kind, options = task[0], dict(task[1])
+        target = self.target.with_options(options)
+        if kind == "sweep":
+            from aligner.quant.sweep import full_int8_error
+
+            return full_int8_error(self.graph, target, self.samples, self.reference, task[2])
+        if kind == "trial":
+            job = self._jobs.get(task[1])
+            if job is None:
+                job = self._jobs[task[1]] = TrialJob(self.graph, target, self.samples, self.reference, self.accept)
+            return job(task[2])
+        raise ValueError(f"unknown INT8 task {kind!r}")
+
+    @staticmethod
+    def trials_on(executor, target: Target) -> "_TrialsOf":
+        """``executor`` (started with this job) as one whose tasks are the trials of ``target`` (its
+        quantizer options): what the search's trial runner submits to."""
+        return _TrialsOf(executor, tuple(sorted(target.option_dict.items())))
+
+
+class _TrialsOf:
+    """An executor started with :class:`QuantizedTrialJob`, seen as one running the trials of one
+    target: a task ``t`` goes as ``("trial", options, t)``."""
+
+    def __init__(self, executor, options: tuple):
+        self.inner, self.options = executor, options
+        self.workers = executor.workers
+
+    def submit(self, task) -> int:
+        return self.inner.submit(("trial", self.options, task))
+
+    def result(self, ticket: int):
+        return self.inner.result(ticket)
+
+    def discard(self, ticket: int) -> None:
+        self.inner.discard(ticket)
+
+    def stats(self):
+        return self.inner.stats()
 
 
 def constant_weights(graph: ModelGraph) -> list[str]:
@@ -154,31 +222,44 @@ class FallbackGroup:
         return f"keeps {self.tensor!r} unquantized (quantized alone it gives output rel_l2 {self.share:.3g}, emulated)"
 
 
-def search_fallback(groups: Sequence[FallbackGroup], check: Callable, order: Callable[[str], int] = lambda n: 0) -> tuple[list[str], object]:
+def search_fallback(groups: Sequence[FallbackGroup], check: Callable, order: Callable[[str], int] = lambda n: 0,
+                    ahead: Callable | None = None) -> tuple[list[str], object]:
     """The float fallback, every decision a trial of ``check`` (real kernels):
 
     1. pure INT8, if it passes;
     2. the shortest passing prefix of the ranked ``groups`` (the nodes of the first k groups kept in
        float; k doubling from 1 until a trial passes, then the gap halved: about 2*log2(N) trials);
-    3. that set made 1-minimal node by node (:func:`aligner.search.pins.minimize`, least-ranked nodes
-       tried first): removing any one kept node fails the check — the landscape is not monotone
-       (keeping some tensors float makes the output *worse*, even with Q/DQ in float), so nothing
-       short of this proves a node necessary.
+    3. that set made 1-minimal (:func:`aligner.search.pins.thin`, least-ranked nodes tried first, in
+       blocks while removals pass, one node at a time once they fail): removing any one kept node
+       fails the check — the landscape is not monotone (keeping some tensors float makes the output
+       *worse*, even with Q/DQ in float), so nothing short of this proves a node necessary.
 
+    ``ahead`` (the evaluator's, with several workers) is told the trials that may come next: the
+    doubling's next prefixes, both outcomes of the halving a few levels deep, the removals of step 3.
     Returns (pins, the trial that verifies them) or (every node of the groups, None) when even all
     of them fail."""
-    from aligner.search.pins import minimize
+    from aligner.search.pins import thin
 
+    look = ahead or (lambda sets: None)
+
+    def prefix(k: int) -> frozenset[str]:
+        return frozenset(n for g in groups[:min(k, len(groups))] for n in g.nodes)
+
+    def doubling(k: int) -> Iterator[frozenset[str]]:
+        while True:
+            yield prefix(k)
+            if k >= len(groups):
+                return
+            k *= 2
+
+    look(_chain([frozenset()], doubling(1)))
     pure = check(frozenset(), "pure")
     if pure.passed:
         return [], pure
-
-    def prefix(k: int) -> frozenset[str]:
-        return frozenset(n for g in groups[:k] for n in g.nodes)
-
     failing, passing, k = 0, None, 1
     while passing is None and failing < len(groups):
         k = min(k, len(groups))
+        look(doubling(k))
         if check(prefix(k), "rank").passed:
             passing = k
         else:
@@ -186,6 +267,7 @@ def search_fallback(groups: Sequence[FallbackGroup], check: Callable, order: Cal
     if passing is None:
         return sorted(prefix(len(groups)), key=order), None
     while passing - failing > 1:
+        look(prefix(m) for m in _bisection(failing, passing))
         mid = (failing + passing) // 2
         if check(prefix(mid), "rank").passed:
             passing = mid
@@ -196,8 +278,27 @@ def search_fallback(groups: Sequence[FallbackGroup], check: Callable, order: Cal
         for n in g.nodes:
             rank.setdefault(n, i)
     pins = sorted(rank, key=lambda n: (-rank[n], order(n)))  # least-ranked first: the likeliest to go
-    pins = minimize(pins, check, halve_above=len(pins) + 1)
+    pins = thin(pins, check, ahead)
     return sorted(pins, key=order), check(frozenset(pins), "final")
+
+
+def _chain(*parts) -> Iterator:
+    for part in parts:
+        yield from part
+
+
+def _bisection(failing: int, passing: int) -> Iterator[int]:
+    """The midpoints the halving between ``failing`` and ``passing`` checks, breadth first over both
+    outcomes of each (the next check's two candidates come right after it)."""
+    level = [(failing, passing)]
+    while level:
+        nxt = []
+        for lo, hi in level:
+            if hi - lo > 1:
+                mid = (lo + hi) // 2
+                yield mid
+                nxt += [(mid, hi), (lo, mid)]  # it fails, it passes
+        level = nxt
 
 
 def fallback_reasons(pins: Sequence[str], groups: Sequence[FallbackGroup], seeds: dict[str, str]) -> dict[str, str]:
@@ -211,4 +312,4 @@ def fallback_reasons(pins: Sequence[str], groups: Sequence[FallbackGroup], seeds
     return out
 
 
-__all__ = ["FallbackGroup", "FallbackRanking", "constant_weights", "fallback_reasons", "quantizable", "quantization_seeds", "quantizer_settings", "rank_key", "search_fallback"]
+__all__ = ["FallbackGroup", "FallbackRanking", "QuantizedTrialJob", "constant_weights", "fallback_reasons", "quantizable", "quantization_seeds", "quantizer_settings", "rank_key", "search_fallback"]

@@ -151,6 +151,115 @@ def _removals_ahead(current: list[str], rest: Sequence[str], changed: bool) -> I
             yield frozenset(p for p in current if p != pin)
 
 
+def thin(pins: Sequence[str], check: Check, ahead: Ahead | None = None, probe: bool = True) -> list[str]:
+    """A 1-minimal subset of a passing pin set, removing *blocks* of pins where they can go: for a set
+    where most pins are unnecessary a removal pass costs about log2 of its size in trials, where most
+    are necessary about one trial per pin (what the proof of 1-minimality needs anyway).
+
+    ``pins`` are in the order to try them (likeliest to go first). ``probe``: first try without the
+    first half. Then each pass walks the set in blocks whose size follows the outcomes so far
+    (:class:`_Thinning`: large while removals pass, single pins once they mostly fail); a block whose
+    removal fails is split in halves, each tried in turn, down to single pins. A pin stays when its
+    removal alone fails. Passes repeat until one removes nothing — then every kept pin's removal
+    failed against the final set (the check need not be monotone), so the result is 1-minimal.
+
+    ``ahead`` (if given) is told, before each trial, the pin sets the search checks next supposing
+    each coming trial ends as the last one did (blocks grow while removals pass, shrink to single
+    pins while they fail), so that a parallel executor can run them at once; the trials checked,
+    their order and the result are the serial search's whatever ``ahead`` does."""
+    state = _Thinning(pins, probe)
+    last = False
+    while (block := state.next()) is not None:
+        if ahead is not None:
+            ahead(state.upcoming(block, last))
+        last = check(frozenset(state.without(block)), "minimize").passed
+        state.apply(block, last)
+    return state.current
+
+
+class _Thinning:
+    """The state of :func:`thin`: the set, this pass's order and position, the blocks split from a
+    failed removal (depth first, first half first), and the counts the block size is chosen from."""
+
+    def __init__(self, pins: Sequence[str], probe: bool):
+        self.current = list(dict.fromkeys(pins))
+        self.removed = self.kept = self.failed = 0
+        self.streak = 0  # removals that passed in a row (+) or failed in a row (-)
+        self.probe = probe and len(self.current) > 3
+        self._pass()
+
+    def _pass(self) -> None:
+        self.order, self.i, self.stack, self.changed, self.probing = list(self.current), 0, [], False, False
+
+    def copy(self) -> "_Thinning":
+        other = object.__new__(_Thinning)
+        other.__dict__.update({k: (list(v) if isinstance(v, list) else v) for k, v in self.__dict__.items()})
+        other.stack = [list(b) for b in self.stack]
+        return other
+
+    def size(self) -> int:
+        """Generalised binary splitting (Hwang): blocks of about (pins that go) / (pins that stay), from
+        the counts so far and the recent run of outcomes (removable pins cluster: the least ranked go)."""
+        goes = (self.removed + 1) / (self.removed + self.kept + self.failed + 2)
+        ratio = goes / (1 - goes) * 2.0 ** max(-30, min(30, self.streak))
+        b = 1
+        while 2 * b <= ratio:
+            b *= 2
+        return max(1, min(b, len(self.order) - self.i))
+
+    def next(self) -> list[str] | None:
+        inside = set(self.current)
+        while True:
+            while self.stack:
+                block = [p for p in self.stack.pop() if p in inside]
+                if block:
+                    return block
+            if self.probe:
+                self.probe, self.probing = False, True
+                return self.current[:len(self.current) // 2]
+            if self.i < len(self.order):
+                b = self.size()
+                block = [p for p in self.order[self.i:self.i + b] if p in inside]
+                self.i += b
+                if block:
+                    return block
+                continue
+            if not self.changed:
+                return None
+            self._pass()
+
+    def without(self, block: Sequence[str]) -> list[str]:
+        drop = set(block)
+        return [p for p in self.current if p not in drop]
+
+    def apply(self, block: list[str], passed: bool) -> None:
+        if passed:
+            self.current = self.without(block)
+            self.removed += len(block)
+            self.changed = True
+            self.streak = max(self.streak, 0) + 1
+        else:
+            self.streak = min(self.streak, 0) - 1
+            if len(block) == 1:
+                self.kept += 1
+            else:
+                self.failed += 1
+                if not self.probing:  # the probe's failure says nothing of single pins: the pass starts over in blocks
+                    mid = len(block) // 2
+                    self.stack += [block[mid:], block[:mid]]
+        self.probing = False
+
+    def upcoming(self, block: list[str], last: bool, count: int = 16) -> Iterator[frozenset[str]]:
+        """The sets :func:`thin` checks from ``block`` on, supposing each check ends as ``last`` did."""
+        sim = self.copy()
+        for _ in range(count):
+            yield frozenset(sim.without(block))
+            sim.apply(block, last)
+            block = sim.next()
+            if block is None:
+                return
+
+
 def search_pins(seeds: Sequence[str], check: Check, grow_limit: int = 64,
                 universe: Sequence[str] = (), ahead: Ahead | None = None) -> tuple[list[str], Trial | None]:
     """Pure low precision first, then seeds + growth (up to every node of ``universe``), then
@@ -172,4 +281,4 @@ def search_pins(seeds: Sequence[str], check: Check, grow_limit: int = 64,
     return pins, check(frozenset(pins), "final")
 
 
-__all__ = ["Ahead", "Check", "Trial", "grow", "minimize", "search_pins"]
+__all__ = ["Ahead", "Check", "Trial", "grow", "minimize", "search_pins", "thin"]

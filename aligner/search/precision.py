@@ -26,7 +26,7 @@ from aligner.graph.model import ModelGraph, _node_inputs
 from aligner.graph.precision import auto_pinned, is_fp32, node_typing
 from aligner.inputs import Feeds, make_inputs, validate_feeds, write_atomic
 from aligner.search.acceptance import Acceptance, default_acceptance
-from aligner.search.executor import Executor, SerialExecutor, Workers, make_executor, parse_workers
+from aligner.search.executor import Executor, SerialExecutor, Workers, make_executor
 from aligner.search.pins import Trial, search_pins
 from aligner.search.plan import Pin, PrecisionPlan, TrialLog, flop_fraction
 from aligner.search.trial_job import TrialJob, trial_model
@@ -96,15 +96,22 @@ class _Evaluator:
 
     def __init__(self, graph: ModelGraph, target: Target, samples: list[Feeds], accept: Acceptance, log_: TrialLog,
                  locate: bool, max_trials: int, progress: Callable[[Trial, int], None] | None, universe: Sequence[str] = (),
-                 fallback=None, executor: Executor | None = None):
+                 fallback=None, executor: Executor | None = None, reference: Sequence[dict] | None = None):
         executor = executor or SerialExecutor()
         self.graph, self.target, self.samples, self.accept, self.log = graph, target, samples, accept, log_
         self.fallback = fallback  # INT8: aligner.search.int8.FallbackRanking; the search is int8.search_fallback
         self.locate, self.max_trials, self.progress, self.universe = locate, max_trials, progress, set(universe)
-        ref = reference_runner(graph)
-        self.reference = [ref.run(feeds) for feeds in samples]
+        if reference is None:
+            ref = reference_runner(graph)
+            reference = [ref.run(feeds) for feeds in samples]
+        self.reference = list(reference)
+        if target.is_quantized:  # started with the INT8 job already (aligner.search.int8.quantizer_settings): trials are its tasks
+            from aligner.search.int8 import QuantizedTrialJob
+
+            executor = QuantizedTrialJob.trials_on(executor, target)
+        else:
+            executor.start(TrialJob(graph, target, samples, self.reference, accept))  # each worker loads it once
         self.executor = executor
-        executor.start(TrialJob(graph, target, samples, self.reference, accept))  # each worker loads it once
         self.pending: dict[frozenset[str], int] = {}  # trials running ahead: pin set -> the executor's ticket
         self.trials = log_.resumed  # numbered on from a resumed log, so the count agrees with the log
         self.new_trials = 0  # run by this call (what --max-trials limits)
@@ -223,8 +230,8 @@ def search_precision(
 
     ``workers`` runs independent trials at once (:mod:`aligner.search.executor`): a number of local
     processes, ``"ray"`` or ``"ray://HOST:PORT"``, or an executor the caller made (and reads the
-    stats of); the plan and the trials log are the serial search's. INT8 searches run serially
-    for now."""
+    stats of); the plan and the trials log are the serial search's (INT8 too: its settings sweep and
+    trials run on the workers, which get the calibration's ranges, not its data)."""
     graph = model if isinstance(model, ModelGraph) else ModelGraph.load(model)
     target = parse_target(target) if isinstance(target, str) else target
     from aligner.graph.precision import built_precision
@@ -241,29 +248,37 @@ def search_precision(
     accept.check_names(graph.output_names)
     quantization: dict = {}
     auto: dict[str, str] = {}
-    if target.is_quantized:  # pins are nodes kept in float: candidates and seeds from aligner.search.int8
-        from aligner.search import int8
-
-        target, quantization = int8.quantizer_settings(graph, target, samples, accept, sweep)
-        universe = int8.quantizable(graph, target)
-    else:
+    reference = None
+    if not target.is_quantized:
         typing = {n.name: node_typing(n, graph.opset, target.precision) for n in graph.nodes}
         auto = auto_pinned(graph, typing)
         universe = pinnable(graph, auto)
-    header = {"model": str(graph.path or "<in-memory>"), "model_sha": model_sha(graph), "target": str(target),
-              "accept": list(accept.clauses()), "samples": len(samples)}
     own = isinstance(workers, (int, str))
     executor = executor_for(workers, target) if own else workers
-    executor.warm()  # workers import ONNX Runtime while the value ranges are measured
+    executor.warm()  # workers import ONNX Runtime while the value ranges (INT8: the calibration) are measured
     try:
+        if target.is_quantized:  # pins are nodes kept in float: candidates and seeds from aligner.search.int8
+            from aligner.search import int8
+
+            ref = reference_runner(graph)
+            reference = [ref.run(feeds) for feeds in samples]
+            target, quantization = int8.quantizer_settings(graph, target, samples, accept, sweep, executor, reference)
+            universe = int8.quantizable(graph, target)
+        header = {"model": str(graph.path or "<in-memory>"), "model_sha": model_sha(graph), "target": str(target),
+                  "accept": list(accept.clauses()), "samples": len(samples)}
         with TrialLog(Path(trials_log) if trials_log else None, header, Path(resume) if resume else None) as log_:
             fallback = None
             if target.is_quantized:  # groups of nodes to keep in float together, by the tensor each keeps unquantized
                 seeds, kernel = int8.quantization_seeds(graph, target, samples[0], universe)
                 fallback = int8.FallbackRanking(graph, target, samples, universe, kernel)
-            else:
+                evaluator = _Evaluator(graph, target, list(samples), accept, log_, not seeds, max_trials, progress, universe, fallback, executor,
+                                       reference)
+            else:  # pure low precision needs no seeds: on workers, its trial runs while the value ranges are measured
+                evaluator = _Evaluator(graph, target, list(samples), accept, log_, False, max_trials, progress, universe, None, executor,
+                                       reference)
+                evaluator.ahead(iter([frozenset()]))
                 seeds = seed_pins(graph, value_ranges(graph, samples), target.precision)
-            evaluator = _Evaluator(graph, target, list(samples), accept, log_, not seeds, max_trials, progress, universe, fallback, executor)
+                evaluator.locate = not seeds
             pins, verified, notes = _search(list(seeds), evaluator, universe, max_trials, target.precision)
             passed = verified is not None and verified.passed and not notes  # a note says why the search has no verified plan
     finally:
@@ -311,10 +326,7 @@ def hidden_divergence(graph: ModelGraph, target: Target, pins: Sequence[str], fe
 
 def executor_for(workers: Workers, target: Target) -> Executor:
     """The executor a search on ``target`` runs its trials on (:func:`~aligner.search.executor.make_executor`):
-    a Ray worker takes a GPU where the target runs on one; INT8 searches run serially for now."""
-    if target.is_quantized and parse_workers(workers) != 1:  # the INT8 search's parallel phases are not built yet
-        log.warning("--workers %s: the INT8 search runs its trials one after another for now", workers)
-        workers = 1
+    a Ray worker takes a GPU where the target runs on one."""
     return make_executor(workers, gpus=1.0 if target.device == "cuda" else 0.0)
 
 
@@ -334,7 +346,7 @@ def _search(seeds: list[str], evaluator: _Evaluator, universe: list[str], max_tr
         if evaluator.fallback is not None:  # INT8: the shortest passing prefix of the ranked tensor groups, then 1-minimal
             from aligner.search.int8 import search_fallback
 
-            pins, verified = search_fallback(evaluator.fallback.groups, evaluator, evaluator.graph.index_of.__getitem__)
+            pins, verified = search_fallback(evaluator.fallback.groups, evaluator, evaluator.graph.index_of.__getitem__, evaluator.ahead)
         else:
             pins, verified = search_pins(seeds, evaluator, universe=universe, ahead=evaluator.ahead)
     except _OutOfTrials:
