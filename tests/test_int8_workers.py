@@ -18,6 +18,7 @@ import pytest
 
 from aligner.backends import make_runner, reference_runner
 from aligner.backends.target import Target
+from aligner.errors import InputError
 from aligner.search.acceptance import Acceptance, check_outputs
 from aligner.search.executor import make_executor
 from aligner.search.pins import Trial, minimize, thin
@@ -192,3 +193,33 @@ def test_a_worker_quantizes_from_the_ranges_it_is_given_not_the_data(case, tmp_p
     there = onnx.load(str(tmp_path / "q.onnx"))
     assert there.graph.SerializeToString() == here.graph.SerializeToString()
     assert state.ranges
+
+
+# ---- --capture-budget-mb: the search's captures in smaller groups, the same plan ---------------
+
+def test_capture_budget_bounds_isolation_and_keeps_the_plan(case, serial, tmp_path):
+    from aligner.quant.calib import reporting
+
+    phases: dict[str, int] = {}
+
+    def seen(phase: str, done: int, total: int) -> None:
+        if phase.startswith("isolating"):
+            phases[phase] = total
+
+    log = tmp_path / "trials.jsonl"
+    with reporting(seen):
+        small = _search(case, log, 1, capture_budget_mb=0)  # one tensor's unit per isolation run
+    assert small.fp32_nodes == serial[0].fp32_nodes and _rows(log) == serial[1]
+    (runs,) = phases.values()
+    assert runs > 1  # at the default budget this model's units fit one run
+    with pytest.raises(InputError, match="capture budget"):
+        _search(case, tmp_path / "x.jsonl", 1, capture_budget_mb=-1)
+
+
+def test_cli_precision_refuses_a_negative_capture_budget(case, tmp_path, capsys):
+    from aligner.cli.main import main
+
+    model, _, _ = case
+    with pytest.raises(SystemExit) as exit_:
+        main(["precision", str(model), "--target", "ort:cpu:int8", "--capture-budget-mb=-5"])
+    assert exit_.value.code == 2 and "--capture-budget-mb: '-5': give a number >= 0" in capsys.readouterr().err

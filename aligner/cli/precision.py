@@ -14,7 +14,8 @@ from rich.table import Table
 from aligner.backends import check_target
 from aligner.backends.target import Target
 from aligner.cli.common import (add_input_arguments, add_model_arguments, add_report_arguments, add_tolerance_arguments, check_writable,
-                                emit_run, input_samples, input_source, parse_options, report_paths, tolerance_from_args)
+                                emit_run, input_samples, input_source, non_negative_float, parse_options, report_paths,
+                                tolerance_from_args)
 from aligner.compare.tolerance import defaults_text
 from aligner.graph.model import ModelGraph
 from aligner.inputs import write_atomic
@@ -109,6 +110,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-trials", type=int, default=200, help="stop after this many trials (default 200); resume later")
     p.add_argument("--workers", default="1", metavar="N|ray|ray://HOST:PORT",
                    help="run independent trials at once: N local processes (default 1), or Ray (see below); same plan")
+    p.add_argument("--capture-budget-mb", type=non_negative_float, default=512,
+                   help="memory for tensors held at once, as compare's (default 512 MB): the value ranges, INT8's isolation and its "
+                        "ranking's batches (one sample's activations at least)")
     p.add_argument("--no-fusion-check", dest="fusion_check", action="store_false",
                    help="skip checking whether a passing plan relies on the runtime's fusions (on a fusing target the plan is re-run on "
                         "the plain emulator on CPU, and searched there if it fails: up to 20 more trials on CPU)")
@@ -151,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
 
         plan = search_precision(graph, target=target, samples=samples, accept=accept, trials_log=trials,
                                 resume=args.resume, max_trials=args.max_trials, save_model=args.save_model, progress=progress,
-                                sweep=args.sweep and target.is_quantized, fusion_check=args.fusion_check, workers=executor)
+                                sweep=args.sweep and target.is_quantized, fusion_check=args.fusion_check, workers=executor,
+                                capture_budget_mb=args.capture_budget_mb)
     print_plan(plan)
     print_workers(executor.stats(), "trial")
     if verdict(plan)[0] == "NOT VERIFIED:":

@@ -40,15 +40,18 @@ def quantizable(graph: ModelGraph, target: Target) -> list[str]:
         or (n.name not in qmap.nodes and n.op_type in ("Relu", "Clip") and qmap.folded_into(n.name) is not None))]
 
 
-def quantization_seeds(graph: ModelGraph, target: Target, feeds: Feeds, universe: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+def quantization_seeds(graph: ModelGraph, target: Target, feeds: Feeds, universe: Sequence[str],
+                       capture_budget_mb: float = 512) -> tuple[dict[str, str], list[str]]:
     """Nodes whose own quantization error (isolated on ``target``, reference inputs) exceeds the INT8
     tolerance, with the evidence, largest first; and those among them whose error is the integer
-    kernel's (small with Q/DQ in float): emulation cannot rank them, so the search tries them first."""
+    kernel's (small with Q/DQ in float): emulation cannot rank them, so the search tries them first.
+    The isolation runs hold about ``capture_budget_mb`` of tensors (half per side, as compare's)."""
     from aligner.compare.tolerance import tolerance_for
     from aligner.search.isolate import isolate, kernel_or_quantization
 
     tol = tolerance_for(target)
-    errors = isolate(graph, list(universe), feeds, reference_runner(graph), target.with_pins(()), tol)
+    errors = isolate(graph, list(universe), feeds, reference_runner(graph), target.with_pins(()), tol,
+                     budget_bytes=int(capture_budget_mb * 2**20) // 2)
     ranked = sorted((e for e in errors if e.node in set(universe) and e.metrics), key=lambda e: rank_key(e, tol.metric), reverse=True)
     seeds, kernel = {}, []
     for e in (e for e in ranked if e.diverges):
@@ -182,7 +185,8 @@ class FallbackRanking:
     must all stay float for it to stay unquantized (:class:`aligner.quant.switch.SwitchableQdq`) —
     largest own share of the output error first (that tensor alone quantized, Q/DQ in float: one
     emulated run per tensor, on the search's samples and the calibration data — as many as fit in
-    about ``seconds`` — no quantizer call). ``kernel`` nodes (whose integer kernel
+    about ``seconds``, stacked in batches whose activations fit ``capture_budget_mb``, one sample at least — no
+    quantizer call). ``kernel`` nodes (whose integer kernel
     loses accuracy that Q/DQ does not, so emulation cannot rank them) come first, one group each.
 
     Only the ranking is emulated: where ONNX Runtime's integer kernels and Q/DQ in float disagree
@@ -190,7 +194,7 @@ class FallbackRanking:
     plan would be wrong, so every verdict is a trial."""
 
     def __init__(self, graph: ModelGraph, target: Target, samples: Sequence[Feeds], universe: Sequence[str], kernel: Sequence[str] = (),
-                 seconds: float = 120.0):
+                 seconds: float = 120.0, capture_budget_mb: float = 512):
         from aligner.quant.calib import ChainedSamples
         from aligner.quant.quantize import calibration_of, quantize
         from aligner.quant.switch import SwitchableQdq
@@ -198,7 +202,8 @@ class FallbackRanking:
         switch = SwitchableQdq(graph, quantize(graph, target, exclude=()).model, universe)
         # The calibration data ranks too: one sample's error says little (a classifier's output moves on a few images).
         # Read lazily: only the samples the time allows are loaded.
-        share, self.samples_read = switch.sensitivity(ChainedSamples(samples, calibration_of(graph, target).samples), seconds)
+        share, self.samples_read = switch.sensitivity(ChainedSamples(samples, calibration_of(graph, target).samples), seconds,
+                                                      capture_budget_mb)
         tensors = switch.tensors
         ranked = sorted((t for t in tensors if switch.adjacent[t]), key=lambda t: (-share[t], tensors.index(t)))
         self.groups = [FallbackGroup(frozenset([n]), n, math.inf, "seed") for n in kernel]

@@ -19,7 +19,7 @@ import onnx
 from aligner.backends import parse_target, reference_runner
 from aligner.backends.replay import model_sha, verification
 from aligner.backends.target import Target
-from aligner.compare.layerwise import compare, estimate_sizes, plan_groups
+from aligner.compare.layerwise import check_budget, compare, estimate_sizes, plan_groups
 from aligner.compare.tolerance import tolerance_for
 from aligner.errors import InputError, TargetRunError
 from aligner.graph.model import ModelGraph, _node_inputs
@@ -220,6 +220,7 @@ def search_precision(
     sweep: bool = False,
     fusion_check: bool = True,
     workers: Workers | Executor = 1,
+    capture_budget_mb: float = 512,
 ) -> PrecisionPlan:
     """The smallest verified set of nodes to keep in FP32 so ``target`` passes ``accept`` — the one
     verdict rule, :class:`~aligner.compare.tolerance.Tolerance` (default: the target's, as compare
@@ -231,7 +232,12 @@ def search_precision(
     ``workers`` runs independent trials at once (:mod:`aligner.search.executor`): a number of local
     processes, ``"ray"`` or ``"ray://HOST:PORT"``, or an executor the caller made (and reads the
     stats of); the plan and the trials log are the serial search's (INT8 too: its settings sweep and
-    trials run on the workers, which get the calibration's ranges, not its data)."""
+    trials run on the workers, which get the calibration's ranges, not its data).
+
+    ``capture_budget_mb`` bounds the tensors held at once, as compare's does (half per side where two
+    runs are compared): the value ranges, INT8's isolation, its ranking's batches of samples (one
+    sample's activations at least: the unit), and the check of what diverges inside a plan."""
+    check_budget(capture_budget_mb)
     graph = model if isinstance(model, ModelGraph) else ModelGraph.load(model)
     target = parse_target(target) if isinstance(target, str) else target
     from aligner.graph.precision import built_precision
@@ -269,15 +275,15 @@ def search_precision(
         with TrialLog(Path(trials_log) if trials_log else None, header, Path(resume) if resume else None) as log_:
             fallback = None
             if target.is_quantized:  # groups of nodes to keep in float together, by the tensor each keeps unquantized
-                seeds, kernel = int8.quantization_seeds(graph, target, samples[0], universe)
-                fallback = int8.FallbackRanking(graph, target, samples, universe, kernel)
+                seeds, kernel = int8.quantization_seeds(graph, target, samples[0], universe, capture_budget_mb)
+                fallback = int8.FallbackRanking(graph, target, samples, universe, kernel, capture_budget_mb=capture_budget_mb)
                 evaluator = _Evaluator(graph, target, list(samples), accept, log_, not seeds, max_trials, progress, universe, fallback, executor,
                                        reference)
             else:  # pure low precision needs no seeds: on workers, its trial runs while the value ranges are measured
                 evaluator = _Evaluator(graph, target, list(samples), accept, log_, False, max_trials, progress, universe, None, executor,
                                        reference)
                 evaluator.ahead(iter([frozenset()]))
-                seeds = seed_pins(graph, value_ranges(graph, samples), target.precision)
+                seeds = seed_pins(graph, value_ranges(graph, samples, int(capture_budget_mb * 2**20) // 2), target.precision)
                 evaluator.locate = not seeds
             pins, verified, notes = _search(list(seeds), evaluator, universe, max_trials, target.precision)
             passed = verified is not None and verified.passed and not notes  # a note says why the search has no verified plan
@@ -305,17 +311,19 @@ def search_precision(
 
         plan = replace(plan, fusion_dependence=plan_fusion_dependence(graph, target, pins, samples, accept))
     if plan.passed and not target.is_quantized:
-        plan = replace(plan, inside=hidden_divergence(graph, target, pins, samples[0], accept))
+        plan = replace(plan, inside=hidden_divergence(graph, target, pins, samples[0], accept, capture_budget_mb))
     if save_model is not None and plan.passed:
         write_atomic(Path(save_model), trial_model(graph, target, pins).SerializeToString())
     return plan
 
 
-def hidden_divergence(graph: ModelGraph, target: Target, pins: Sequence[str], feeds: Feeds, rule: Acceptance) -> str:
+def hidden_divergence(graph: ModelGraph, target: Target, pins: Sequence[str], feeds: Feeds, rule: Acceptance,
+                      capture_budget_mb: float = 512) -> str:
     """'' when, with ``pins`` in FP32, every tensor matches as the outputs do; else what still diverges
     inside. The acceptance judges the outputs, so an inf that a later node masks (PP-OCR det's
     BatchNormalization on inputs that make its map ~0) passes it while compare of the plan exits 1."""
-    with_plan = compare(graph, target=replace(target, pins=tuple(pins), plan=None), feeds=feeds, tolerance=rule)
+    with_plan = compare(graph, target=replace(target, pins=tuple(pins), plan=None), feeds=feeds, tolerance=rule,
+                        capture_budget_mb=capture_budget_mb)
     first, nonfinite = with_plan.first_divergent, with_plan.first_nonfinite
     if first is None:
         return ""
