@@ -130,7 +130,7 @@ def build_target(target: str | Target, plan: str | Path | None = None) -> Target
         engines = ", ".join(f"{name}:*" for name, b in backends().items() if b.build == "engine")
         deployed = runtime.deploys_as(target)
         raise InputError(f"Target {target}: aligner build writes models for {models} or engines ({engines}); {runtime.title} "
-                         "is not built here."
+                         f"is not built here{': ' + runtime.not_built if runtime.not_built else ''}."
                          + (f" Build for {deployed.base}." if deployed is not None and deployed != target and backend_of(deployed).build else ""))
     if runtime.build_check is not None:
         runtime.build_check(target)  # option values too (threads=x), the runtime's library: before any work

@@ -88,6 +88,7 @@ class Backend:
     deploys_as: Callable[["Target"], "Target | None"] = _itself  # the runtime target a build and a timing use (None: none)
     runnable_here: Callable[["Target"], tuple["Target", str]] = lambda target: (target, "")  # (a target this machine runs, why not the one given)
     build: Literal["onnx", "engine"] | None = None  # what aligner build writes for it
+    not_built: str = ""  # what to ship instead, where aligner build writes nothing for it
     build_check: Callable[["Target"], None] | None = None  # checks before a build's work (options' values, the library)
     tune: Callable[["Target", "ModelGraph"], list[dict[str, str]]] | None = None  # option candidates of build --tune
     tune_check: Callable[["Target"], None] | None = None
