@@ -45,6 +45,7 @@ class SwitchableQdq:
     def __init__(self, graph: ModelGraph, qdq: onnx.ModelProto, universe: Iterable[str]):
         self.graph = graph
         qmap = QdqMap(graph, qdq)
+        self.universe = tuple(universe)  # what another process needs to build the same switches
         universe = set(universe)
         pairs: dict[str, list[tuple[onnx.NodeProto | None, onnx.NodeProto]]] = {}  # original tensor -> its (Q, DQ) pairs
         for node in qdq.graph.node:
@@ -134,13 +135,14 @@ class SwitchableQdq:
         return self._runner.run({**feeds, MASK: mask})
 
     def sensitivity(self, samples: Sequence[Mapping[str, np.ndarray]], seconds: float = 120.0,
-                    budget_mb: float = BATCH_BUDGET_MB) -> tuple[dict[str, float], int]:
+                    budget_mb: float = BATCH_BUDGET_MB, executor=None, options: tuple = ()) -> tuple[dict[str, float], int]:
         """Each tensor's own share of the output error: the worst output rel_l2 (against every switch
         off, the float model) with only that tensor quantized. Reads as many of ``samples`` as fit in
         about ``seconds`` (one tensor per run; samples stacked into batches where the inputs' first
         dimension is dynamic, as many per batch as one sample's activations fit in ``budget_mb``).
-        Returns (shares, samples read)."""
-        from aligner.compare.metrics import rel_l2
+        ``executor`` (started with :class:`aligner.search.int8.QuantizedTrialJob`, whose target takes
+        ``options``) runs the tensors in chunks on its workers, each building the same switches; the
+        shares are the serial ones. Returns (shares, samples read)."""
         from aligner.quant.calib import report
 
         off = np.zeros(len(self.tensors), dtype=bool)
@@ -150,10 +152,40 @@ class SwitchableQdq:
         per_run = time.perf_counter() - start
         count = max(1, min(len(samples), int(seconds / max(per_run * len(self.tensors), 1e-9))))
         batches = _batches(self.graph, samples[:count], _per_batch(self.graph, samples[0], budget_mb))
-        reference = [self.run(feeds, off) for feeds in batches]
-        out = {}
-        for i, tensor in enumerate(self.tensors):
-            report(f"ranking quantized tensors ({count} sample(s), emulated)", i + 1, len(self.tensors))
+        phase = f"ranking quantized tensors ({count} sample(s), emulated)"
+        indices = range(len(self.tensors))
+        if executor is None or executor.workers <= 1:
+            reference = [self.run(feeds, off) for feeds in batches]
+            worst = []
+            for i in indices:
+                report(phase, i + 1, len(self.tensors))
+                worst += self.shares(batches, reference, [i])
+        else:  # chunks of tensors, a few per worker, results taken in order
+            size = max(1, -(-len(self.tensors) // (4 * executor.workers)))
+            chunks = [list(indices[i:i + size]) for i in range(0, len(self.tensors), size)]
+            tickets = [executor.submit(("rank", options, self.universe, batches, chunk)) for chunk in chunks]
+            worst = []
+            for chunk, ticket in zip(chunks, tickets):
+                outcome = executor.result(ticket)
+                if outcome.error is not None:
+                    raise outcome.error
+                worst += outcome.value
+                self.runs += len(chunk) * len(batches)  # the workers' runs, counted as the serial ranking counts them
+                report(phase, chunk[-1] + 1, len(self.tensors))
+            self.runs += len(batches)  # the float reference
+        return dict(zip(self.tensors, worst)), count
+
+    def shares(self, batches: Sequence[Mapping[str, np.ndarray]], reference: Sequence[Mapping[str, np.ndarray]] | None,
+               indices: Sequence[int]) -> list[float]:
+        """The worst output rel_l2 over ``batches`` with only tensor ``i`` quantized, for each of ``indices``
+        (``reference``: the outputs with every switch off; None: computed here)."""
+        from aligner.compare.metrics import rel_l2
+
+        off = np.zeros(len(self.tensors), dtype=bool)
+        if reference is None:
+            reference = [self.run(feeds, off) for feeds in batches]
+        out = []
+        for i in indices:
             mask = off.copy()
             mask[i] = True
             worst = 0.0
@@ -163,8 +195,8 @@ class SwitchableQdq:
                     if np.asarray(r).dtype.kind == "f":
                         value = rel_l2(r, got[name])
                         worst = max(worst, np.inf if np.isnan(value) else value)
-            out[tensor] = worst
-        return out, count
+            out.append(worst)
+        return out
 
 
 def _per_batch(graph: ModelGraph, feeds: Mapping[str, np.ndarray], budget_mb: float) -> int:

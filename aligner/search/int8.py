@@ -111,6 +111,8 @@ class QuantizedTrialJob:
 
     * ``("sweep", options, metric)`` -> the worst ``metric`` of the whole model quantized with those
       quantizer options (:func:`aligner.quant.sweep.full_int8_error`);
+    * ``("rank", options, universe, batches, indices)`` -> the emulated shares of those quantized tensors
+      (:meth:`aligner.quant.switch.SwitchableQdq.shares`), the switches built here as the search built them;
     * ``("trial", options, task)`` -> what :class:`~aligner.search.trial_job.TrialJob` gives for ``task``
       (a pin set kept in float, or a part of its trial) under those options.
 
@@ -135,6 +137,14 @@ class QuantizedTrialJob:
             from aligner.quant.sweep import full_int8_error
 
             return full_int8_error(self.graph, target, self.samples, self.reference, task[2])
+        if kind == "rank":  # (kind, options, universe, batches, tensor indices): their shares, emulated
+            from aligner.quant.quantize import quantize
+            from aligner.quant.switch import SwitchableQdq
+
+            key = ("switch", task[1], task[2])
+            if key not in self._jobs:
+                self._jobs[key] = SwitchableQdq(self.graph, quantize(self.graph, target, exclude=()).model, task[2])
+            return self._jobs[key].shares(task[3], None, task[4])
         if kind == "trial":
             job = self._jobs.get(task[1])
             if job is None:
@@ -188,13 +198,14 @@ class FallbackRanking:
     about ``seconds``, stacked in batches whose activations fit ``capture_budget_mb``, one sample at least — no
     quantizer call). ``kernel`` nodes (whose integer kernel
     loses accuracy that Q/DQ does not, so emulation cannot rank them) come first, one group each.
+    ``executor`` (started with :class:`QuantizedTrialJob`) runs the tensors' runs in chunks on its workers.
 
     Only the ranking is emulated: where ONNX Runtime's integer kernels and Q/DQ in float disagree
     (they do, by a few 0.01 of output rel_l2 on the PP-OCR models), an emulated verdict on a whole
     plan would be wrong, so every verdict is a trial."""
 
     def __init__(self, graph: ModelGraph, target: Target, samples: Sequence[Feeds], universe: Sequence[str], kernel: Sequence[str] = (),
-                 seconds: float = 120.0, capture_budget_mb: float = 512):
+                 seconds: float = 120.0, capture_budget_mb: float = 512, executor=None):
         from aligner.quant.calib import ChainedSamples
         from aligner.quant.quantize import calibration_of, quantize
         from aligner.quant.switch import SwitchableQdq
@@ -203,7 +214,7 @@ class FallbackRanking:
         # The calibration data ranks too: one sample's error says little (a classifier's output moves on a few images).
         # Read lazily: only the samples the time allows are loaded.
         share, self.samples_read = switch.sensitivity(ChainedSamples(samples, calibration_of(graph, target).samples), seconds,
-                                                      capture_budget_mb)
+                                                      capture_budget_mb, executor, tuple(sorted(target.option_dict.items())))
         tensors = switch.tensors
         ranked = sorted((t for t in tensors if switch.adjacent[t]), key=lambda t: (-share[t], tensors.index(t)))
         self.groups = [FallbackGroup(frozenset([n]), n, math.inf, "seed") for n in kernel]

@@ -276,7 +276,8 @@ def search_precision(
             fallback = None
             if target.is_quantized:  # groups of nodes to keep in float together, by the tensor each keeps unquantized
                 seeds, kernel = int8.quantization_seeds(graph, target, samples[0], universe, capture_budget_mb)
-                fallback = int8.FallbackRanking(graph, target, samples, universe, kernel, capture_budget_mb=capture_budget_mb)
+                fallback = int8.FallbackRanking(graph, target, samples, universe, kernel, capture_budget_mb=capture_budget_mb,
+                                                executor=executor)
                 evaluator = _Evaluator(graph, target, list(samples), accept, log_, not seeds, max_trials, progress, universe, fallback, executor,
                                        reference)
             else:  # pure low precision needs no seeds: on workers, its trial runs while the value ranges are measured
