@@ -30,7 +30,7 @@ from aligner._optional import require
 from aligner.backends.base import InputInfo, capture_policy, check_capture, check_options, choice_option, describe_model_inputs, \
     int_option, time_runs
 from aligner.backends.target import Target
-from aligner.errors import TargetRunError
+from aligner.errors import TargetError, TargetRunError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ OV_OPTIONS = {
     "performance_hint": "latency|throughput (PERFORMANCE_HINT; default latency: one stream, as a timing of one request)",
     "execution_mode": "performance|accuracy (EXECUTION_MODE_HINT; accuracy keeps FP32 where a hint would lower it)",
     "hint": "f32|f16|bf16: the inference precision asked for, overriding the target's (rarely needed)",
+    "allow_f32": "1: run a low-precision target even where this CPU makes OpenVINO run it in f32 (default 0: refused, since "
+                 "every verdict would be FP32's)",
 }
 MAX_COMPILED = 4  # compiled models kept (one per capture set)
 _SAID: set[tuple[str, str]] = set()  # (target, precision run) warned about once per process
@@ -57,6 +59,8 @@ def ov_options(target: Target) -> dict[str, str]:
         choice_option(target, "execution_mode", options["execution_mode"], ("performance", "accuracy"))
     if "hint" in options:
         choice_option(target, "hint", options["hint"], ("f32", "f16", "bf16"))
+    if "allow_f32" in options:
+        choice_option(target, "allow_f32", options["allow_f32"], ("0", "1"))
     return options
 
 
@@ -129,6 +133,12 @@ class OvRunner:
     def _check_hint(self, compiled) -> None:
         asked = self.config["INFERENCE_PRECISION_HINT"]
         self.ran_in = _precision_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
+        if self.ran_in == "f32" and asked != "f32" and self.target.option_dict.get("allow_f32", "0") != "1":
+            raise TargetError(f"{self.label}: OpenVINO runs {asked} only on a CPU with native {asked.upper()} kernels; this one "
+                              f"({_cpu_capabilities(self.core)}) would run f32, so every verdict would be FP32's. Use "
+                              f"emu:{self.target.precision} for what {self.target.precision.upper()} computes, run on a CPU with "
+                              f"{'AVX-512 BF16 or AMX' if asked == 'bf16' else 'AVX-512 FP16 or AMX-FP16'}, or pass "
+                              f"{self.target.base}@allow_f32=1 to run it anyway (said in every result).")
         if self.ran_in != asked and (str(self.target), self.ran_in) not in _SAID:
             _SAID.add((str(self.target), self.ran_in))
             log.warning("%s: OpenVINO was asked for %s and runs %s on this CPU (%s): the results are %s's", self.label, asked,
