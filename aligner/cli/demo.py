@@ -22,7 +22,7 @@ from aligner.cli.compare import print_result
 from aligner.cli.eval import print_eval
 from aligner.cli.precision import print_plan
 from aligner.doctor import Step, doctor
-from aligner.doctor_task import example_coco
+from aligner.doctor.task import example_coco
 from aligner.errors import InputError
 from aligner.examples import shapes_detector_path
 from aligner.graph.model import ModelGraph

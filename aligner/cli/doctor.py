@@ -33,9 +33,10 @@ stops at the step that needs it, exit 3.
 
 task metric: give a COCO dataset as aligner eval coco takes it (--data, --ann, --adapter and the
 preprocessing flags; --example-data for the built-in example's). Then, unless --inputs or
---input-shapes say otherwise, the first --batch images are the inputs of compare, bisect, build and
-bench; the plan must keep COCO AP within --max-ap-drop of FP32 (outputs finite; the output
-tolerance does not bind); and the eval step scores FP32, the target and the plan side by side.
+--inputs-dir give others, the first --batch images are the inputs of compare, bisect, build and
+bench (--input-shapes only sizes them); the plan must keep COCO AP within --max-ap-drop of FP32
+(outputs finite; the output tolerance does not bind); a target whose outputs match on those images
+but whose AP drops further still diverges; the eval step scores FP32, the target and the plan.
 
 examples:
   aligner doctor model.onnx                                   # emu:fp16, generated inputs
@@ -84,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     target = with_calibration(Target.parse(args.target), args.calib, input_source(args))
     graph = ModelGraph.load(args.model, check=not args.no_check)
     task = coco_from_args(args, graph, max_drop=args.max_ap_drop)
-    samples = input_samples(graph, args) if task is None or input_source(args) or args.input_shapes else None
+    # with a dataset, its images are the inputs (--input-shapes then only gives their size) unless --inputs says otherwise
+    samples = input_samples(graph, args) if task is None or input_source(args) else None
     console = Console(stderr=True, highlight=False, soft_wrap=True)  # progress on stderr; commands stay copyable
 
     def progress(number: int, step: str, message: str) -> None:

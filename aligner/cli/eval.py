@@ -127,10 +127,10 @@ def add_coco_arguments(p: argparse.ArgumentParser, batch: int, group: argparse._
 
 
 def coco_from_args(args: argparse.Namespace, graph: ModelGraph, builtin: bool = False, max_drop: float = 0.005):
-    """The :class:`~aligner.doctor_task.CocoEval` the COCO flags describe (``builtin``, or
+    """The :class:`~aligner.doctor.task.CocoEval` the COCO flags describe (``builtin``, or
     --example-data: the built-in example's), or None when no dataset is given."""
     from aligner import examples
-    from aligner.doctor_task import CocoEval, example_coco
+    from aligner.doctor.task import CocoEval, example_coco
 
     if builtin or args.example_data:
         if args.data or args.ann:

@@ -1,20 +1,4 @@
-"""``doctor``: the demo's pipeline on the user's own model, one step after another.
-
-inspect (static FP16 risks) → compare (the target against the reference, every tensor) → bisect
-(first divergent node, its root cause, a standalone repro) → precision (the smallest verified set
-of nodes kept in FP32, or in float for INT8) → build (the deployable model, checked against FP32)
-→ eval (with a task metric, :class:`~aligner.doctor_task.CocoEval`: COCO AP of FP32, the pure low
-precision and the plan; the plan is then searched with that AP as its acceptance) → bench (its
-speed beside FP32 and the pure low precision) → one HTML report. ``aligner demo`` is this on the
-built-in example detector with its val split (:func:`~aligner.doctor_task.example_coco`).
-
-Every step writes under ``out`` (a run directory per step in ``out/runs/``) and records the command
-that re-runs it alone on the same inputs (``out/inputs.npz``, the first sample: compare, bisect,
-build and bench run it; with several samples, ``out/samples/`` holds them all and precision
-searches on all of them). A step whose target cannot run here
-(no GPU, a missing extra) stops the pipeline with :class:`StepError` (exit 3) naming the step;
-a bench that fails is recorded and the rest goes on (speed is information, not a verdict).
-"""
+"""The steps of ``aligner doctor`` (:mod:`aligner.doctor`), one method each, and the function that runs them."""
 
 from __future__ import annotations
 
@@ -22,73 +6,18 @@ import json
 import shlex
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
 from aligner.backends.registry import backend_of
 from aligner.backends.target import REFERENCE, Target
-from aligner.doctor_task import CocoEval, example_coco
+from aligner.doctor.result import DoctorResult, OnStep, Progress, Status, Step, StepError
+from aligner.doctor.task import CocoEval
 from aligner.errors import InputError, MissingDependencyError, TargetError, TargetRunError
 from aligner.graph.model import ModelGraph
 from aligner.inputs import save_inputs, write_atomic
 from aligner.search.bisect import Strategy
-
-STEPS = ("inspect", "compare", "bisect", "precision", "build", "eval", "bench", "report")
-Status = Literal["ok", "diverged", "passed", "failed", "skipped"]
-Progress = Callable[[int, str, str], None]  # (step number from 1, step name, message)
-OnStep = Callable[["Step", object], None]  # a finished step and what it returned (CompareResult, BisectResult, ...; None if skipped)
-
-
-@dataclass(frozen=True)
-class Step:
-    """One step of the pipeline: what it found, where it wrote, and the command that re-runs it."""
-
-    name: str
-    status: Status
-    summary: str
-    command: str = ""  # re-runs this step alone ("" for steps with no command of their own)
-    outputs: tuple[str, ...] = ()
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict:
-        return {**vars(self), "outputs": list(self.outputs)}
-
-
-@dataclass(frozen=True)
-class DoctorResult:
-    model: str
-    target: str
-    out: str
-    steps: tuple[Step, ...]
-    diverged: bool
-    fixed: bool | None  # None: nothing to fix; else whether a plan passed and its build passed the check
-    report: str | None
-    pins: int | None = None  # nodes the plan keeps in higher precision (None: no search ran)
-    residual: str = ""  # with a passing plan, what still diverges inside (masked before the outputs)
-
-    @property
-    def exit_code(self) -> int:
-        """0: the target agrees with the reference, or a verified plan and a checked build fix it; 1: it diverges and is not fixed."""
-        return 1 if self.diverged and not self.fixed else 0
-
-    def step(self, name: str) -> Step | None:
-        return next((s for s in self.steps if s.name == name), None)
-
-    def to_dict(self) -> dict:
-        return {"model": self.model, "target": self.target, "out": self.out, "diverged": self.diverged, "fixed": self.fixed,
-                "report": self.report, "pins": self.pins, "residual": self.residual, "exit_code": self.exit_code, "steps": [s.to_dict() for s in self.steps]}
-
-
-class StepError(TargetRunError):
-    """A step whose target cannot run here (exit 3), with the steps done so far."""
-
-    def __init__(self, number: int, name: str, cause: Exception, command: str, out: Path):
-        again = f" Re-run it alone with: {command}" if command else ""
-        super().__init__(f"step {number}/{len(STEPS)} ({name}) could not run: {cause} The steps before it are in {out}/.{again}")
-        self.step = name
 
 
 def doctor(model: ModelGraph | str | Path, target: str | Target, out: str | Path,
@@ -99,7 +28,7 @@ def doctor(model: ModelGraph | str | Path, target: str | Target, out: str | Path
     """Run the pipeline (module docstring) for ``target`` on ``feeds`` (one sample, or a list of
     samples: precision searches on all, the other steps run the first; ``inputs`` names the file or
     folder they came from, for the report), writing under ``out`` (the caller checks it may).
-    ``task``: a task metric (:class:`~aligner.doctor_task.CocoEval`) for the plan's acceptance and the
+    ``task``: a task metric (:class:`~aligner.doctor.task.CocoEval`) for the plan's acceptance and the
     eval step; without ``feeds`` its first batch of images is fed. ``strategy``: bisect's.
     ``bench_runs`` 0 skips the bench step. ``progress`` gets a line as each step starts and ends;
     ``on_step`` each finished step with its typed result. Returns what each step found; raises
@@ -473,4 +402,4 @@ def _batch(feeds: Mapping[str, np.ndarray]) -> int:
     return int(first.shape[0]) if first is not None and first.ndim else 1
 
 
-__all__ = ["CocoEval", "DoctorResult", "STEPS", "Step", "StepError", "doctor", "example_coco"]
+__all__ = ["doctor"]
