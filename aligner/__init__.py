@@ -21,7 +21,7 @@ from aligner.search.plan import PrecisionPlan
 from aligner.search.precision import Acceptance, search_precision
 from aligner.tune import TuneResult, TuneSettings, tune
 
-__version__ = "0.1.0"
+from aligner.version import __version__  # noqa: F401 - re-exported: one place (aligner.version)
 
 __all__ = [
     "Acceptance", "AlignerError", "BenchResult", "BenchRow", "BisectResult", "BuildCheck", "BuildResult", "CompareResult", "InputError",

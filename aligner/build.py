@@ -101,7 +101,7 @@ class BuildResult:
         return self.check is None or self.check.passed
 
     def to_dict(self) -> dict:
-        from aligner import __version__
+        from aligner.version import __version__
 
         pins = sorted(self.target.pins)
         return {"aligner": __version__, "target": self.target.to_dict(), "output": self.output, "kind": self.kind,

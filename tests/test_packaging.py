@@ -129,3 +129,13 @@ def test_core_dependencies_include_what_the_demo_needs_and_no_platform_package()
     core = {name for name, group in _declared().items() if group == "core"}
     assert {"pycocotools", "pillow", "matplotlib", "jinja2"} <= core
     assert not core & {"torch", "tensorrt", "onnxruntime-gpu", "polygraphy", "onnxruntime-extensions", "triton", "psutil"}
+
+
+def test_the_version_is_said_once_and_matches_pyproject():
+    from aligner.version import __version__
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert __version__ == declared
+    import aligner
+
+    assert aligner.__version__ == declared

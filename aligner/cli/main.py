@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from aligner import __version__
+from aligner.version import __version__
 from aligner.cli import bench as bench_cmd
 from aligner.cli import bisect as bisect_cmd
 from aligner.cli import build as build_cmd

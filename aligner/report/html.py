@@ -129,7 +129,7 @@ def render_report(runs: list[Run], title: str = "", graph: GraphOverlays | None 
     require("jinja2", "rendering the HTML report")
     import jinja2
 
-    from aligner import __version__
+    from aligner.version import __version__
 
     if not runs:
         raise InputError("Nothing to report: give at least one run directory.")

@@ -53,7 +53,7 @@ def write_run(directory: str | Path, kind: str, graph: ModelGraph, result: dict,
     if directory.exists() and any(directory.iterdir()) and not (directory / "meta.json").exists() and not force:
         raise InputError(f"{directory} exists and is not an aligner run directory; choose another, or pass --force.")
     directory.mkdir(parents=True, exist_ok=True)
-    from aligner import __version__
+    from aligner.version import __version__
 
     meta = {"kind": kind, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "aligner": __version__,
             "model": str(graph.path or "<in-memory>")}
