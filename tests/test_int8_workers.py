@@ -223,3 +223,20 @@ def test_cli_precision_refuses_a_negative_capture_budget(case, tmp_path, capsys)
     with pytest.raises(SystemExit) as exit_:
         main(["precision", str(model), "--target", "ort:cpu:int8", "--capture-budget-mb=-5"])
     assert exit_.value.code == 2 and "--capture-budget-mb: '-5': give a number >= 0" in capsys.readouterr().err
+
+
+def test_a_search_cut_short_says_how_many_kept_nodes_are_shown_necessary(case, serial, tmp_path):
+    import re
+
+    plan, rows = serial
+    log = tmp_path / "trials.jsonl"
+    cut = _search(case, log, 1, max_trials=len(rows) - 1)  # stops while minimising
+    assert not cut.passed
+    found = re.search(r"stopped at the \d+-trial cap .* keeps (\d+) node\(s\) in float, (\d+) of them shown necessary", cut.notes[0])
+    assert found, cut.notes[0]
+    best = None
+    for pins, passed, *_ in _rows(log):  # the passing trial with the fewest nodes, as the search keeps it
+        if passed and (best is None or len(pins) <= len(best)):
+            best = frozenset(pins)
+    failed = {frozenset(pins) for pins, passed, _, error, *_ in _rows(log) if not passed and not error}
+    assert int(found.group(1)) == len(best) and int(found.group(2)) == sum(best - {p} in failed for p in best) > 0

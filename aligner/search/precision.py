@@ -364,9 +364,12 @@ def _search(seeds: list[str], evaluator: _Evaluator, universe: list[str], max_tr
         if best is None:
             return seeds, None, [f"{cap} before any trial passed; resume with --resume LOG (and a larger --max-trials) to go on"]
         everything = _everything(best.pins, universe, low)
+        cache = evaluator.log.cache
+        shown = sum(1 for p in best.pins if (t := cache.get(best.pins - {p})) is not None and not t.passed and not t.error)
         return sorted(best.pins), best, [f"{cap} while minimising: the best passing trial keeps {len(best.pins)} node(s) "
                                          + ("in FP32" if low != "INT8" else "in float") + (f" ({everything})" if everything else "")
-                                         + ", but its pins are not shown necessary; resume with --resume LOG to finish"]
+                                         + f", {shown} of them shown necessary (removed alone, the check fails); resume with "
+                                         "--resume LOG to finish"]
     last = evaluator.log.cache.get(frozenset(pins))
     if verified is None and last is not None and not last.error and set(universe) <= set(pins):
         return [], None, [f"No plan exists for this acceptance: even with all {len(universe)} node(s) kept in FP32 the check "
