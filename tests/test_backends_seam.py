@@ -111,6 +111,17 @@ def test_openvino_fp32_matches_the_reference_at_its_executed_layers(detector):
     assert not any(d.perturbed for d in result.tensors)
 
 
+def test_the_report_says_what_precision_each_openvino_layer_ran_in(detector, tmp_path):
+    graph, feeds = detector
+    np.savez(tmp_path / "x.npz", **feeds)
+    html = tmp_path / "report.html"
+    assert main(["compare", str(example_model()), "--target", "ov:cpu:fp32", "--inputs", str(tmp_path / "x.npz"), "--report", str(html)]) == 0
+    text = html.read_text()
+    assert "<th>ran in</th>" in text and "<td>f32</td>" in text
+    kernels = json.loads((tmp_path / "report.run" / "result.json").read_text())["fused_kernels"]  # the run directory beside it
+    assert kernels and all(k["precision"] for k in kernels if k["originals"])
+
+
 def test_openvino_says_when_it_does_not_run_the_precision_asked_for(detector):
     graph, feeds = detector
     if _bf16_cpu():

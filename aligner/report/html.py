@@ -83,6 +83,7 @@ def _kernel_rows(result: dict, limit: int = 50) -> list[dict]:
         values = [t["metrics"][metric] for t in compared if isinstance(t.get("metrics", {}).get(metric), (int, float))]
         worst = (min(values) if higher else max(values)) if values else None
         rows.append({"name": k.get("name", "?"), "op_type": k.get("op_type", ""), "originals": list(k.get("originals", [])),
+                     "precision": str(k.get("precision", "")),  # what the runtime ran it in, where it says (OpenVINO)
                      "compared": [t["tensor"] for t in compared], "worst": worst,
                      "diverges": any(t.get("diverges") for t in compared), "perturbed": next((t["perturbed"] for t in compared if t.get("perturbed")), "")})
     return sorted(rows, key=lambda row: _worse_first(row["worst"], metric))[:limit]
