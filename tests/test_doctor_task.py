@@ -53,3 +53,34 @@ def test_doctor_refuses_half_a_dataset_with_the_fix(capsys, tmp_path):
     assert code == 2 and "--ann" in err and "Traceback" not in err
     code, _, err = _run(capsys, "doctor", shapes_detector_path(), "--data", images, "--ann", shapes_val()[1], "--out", tmp_path / "e")
     assert code == 2 and "--adapter" in err and "Traceback" not in err
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_an_ap_loss_beyond_the_allowed_drop_is_a_divergence_even_where_the_outputs_match(tmp_path):
+    """The first 20 val images do not trip the stem LayerNorm's FP16 overflow (every tensor within
+    tolerance), but COCO AP over 40 images drops by more than half a point: doctor goes on to bisect
+    and precision instead of calling the target fine."""
+    from aligner.doctor import example_coco
+    from aligner.doctor import doctor
+    from aligner.doctor.task import CocoEval
+    from aligner.eval.dataset import CocoDataset
+
+    example = example_coco(0.005, 20)
+    task = CocoEval(CocoDataset(*shapes_val(), limit=40), example.adapter, example.preprocess, 0.005, None, 20, example.words)
+    seen = {}
+
+    def stop_after_compare(step, value):
+        seen[step.name] = (step, value)
+        if step.name == "compare":
+            raise _Stop
+
+    try:
+        doctor(shapes_detector_path(), "emu:fp16", tmp_path / "doc", task=task, bench_runs=0, on_step=stop_after_compare)
+    except _Stop:
+        pass
+    step, result = seen["compare"]
+    assert result.first_divergent is None  # the outputs on the images fed match
+    assert step.status == "diverged" and "emu:fp16 loses COCO AP" in step.summary and "allowed drop 0.005" in step.summary
