@@ -84,3 +84,18 @@ def test_an_ap_loss_beyond_the_allowed_drop_is_a_divergence_even_where_the_outpu
     step, result = seen["compare"]
     assert result.first_divergent is None  # the outputs on the images fed match
     assert step.status == "diverged" and "emu:fp16 loses COCO AP" in step.summary and "allowed drop 0.005" in step.summary
+
+
+def test_eval_coco_example_data_scores_a_copy_of_the_example_as_the_built_in_run_does(capsys, tmp_path):
+    model = tmp_path / "copy.onnx"
+    shutil.copyfile(shapes_detector_path(), model)
+    code, _, err = _run(capsys, "eval", "coco", model)
+    assert code == 2 and "--data IMAGE_DIR --ann INSTANCES.json" in err and "--example-data" in err
+    code, _, err = _run(capsys, "eval", "coco", "--limit", 4, "--batch", 4, "--json", tmp_path / "builtin.json")
+    assert code == 0, err
+    code, _, err = _run(capsys, "eval", "coco", model, "--example-data", "--limit", 4, "--batch", 4, "--json", tmp_path / "copy.json")
+    assert code == 0, err
+    builtin, copy = (json.loads((tmp_path / f"{n}.json").read_text())["targets"] for n in ("builtin", "copy"))
+    assert {t: r["AP"] for t, r in builtin.items()} == {t: r["AP"] for t, r in copy.items()}
+    code, _, err = _run(capsys, "eval", "coco", model, "--example-data", "--data", tmp_path, "--ann", tmp_path / "x.json")
+    assert code == 2 and "drop --data and --ann" in err
