@@ -213,3 +213,78 @@ def test_cli_eval_coco_workers_writes_the_serial_json(tmp_path):
             del row["seconds"], row["images_per_s"]
         docs.append(doc)
     assert docs[0] == docs[1]
+
+
+# ---- a COCO trial split over image shards on idle workers ----------------------------------------
+
+@pytest.fixture(scope="module")
+def coco_search():
+    """The example detector, its FP16 overflow (stem_norm) and a COCO AP acceptance on 48 val images
+    in 4 batches: pure FP16 loses 0.009 AP, the seeds pass, both single removals fail (4 trials)."""
+    from aligner.backends import reference_runner
+    from aligner.eval.run import coco_acceptance
+    from aligner.graph.model import ModelGraph
+
+    dataset = CocoDataset(*shapes_val(), limit=48)
+    graph = ModelGraph.load(shapes_detector_path())
+    accept = coco_acceptance(dataset, shapes_adapter(), shapes_preprocess(), reference_runner(graph), max_drop=0.003, batch=12)
+    images, _, _ = next(dataset.batches(shapes_preprocess(), 48))
+    return graph, accept, [{"pixels": images}]
+
+
+def test_a_coco_tasks_parts_merge_into_the_whole_verdict(coco_search):
+    from aligner.backends import make_runner
+    from aligner.search.trial_job import splits
+
+    graph, accept, _ = coco_search
+    task = accept.task
+    assert splits(accept) == task.pieces == 4
+    from aligner.eval.coco import evaluate_coco
+
+    runner = make_runner(graph, "emu:fp16")  # pure FP16: the AP drop the acceptance refuses
+    whole = task(runner)
+    parts = [task.part(runner, shard) for shard in (range(0, 1), range(1, 3), range(3, 4))]
+    assert whole.startswith("AP ") and task.merge(parts) == whole
+    serial = evaluate_coco(task.dataset.gt, task.detect(runner), image_ids=task.dataset.image_ids)
+    assert task.stats_of(parts).stats == serial.stats and serial["AP"] < task.ref_ap - task.max_drop  # all 12, every digit
+    assert task.stats_of(parts).detections == serial.detections > 0
+
+
+@pytest.mark.parametrize("rule", ["finite", "rel_l2<=1e-9"])
+def test_a_trial_sent_as_parts_gives_the_whole_trials_result(coco_search, rule):
+    """Part 0 also judges the outputs: a rule the outputs fail decides the trial there, as serially."""
+    from aligner.backends import reference_runner
+    from aligner.backends.target import Target
+    from aligner.search.trial_job import TrialJob, Trials
+
+    graph, accept, samples = coco_search
+    accept = replace(Acceptance.parse([rule]), task=accept.task, task_name=accept.task_name)
+    ref = reference_runner(graph)
+    job = TrialJob(graph, Target.parse("emu:fp16"), samples, [ref.run(s) for s in samples], accept)
+    pins = frozenset({"/stem_norm/Pow", "/stem_norm/ReduceMean_1"})
+    with ProcessExecutor(2) as executor:
+        executor.start(job)
+        trials = Trials(executor, job)
+        assert trials.parts == 2 and [list(s) for s in trials.shards] == [[0, 1], [2, 3]]
+        got = [trials.result(trials.submit(p)) for p in (frozenset(), pins)]
+    want = [job(p) for p in (frozenset(), pins)]
+    assert [g.value for g in got] == want
+    assert want[0].reason.startswith("AP " if rule == "finite" else "output ") and not want[0].passed
+    assert want[1].passed == (rule == "finite")
+    assert executor.stats().tasks >= 3 and executor.stats().kind == "processes"
+
+
+def test_a_coco_search_on_workers_splits_trials_and_keeps_the_serial_plan(coco_search, tmp_path):
+    graph, accept, samples = coco_search
+    runs = {}
+    for workers in (1, 2):
+        log = tmp_path / f"trials-{workers}.jsonl"
+        with make_executor(workers) as executor:
+            plan = search_precision(graph, "emu:fp16", samples=samples, accept=accept, trials_log=log, workers=executor, fusion_check=False)
+        runs[workers] = plan, _rows(log), executor.stats()
+    plan, rows, _ = runs[1]
+    assert plan.passed and plan.fp32_nodes == ["/stem_norm/Pow", "/stem_norm/ReduceMean_1"] and plan.trials == 4
+    assert [r[2] for r in rows] == ["pure", "seed", "minimize", "minimize"]
+    again, again_rows, stats = runs[2]
+    assert again.to_dict() == plan.to_dict() and again_rows == rows
+    assert stats.tasks > plan.trials and all(w.tasks for w in stats.workers)  # trials ran as parts, on both workers

@@ -6,6 +6,7 @@ pycocotools prints; its output is captured and logged, never printed by the libr
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -112,9 +113,79 @@ def evaluate_coco(gt: str | Path | dict, detections: list[dict] | str | Path, io
     return CocoStats(stats, n_images, len(detections), backend)
 
 
+# ---- one evaluation in parts: per-image matching where the detections are, the summary once --------
+
+def gt_index(gt: dict):
+    """pycocotools' COCO index of a ground-truth dict (build once, pass to :func:`coco_image_evals`)."""
+    require("pycocotools", "COCO evaluation")
+    from pycocotools.coco import COCO
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = gt
+        coco_gt.createIndex()
+    return coco_gt
+
+
+def coco_image_evals(gt: dict, detections: list[dict], image_ids: list[int], coco_gt=None) -> dict:
+    """One part of a COCO evaluation (pycocotools, bbox): ``COCOeval.evaluate``'s per-image results
+    for ``image_ids`` alone (``detections`` are theirs), keyed by (category id, area range index,
+    image id). Each image's matching depends on its own ground truth and detections only, so
+    :func:`coco_stats_of_parts` on the parts of all images gives :func:`evaluate_coco`'s numbers."""
+    from pycocotools.cocoeval import COCOeval
+
+    check_detections(detections, gt)
+    coco_gt = coco_gt if coco_gt is not None else gt_index(gt)
+    with contextlib.redirect_stdout(io.StringIO()):
+        if detections:
+            coco_dt = coco_gt.loadRes([dict(d) for d in detections])
+        else:  # pycocotools cannot load an empty result list: an index with no annotations
+            from pycocotools.coco import COCO
+
+            coco_dt = COCO()
+            coco_dt.dataset = {"images": list(gt["images"]), "categories": copy.deepcopy(gt["categories"]), "annotations": []}
+            coco_dt.createIndex()
+        evaluator = COCOeval(coco_gt, coco_dt, "bbox")
+        evaluator.params.imgIds = list(image_ids)
+        evaluator.evaluate()
+    p = evaluator.params
+    keys = [(c, a, i) for c in p.catIds for a in range(len(p.areaRng)) for i in p.imgIds]
+    return {k: None if e is None else {f: e[f] for f in _ACCUMULATED} for k, e in zip(keys, evaluator.evalImgs)}
+
+
+_ACCUMULATED = ("dtScores", "dtMatches", "dtIgnore", "gtIgnore")  # what COCOeval.accumulate reads of each image's result
+
+
+def coco_stats_of_parts(gt: dict, parts: list[dict], image_ids: list[int], detections: int, coco_gt=None) -> CocoStats:
+    """:func:`evaluate_coco`'s result from the :func:`coco_image_evals` of every image (``detections``:
+    how many there were in all): the per-image results in ``COCOeval.evaluate``'s order, then its
+    accumulate and summarize."""
+    if not detections:
+        return CocoStats(tuple(0.0 for _ in STAT_NAMES), len(image_ids), 0, "pycocotools", ("no detections: every metric is 0",))
+    import numpy as np
+    from pycocotools.cocoeval import COCOeval
+
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+        evaluator = COCOeval(coco_gt if coco_gt is not None else gt_index(gt), None, "bbox")
+        p = evaluator.params
+        p.imgIds = list(np.unique(list(image_ids)))  # as COCOeval.evaluate sets them
+        p.catIds = list(np.unique(p.catIds))
+        p.maxDets = sorted(p.maxDets)
+        merged: dict = {}
+        for part in parts:
+            merged.update(part)
+        evaluator.evalImgs = [merged[(c, a, i)] for c in p.catIds for a in range(len(p.areaRng)) for i in p.imgIds]
+        evaluator._paramsEval = copy.deepcopy(p)
+        evaluator.accumulate()
+        evaluator.summarize()
+    log.debug("pycocotools output:\n%s", captured.getvalue())
+    return CocoStats(tuple(float(x) for x in evaluator.stats[: len(STAT_NAMES)]), len(image_ids), detections, "pycocotools")
+
+
 def stats_delta(target: CocoStats, reference: CocoStats) -> dict[str, float]:
     """Target minus reference per metric (NaN where either is -1, COCO's 'not defined')."""
     return {n: (t - r) if t >= 0 and r >= 0 else math.nan for n, t, r in zip(STAT_NAMES, target.stats, reference.stats)}
 
 
-__all__ = ["STAT_NAMES", "CocoStats", "check_detections", "evaluate_coco", "load_ground_truth", "stats_delta"]
+__all__ = ["STAT_NAMES", "CocoStats", "check_detections", "coco_image_evals", "coco_stats_of_parts", "evaluate_coco", "gt_index", "load_ground_truth", "stats_delta"]

@@ -14,7 +14,7 @@ from aligner.backends import Runner, make_runner, reference_runner
 from aligner.backends.target import REFERENCE, Target
 from aligner.errors import InputError
 from aligner.eval.adapters import Adapter, Detections, output_mvre
-from aligner.eval.coco import STAT_NAMES, CocoStats, evaluate_coco, stats_delta
+from aligner.eval.coco import STAT_NAMES, CocoStats, coco_image_evals, coco_stats_of_parts, evaluate_coco, gt_index, stats_delta
 from aligner.eval.dataset import CocoDataset, Preprocess
 from aligner.graph.model import ModelGraph
 from aligner.search.executor import Executor, Workers, make_executor
@@ -234,24 +234,74 @@ class _EvalJob:
 def coco_acceptance(dataset: CocoDataset, adapter: Adapter, preprocess: Preprocess, reference: Runner,
                     max_drop: float = 0.005, label_map: Mapping[int, int] | None = None, batch: int = 50):
     """An ``Acceptance`` for ``aligner precision``: a trial passes when its COCO AP is at most
-    ``max_drop`` below the reference's (AP is 0-1: 0.005 = half an AP point)."""
+    ``max_drop`` below the reference's (AP is 0-1: 0.005 = half an AP point). Its task metric is a
+    :class:`CocoTask`, which a trial on several workers splits over shards of the images."""
     from aligner.search.precision import Acceptance
 
     label_map = label_map if label_map is not None else label_map_for(dataset.gt)
+    task = CocoTask(dataset, adapter, preprocess, dict(label_map), batch, max_drop)
+    task.ref_ap = task.ap(task.detect(reference))
+    return Acceptance(threshold=math.inf, task=task, task_name=f"COCO AP drop <= {max_drop:g} (reference AP {task.ref_ap:.4f})")  # rule: finite
 
-    def ap_of(runner: Runner) -> float:
-        dets, name = [], image_input(runner.input_names, preprocess)
-        for x, entries, backs in dataset.batches(preprocess, batch):
-            dets += _coco_detections(runner.run(model_feeds(name, x, entries, backs, preprocess)), entries, backs, adapter, preprocess, label_map)
-        return evaluate_coco(dataset.gt, dets, image_ids=dataset.image_ids)["AP"]
 
-    ref_ap = ap_of(reference)
+class CocoTask:
+    """``task(runner)``: '' when the runner's COCO AP is at most ``max_drop`` below ``ref_ap``, else why not.
 
-    def task(runner: Runner) -> str:
-        ap = ap_of(runner)
-        return "" if ap >= ref_ap - max_drop else f"AP {ap:.4f} is {ref_ap - ap:.4f} below the reference {ref_ap:.4f} (allowed {max_drop:g})"
+    It splits (:mod:`aligner.search.trial_job`): ``pieces`` batches of images; ``part(runner, shard)``
+    runs a range of them and matches their detections (pycocotools' per-image evaluation:
+    :func:`~aligner.eval.coco.coco_image_evals`), ``merge(parts)`` accumulates the parts in image
+    order into AP — the numbers ``task(runner)`` computes, to the last digit, with the per-image
+    work done where the parts ran."""
 
-    return Acceptance(threshold=math.inf, task=task, task_name=f"COCO AP drop <= {max_drop:g} (reference AP {ref_ap:.4f})")  # rule: finite
+    def __init__(self, dataset: CocoDataset, adapter: Adapter, preprocess: Preprocess, label_map: dict[int, int], batch: int,
+                 max_drop: float, ref_ap: float = math.nan):
+        self.dataset, self.adapter, self.preprocess, self.label_map = dataset, adapter, preprocess, label_map
+        self.batch, self.max_drop, self.ref_ap = batch, max_drop, ref_ap
+        self._gt = None  # pycocotools' index of the ground truth, built once per process
+
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__, _gt=None)
+
+    @property
+    def pieces(self) -> int:
+        return -(-len(self.dataset) // self.batch)
+
+    def detect(self, runner: Runner, shard: range | None = None) -> list[dict]:
+        """COCO detections of the batches ``shard`` (all when None), in image order."""
+        dets, name = [], image_input(runner.input_names, self.preprocess)
+        for x, entries, backs in self.dataset.batches(self.preprocess, self.batch, only=shard):
+            dets += _coco_detections(runner.run(model_feeds(name, x, entries, backs, self.preprocess)), entries, backs, self.adapter,
+                                     self.preprocess, self.label_map)
+        return dets
+
+    def ap(self, dets: list[dict]) -> float:
+        return evaluate_coco(self.dataset.gt, dets, image_ids=self.dataset.image_ids)["AP"]
+
+    def judge(self, ap: float) -> str:
+        return "" if ap >= self.ref_ap - self.max_drop else (f"AP {ap:.4f} is {self.ref_ap - ap:.4f} below the reference {self.ref_ap:.4f} "
+                                                             f"(allowed {self.max_drop:g})")
+
+    def __call__(self, runner: Runner) -> str:
+        return self.judge(self.ap(self.detect(runner)))
+
+    def _index(self):
+        if self._gt is None:
+            self._gt = gt_index(self.dataset.gt)
+        return self._gt
+
+    def part(self, runner: Runner, shard: range) -> tuple[int, dict]:
+        """(detections, per-image evaluations) of the batches ``shard``."""
+        dets = self.detect(runner, shard)
+        ids = self.dataset.image_ids[shard.start * self.batch:shard.stop * self.batch]
+        return len(dets), coco_image_evals(self.dataset.gt, dets, ids, self._index())
+
+    def stats_of(self, parts: list[tuple[int, dict]]) -> CocoStats:
+        """COCO stats of the parts of every batch: :func:`evaluate_coco`'s on all their detections."""
+        return coco_stats_of_parts(self.dataset.gt, [evals for _, evals in parts], self.dataset.image_ids, sum(n for n, _ in parts),
+                                   self._index())
+
+    def merge(self, parts: list[tuple[int, dict]]) -> str:
+        return self.judge(self.stats_of(parts)["AP"])
 
 
 def image_input(input_names, preprocess: Preprocess) -> str:
@@ -297,5 +347,5 @@ def _mvre_terms(ref: dict, out: dict) -> list[tuple[str, float, int]]:
     return terms
 
 
-__all__ = ["EvalResult", "TargetEval", "coco_acceptance", "evaluate_detector", "image_input", "label_map_for", "model_batch", "model_feeds",
+__all__ = ["CocoTask", "EvalResult", "TargetEval", "coco_acceptance", "evaluate_detector", "image_input", "label_map_for", "model_batch", "model_feeds",
            "runner_for"]

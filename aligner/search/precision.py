@@ -29,7 +29,7 @@ from aligner.search.acceptance import Acceptance, default_acceptance
 from aligner.search.executor import Executor, SerialExecutor, Workers, make_executor
 from aligner.search.pins import Trial, search_pins
 from aligner.search.plan import Pin, PrecisionPlan, TrialLog, flop_fraction
-from aligner.search.trial_job import TrialJob, trial_model
+from aligner.search.trial_job import TrialJob, Trials, trial_model
 from aligner.limits import FP16_MIN_SUBNORMAL, LOW_MAX
 from aligner.search.verdict import ValueRange
 
@@ -105,14 +105,16 @@ class _Evaluator:
             ref = reference_runner(graph)
             reference = [ref.run(feeds) for feeds in samples]
         self.reference = list(reference)
+        job = TrialJob(graph, target, samples, self.reference, accept)
         if target.is_quantized:  # started with the INT8 job already (aligner.search.int8.quantizer_settings): trials are its tasks
             from aligner.search.int8 import QuantizedTrialJob
 
             executor = QuantizedTrialJob.trials_on(executor, target)
         else:
-            executor.start(TrialJob(graph, target, samples, self.reference, accept))  # each worker loads it once
+            executor.start(job)  # each worker loads it once
         self.executor = executor
-        self.pending: dict[frozenset[str], int] = {}  # trials running ahead: pin set -> the executor's ticket
+        self.runs = Trials(executor, job)  # a trial whole, or as parts over its task metric's images
+        self.pending: dict[frozenset[str], tuple] = {}  # trials running ahead: pin set -> its handle
         self.trials = log_.resumed  # numbered on from a resumed log, so the count agrees with the log
         self.new_trials = 0  # run by this call (what --max-trials limits)
         self.culprit_runs = 0
@@ -137,16 +139,16 @@ class _Evaluator:
             if pins not in self.log.cache and pins not in wanted:
                 wanted.append(pins)
         for pins in [p for p in self.pending if p not in wanted]:
-            self.executor.discard(self.pending.pop(pins))
+            self.runs.discard(self.pending.pop(pins))
         for pins in wanted:
             if pins not in self.pending:
-                self.pending[pins] = self.executor.submit(pins)
+                self.pending[pins] = self.runs.submit(pins)
 
     def _new(self, pins: frozenset[str], phase: str) -> Trial:
         if self.new_trials >= self.max_trials:
             raise _OutOfTrials()
-        ticket = self.pending.pop(pins, None)
-        outcome = self.executor.result(ticket if ticket is not None else self.executor.submit(pins))
+        handle = self.pending.pop(pins, None)
+        outcome = self.runs.result(handle if handle is not None else self.runs.submit(pins))
         passed, metrics, reason, error = False, {}, "", ""
         if isinstance(outcome.error, TargetRunError):
             error = str(outcome.error)
