@@ -6,8 +6,10 @@ The shapes detector (aligner.examples), its FP16 overflow found by ``search_prec
 ``emu:fp16``; every trial is a COCO evaluation of the mixed model on ``--images`` generated val
 images (aligner.examples.shapes, seed 7), passing when AP is at most 0.005 below FP32's (the
 demo's acceptance). Each worker count runs the same search from a fresh trials log; the table
-gives wall seconds, trials, speculative trials not needed, the speed-up over the serial row, and
-whether the plan and the trials log (pins, verdicts, order) equal the serial ones. Rounds are
+gives wall seconds, trials, the executor's tasks (a trial is one task, or several parts over shards of
+the images when there are more workers than trials at a time) and those run ahead but not needed,
+the speed-up over the serial row, and whether the plan and the trials log (pins, verdicts, order)
+equal the serial ones. Rounds are
 interleaved (1, 2, 1, 2, ...) and the median is reported. The machine's load average is printed
 before and after: on a shared machine it says what else ran. ``--eval`` adds ``aligner eval coco``'s
 table (ort:cpu:fp32 and emu:fp16 on the same images, image shards on the workers; same metrics?).
@@ -71,12 +73,12 @@ def main() -> None:
     print(f"load average after: {os.getloadavg()}\n")
     base_plan, base_log, _ = result[counts[0]]
     base = statistics.median(walls[counts[0]])
-    print("| workers | wall s (median) | trials | trial s in workers | speculative trials not needed | speed-up | same plan | same trials log |")
+    print("| workers | wall s (median) | trials | tasks (not needed) | task s in workers | speed-up | same plan | same trials log |")
     print("|---|---|---|---|---|---|---|---|")
     for w in counts:
         plan, decisions, stats = result[w]
         wall = statistics.median(walls[w])
-        print(f"| {w} | {wall:.1f} | {plan.trials} | {sum(s.seconds for s in stats.workers):.1f} | {stats.wasted} | {base / wall:.2f}x | "
+        print(f"| {w} | {wall:.1f} | {plan.trials} | {stats.tasks} ({stats.wasted}) | {sum(s.seconds for s in stats.workers):.1f} | {base / wall:.2f}x | "
               f"{'yes' if plan.to_dict() == base_plan.to_dict() else 'NO'} | {'yes' if decisions == base_log else 'NO'} |")
     print(f"\nplan: {base_plan.fp32_nodes} ({'PASSED' if base_plan.passed else 'no plan'}); work folder {work}")
     if args.eval:
