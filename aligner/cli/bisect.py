@@ -14,6 +14,7 @@ from aligner.cli.common import (TARGETS_HELP, non_negative_float, non_negative_i
                                 resolve_target, tolerance_from_args)
 from aligner.inputs import write_atomic
 from aligner.search import STRATEGIES, BisectResult, bisect
+from aligner.search.executor import parse_workers
 from aligner.report.console import fit_table
 
 EPILOG = f"""\
@@ -69,6 +70,9 @@ def add_parser(sub) -> None:
                    "(default: as many as the capture budget needs, which makes the answer complete)")
     add_input_arguments(p)
     add_tolerance_arguments(p)
+    p.add_argument("--workers", default="1", metavar="N|ray|ray://HOST:PORT",
+                   help="run the probes that are separate runs at once: the frontier search's next levels (a k-ary search "
+                        "asking what the binary search asks), the capture groups of --strategy all and of the sweep; same verdict")
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="FILE", help="write the verdict, the probes and the local errors as JSON")
     o.add_argument("--save-repro", metavar="DIR", help="write the culprit's subgraph (model.onnx), its inputs (inputs.npz) and expected outputs")
@@ -79,6 +83,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_writable([args.json, args.save_inputs] + report_paths(args), args.force)
+    workers = parse_workers(args.workers)
     target = resolve_target(args)
     tolerance = tolerance_from_args(args, target)
     graph, other, feeds = load_models_and_feeds(args)
@@ -91,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
             graph, target=target, reference=args.reference, target_model=other, feeds=feeds,
             strategy=args.strategy, tolerance=tolerance, capture_budget_mb=args.capture_budget_mb,
             window=args.window, sweep_runs=args.sweep_runs, save_repro=args.save_repro, force=args.force, progress=progress,
+            workers=workers,
         )
     print_result(result)
     if args.json:

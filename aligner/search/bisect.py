@@ -29,6 +29,7 @@ from aligner.compare.tolerance import Tolerance, tolerance_for
 from aligner.errors import AlignerError, InputError, TargetRunError
 from aligner.graph.model import ModelGraph, _node_inputs
 from aligner.inputs import Feeds, make_inputs, validate_feeds
+from aligner.search.executor import Executor, Workers, make_executor
 from aligner.search.explain import explain, node_difference, root_cause
 from aligner.search.frontier import bisect_cuts, frontier, spans
 from aligner.search.isolate import isolate
@@ -57,19 +58,33 @@ class _Run:
     observer: Observer
     probes: list[Probe] = field(default_factory=list)
     diffs: dict[str, TensorDiff] = field(default_factory=dict)
+    executor: Executor | None = None  # --workers: probes that are separate runs go to its workers
+    pending: dict[tuple, int] = field(default_factory=dict)  # probes sent ahead: (kind, cut or group) -> ticket
 
-    def capture(self, names: list[str], phase: str, cut: int | None = None, judged: set[str] | None = None) -> list[TensorDiff]:
+    def capturable(self, names: list[str]) -> list[str]:
+        return [n for n in names if n in self.tgt.capturable and n in self.ref.capturable]
+
+    def capture(self, names: list[str], phase: str, cut: int | None = None, judged: set[str] | None = None,
+                ticket: int | None = None) -> list[TensorDiff]:
         """One probe: ``names`` captured on both sides and diffed; ``judged``: the tensors whose verdict is
-        the probe's (a frontier's crossing tensors; the rest ride along for the sweep)."""
-        names = [n for n in names if n in self.tgt.capturable and n in self.ref.capturable]
+        the probe's (a frontier's crossing tensors; the rest ride along for the sweep). ``ticket``: the
+        probe of these names sent ahead to a worker (:class:`_ProbeJob`): its diffs, labelled here."""
+        names = self.capturable(names)
         node = self.order[cut - 1] if cut else ""
-        ref_values = self.ref.run(self.feeds, names)
         try:
-            tgt_values, moved = self.observer.capture(self.tgt, self.feeds, names, self.tol)
+            if ticket is not None:
+                outcome = self.executor.result(ticket)
+                if outcome.error is not None:
+                    raise outcome.error
+                raw, moved = outcome.value
+            else:
+                ref_values = self.ref.run(self.feeds, names)
+                tgt_values, moved = self.observer.capture(self.tgt, self.feeds, names, self.tol)
+                raw = [diff_row(self.graph, n, ref_values.pop(n), tgt_values.pop(n), self.tol) for n in names]
         except TargetRunError as exc:
             self.probes.append(Probe(phase, len(names), cut, node, status="failed", error=str(exc)))
             raise
-        rows = [self.observer.label(diff_row(self.graph, n, ref_values.pop(n), tgt_values.pop(n), self.tol), moved) for n in names]
+        rows = [self.observer.label(row, moved) for row in raw]
         self.diffs.update((r.tensor, r) for r in rows)
         own = [r for r in rows if judged is None or r.tensor in judged]
         self.probes.append(Probe(phase, len(names), cut, node, any(r.blamed for r in own), any(r.new_nonfinite and r.blamed for r in own),
@@ -77,6 +92,49 @@ class _Run:
         if self.progress:
             self.progress(phase, len(self.probes), 0)
         return rows
+
+    def send(self, key: tuple, names: list[str]) -> None:
+        """Send the probe of ``names`` to a worker ahead of its turn (no-op serially or if sent already)."""
+        if self.executor is not None and key not in self.pending:
+            self.pending[key] = self.executor.submit(self.capturable(names))
+
+    def drop(self, keep=lambda key: False) -> None:
+        """Discard the probes sent ahead that ``keep`` does not name (their answer is no longer asked)."""
+        for key in [k for k in self.pending if not keep(k)]:
+            self.executor.discard(self.pending.pop(key))
+
+    def groups(self, groups: list[list[str]], phase: str):
+        """Capture ``groups`` in order (yielding each group's rows); on workers they run at once, and
+        those after the caller stops are discarded."""
+        for i, group in enumerate(groups):
+            self.send((phase, i), group)
+        try:
+            for i, group in enumerate(groups):
+                yield group, self.capture(group, phase, ticket=self.pending.pop((phase, i), None))
+        finally:
+            self.drop(lambda key: key[0] != phase)
+
+
+class _ProbeJob:
+    """A bisect probe on a worker (:mod:`aligner.search.executor`): ``job(names)`` -> (diff rows of
+    ``names``, how the capture moved the target's outputs), both sides run as :class:`_Run` runs
+    them; the rows are labelled by the search's own observer."""
+
+    def __init__(self, graph: ModelGraph, other: ModelGraph, feeds: Feeds, target: Target, reference: Target, tol: Tolerance):
+        self.graph, self.other, self.feeds, self.target, self.reference, self.tol = graph, other, feeds, target, reference, tol
+        self._sides = None
+
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__, _sides=None)
+
+    def __call__(self, names: list[str]):
+        if self._sides is None:
+            tgt = make_runner(self.other, self.target)
+            self._sides = reference_runner(self.graph, self.reference), tgt, Observer.of(tgt, self.other, self.feeds)
+        ref, tgt, observer = self._sides
+        ref_values = ref.run(self.feeds, names)
+        tgt_values, moved = observer.capture(tgt, self.feeds, names, self.tol)
+        return [diff_row(self.graph, n, ref_values.pop(n), tgt_values.pop(n), self.tol) for n in names], moved
 
 
 def bisect(
@@ -93,6 +151,7 @@ def bisect(
     save_repro: str | Path | None = None,
     force: bool = False,
     progress: Progress | None = None,
+    workers: Workers | Executor = 1,
 ) -> BisectResult:
     """Find where ``target`` (or ``target_model``) starts to diverge from ``reference`` and why.
 
@@ -100,6 +159,13 @@ def bisect(
     and names the same first divergent node; they differ in how many tensors each target run
     captures. ``sweep_runs`` caps the frontier strategy's search for divergences that do not
     reach the outputs (None: as many runs as the capture budget needs, which makes it complete).
+
+    ``workers`` (a number of local processes, ``"ray"``, ``"ray://HOST:PORT"`` or an executor:
+    :mod:`aligner.search.executor`) runs the probes that are separate runs at once: the frontier
+    search probes the next levels of its binary search ahead (a k-ary search that asks the cuts the
+    binary search asks), and the capture groups of ``all`` and of the sweep run side by side. The
+    first divergent node, the root cause and the NaN/inf origin are the serial ones; the probe
+    list may differ (a probe run ahead carries no extra tensors for the sweep).
     """
     if strategy not in STRATEGIES:
         raise InputError(f"Unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}.")
@@ -124,8 +190,12 @@ def bisect(
     except TargetRunError as exc:  # building the target, its uncaptured runs or its deployed graph already fail
         return _failed(graph, other, feeds, tgt_target, ref_target, strategy, tol, exc, progress,
                        None if save_repro is None else Path(save_repro))
+    executor, own = (make_executor(workers), True) if isinstance(workers, (int, str)) else (workers, False)
+    if executor.workers > 1:
+        executor.start(_ProbeJob(graph, other, feeds, tgt_target, ref_target, tol))
     run = _Run(graph, other, feeds, tgt_target, tol, reference_runner(graph, ref_target), tgt_runner,
-               [n.name for n in graph.nodes if n.op_type != "Constant"], progress, observer)
+               [n.name for n in graph.nodes if n.op_type != "Constant"], progress, observer,
+               executor=executor if executor.workers > 1 else None)
     sizes = estimate_sizes(graph, feeds)
     budget = int(capture_budget_mb * 2**20) // 2
     used = _resolve(strategy, tgt_target, graph, sizes, budget)
@@ -141,6 +211,9 @@ def bisect(
         return BisectResult(**common, first_divergent=None, root_cause=None, nonfinite_origin=None, local_errors=(),
                             probes=tuple(run.probes), explanation=f"The target failed, so nothing was judged: {exc}",
                             outputs_diverge=False, failed=str(exc))
+    finally:
+        if own:
+            executor.close()
     by_node = {e.node: e for e in locals_}
     cause = None
     if first is not None:
@@ -205,8 +278,8 @@ def _locate(run: _Run, strategy: str, budget: int, sweep_runs: int | None) -> _F
     frontier search plus a sweep of the tensors before what it found (frontier)."""
     names = run.graph.activations()
     if strategy in ("all", "isolate"):
-        for group in plan_groups(names, estimate_sizes(run.graph, run.feeds), budget):
-            run.capture(group, "all")
+        for _ in run.groups(plan_groups(names, estimate_sizes(run.graph, run.feeds), budget), "all"):
+            pass
         checked = f"all {len(names)} tensors compared, in {len(run.probes)} run(s)"
         return _found(run, names, checked)
     n = len(run.order)
@@ -220,6 +293,11 @@ def _locate(run: _Run, strategy: str, budget: int, sweep_runs: int | None) -> _F
         crossing = frontier(lives, cut)
         if crossing and all(t in run.diffs for t in crossing):  # every tensor at this cut was compared already: no run
             return any(run.diffs[t].blamed for t in crossing)
+        phase = "outputs" if cut == n else "frontier"
+        ticket = run.pending.pop(("cut", cut), None)
+        if ticket is not None:  # run ahead on a worker: the cut's tensors alone
+            rows = run.capture(crossing, phase, cut, ticket=ticket)
+            return any(r.blamed for r in rows)
         # The sweep's tensors ride along in the halving runs, as far as the budget allows: first those made before
         # the last cut known to match (the transition is at or after it), then those before the first known to diverge.
         lo = max(k for k, v in known.items() if not v)
@@ -233,14 +311,21 @@ def _locate(run: _Run, strategy: str, budget: int, sweep_runs: int | None) -> _F
                 break
             room -= size
             extra.append(t)
-        phase = "outputs" if cut == n else "frontier"
         rows = run.capture(crossing + extra, phase, cut, judged=taken)
         if extra and any(r.perturbed for r in rows if r.tensor in taken):  # the riders moved the target: the cut alone decides
             rows = run.capture(crossing, phase, cut)
         return any(r.blamed for r in rows if r.tensor in taken)
 
+    def ahead(cuts: list[int]) -> None:  # the binary search's next levels, each cut a run on a worker
+        wanted = {("cut", k) for k in cuts if k not in known and not all(t in run.diffs for t in frontier(lives, k) or ["-"])}
+        run.drop(lambda key: key in wanted)
+        for key in sorted(wanted, key=lambda key: cuts.index(key[1])):
+            run.send(key, frontier(lives, key[1]))
+
     known.setdefault(0, False)
-    j = bisect_cuts(n, probe, known)
+    width = run.executor.workers if run.executor is not None else 1
+    j = bisect_cuts(n, probe, known, ahead=ahead if run.executor is not None else None, width=width)
+    run.drop()
     halving = len(run.probes)
     transition = (f"the frontier search found a transition at {run.graph.node(run.order[j]).op_type} node {run.order[j]!r} "
                   f"(#{run.graph.index_of[run.order[j]]}) in {halving} halving run(s)" if j is not None else
@@ -253,8 +338,7 @@ def _locate(run: _Run, strategy: str, budget: int, sweep_runs: int | None) -> _F
     groups = plan_groups(todo, sizes, budget)
     limit = len(groups) if sweep_runs is None else min(sweep_runs, len(groups))
     swept = 0
-    for group in groups[:limit]:
-        rows = run.capture(group, "sweep")
+    for group, rows in run.groups(groups[:limit], "sweep"):
         swept += len(group)
         if any(r.blamed for r in rows):
             break

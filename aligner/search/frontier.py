@@ -52,13 +52,19 @@ def frontier(lives: Sequence[Span], cut: int) -> list[str]:
     return [s.tensor for s in lives if s.produced < cut <= s.last_use]
 
 
-def bisect_cuts(n: int, diverges: Callable[[int], bool], known: dict[int, bool] | None = None, top: int | None = None) -> int | None:
+def bisect_cuts(n: int, diverges: Callable[[int], bool], known: dict[int, bool] | None = None, top: int | None = None,
+                ahead: Callable[[list[int]], None] | None = None, width: int = 1) -> int | None:
     """The node where a divergence starts: index ``k-1`` with ``diverges(k-1)`` false and
     ``diverges(k)`` true, or None when the graph outputs (cut ``n``) do not diverge.
 
     ``known`` caches answers (cut -> diverged) across searches; cut 0 is false by definition.
     ``top``: a cut already known to diverge, searched below instead of cut ``n``.
     Costs one call for cut ``n`` (unless known) plus at most ⌈log2 n⌉.
+
+    ``ahead`` (if given) is told, before each call, the cuts the search may ask next — the levels of
+    its decision tree below the current range, the next one first, ``width`` of them — so that a
+    caller with ``width`` workers can probe them at once (a k-ary search); the cuts asked and the
+    answer are the binary search's whatever ``ahead`` does.
     """
     known = known if known is not None else {}
     known.setdefault(0, False)
@@ -69,12 +75,17 @@ def bisect_cuts(n: int, diverges: Callable[[int], bool], known: dict[int, bool] 
         return known[k]
 
     top = n if top is None else top
+    if ahead is not None and n and top not in known:
+        below = max(k for k, v in known.items() if not v and k < top)
+        ahead([top, *next_cuts(below, top, width - 1)])
     if n == 0 or not ask(top):
         return None
     lo = max(k for k, v in known.items() if not v and k < top)
     hi = min(k for k, v in known.items() if v and lo < k <= top)
     while hi - lo > 1:
         mid = (lo + hi) // 2
+        if ahead is not None:
+            ahead(next_cuts(lo, hi, width))
         if ask(mid):
             hi = mid
         else:
@@ -82,9 +93,25 @@ def bisect_cuts(n: int, diverges: Callable[[int], bool], known: dict[int, bool] 
     return hi - 1
 
 
+def next_cuts(lo: int, hi: int, width: int) -> list[int]:
+    """The cuts a binary search over (``lo``, ``hi``) may probe, level by level (its next probe
+    first, then both it may probe after that, ...): the first ``width``."""
+    out: list[int] = []
+    level = [(lo, hi)]
+    while level and len(out) < width:
+        deeper = []
+        for a, b in level:
+            if b - a > 1:
+                mid = (a + b) // 2
+                out.append(mid)
+                deeper += [(a, mid), (mid, b)]
+        level = deeper
+    return out[:max(width, 0)]
+
+
 def first_true(flags: Sequence[bool]) -> int | None:
     """Index of the first true flag (the ``all`` strategy: every tensor compared at once)."""
     return next((i for i, f in enumerate(flags) if f), None)
 
 
-__all__ = ["Span", "bisect_cuts", "first_true", "frontier", "spans"]
+__all__ = ["Span", "bisect_cuts", "first_true", "frontier", "next_cuts", "spans"]
