@@ -57,6 +57,7 @@ def test_demo_runs_and_refuses_foreign_folder(capsys, tmp_path, demo_run):
     assert "root cause /stem_norm/Pow" in steps["bisect"]["summary"] and "--strategy all" in steps["bisect"]["command"]
     plan = json.loads((folder / "plan.json").read_text())
     assert plan["passed"] and any("COCO AP drop <= 0.005" in a for a in plan["accept"])
+    assert "--example-data --batch 50 --max-ap-drop 0.005" in steps["precision"]["command"]  # re-runs with the same acceptance
     assert {p["node"] for p in plan["fp32_nodes"]} >= {"/stem_norm/Pow"}
     assert steps["build"]["status"] == "passed" and (folder / "model.fp16.onnx").exists()
     evaluation = json.loads((folder / "eval.json").read_text())["targets"]

@@ -99,3 +99,8 @@ def test_eval_coco_example_data_scores_a_copy_of_the_example_as_the_built_in_run
     assert {t: r["AP"] for t, r in builtin.items()} == {t: r["AP"] for t, r in copy.items()}
     code, _, err = _run(capsys, "eval", "coco", model, "--example-data", "--data", tmp_path, "--ann", tmp_path / "x.json")
     assert code == 2 and "drop --data and --ann" in err
+
+
+def test_precision_takes_the_task_metric_as_doctor_passes_it_and_refuses_a_second_acceptance(capsys, tmp_path):
+    code, _, err = _run(capsys, "precision", shapes_detector_path(), "--example-data", "--accept-cmd", "true")
+    assert code == 2 and "Give the acceptance once" in err and "Traceback" not in err

@@ -67,9 +67,7 @@ def add_parser(sub) -> None:
     p.add_argument("--force", action="store_true", help="write into an --out folder that already holds files")
     add_input_arguments(p)
     t = p.add_argument_group("task metric (COCO; the flags of aligner eval coco)")
-    t.add_argument("--max-ap-drop", type=float, default=0.005, metavar="AP",
-                   help="the plan's acceptance: COCO AP (0-1) at most this below FP32 (default 0.005, half an AP point)")
-    add_coco_arguments(p, batch=16, group=t)
+    add_coco_arguments(p, batch=16, group=t, acceptance=True)
 
 
 def _runs(text: str) -> int:

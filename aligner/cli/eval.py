@@ -111,10 +111,15 @@ def add_parser(sub) -> None:
     to.add_argument("--force", action="store_true", help="overwrite existing output files")
 
 
-def add_coco_arguments(p: argparse.ArgumentParser, batch: int, group: argparse._ArgumentGroup | None = None) -> None:
+def add_coco_arguments(p: argparse.ArgumentParser, batch: int, group: argparse._ArgumentGroup | None = None,
+                       acceptance: bool = False) -> None:
     """The COCO dataset, how to read the outputs and how to preprocess the images: the same flags in
-    ``eval coco`` and ``doctor`` (:func:`coco_from_args`)."""
+    ``eval coco``, ``precision`` and ``doctor`` (:func:`coco_from_args`); with ``acceptance``, the
+    AP drop a precision plan may cost (--max-ap-drop)."""
     d = group or p
+    if acceptance:
+        d.add_argument("--max-ap-drop", type=float, default=0.005, metavar="AP",
+                       help="the plan's acceptance: COCO AP (0-1) at most this below FP32 (default 0.005, half an AP point)")
     d.add_argument("--data", metavar="DIR", help="image folder (val2017 layout)")
     d.add_argument("--ann", metavar="JSON", help="COCO instances JSON")
     d.add_argument("--adapter", choices=sorted(ADAPTERS), help="how to read the outputs (default yolo for the example)")

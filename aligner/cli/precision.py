@@ -70,6 +70,8 @@ acceptance: compare's rule, on every output of every input sample — an output 
 
 examples:
   aligner precision model.onnx
+  aligner precision det.onnx --data val2017/ --ann instances_val2017.json --adapter detr --max-ap-drop 0.005 \\
+      --input-size 800x800 --scale 0.00392157 --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225   # COCO AP decides
   aligner precision model.onnx --target ort:cuda:fp16 --accept "rel_l2<=5e-3" --inputs calib.npz \\
       --out plan.json --save-model model.mixed.onnx
   aligner precision model.onnx --accept-cmd "python my_eval.py {{model}}"
@@ -120,6 +122,10 @@ def add_parser(sub) -> None:
     q.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
                    help="first pick the quantizer setting (calibration method x reduce_range) with the smallest full-INT8 error (default on)")
     add_input_arguments(p)
+    from aligner.cli.eval import add_coco_arguments
+
+    add_coco_arguments(p, batch=16, group=p.add_argument_group("task metric instead of the output rule (COCO; the flags of aligner "
+                                                                "eval coco)"), acceptance=True)
     o = p.add_argument_group("output")
     o.add_argument("--out", metavar="PLAN.json", help="write the plan (pins, reasons, metrics, TensorRT strings)")
     o.add_argument("--save-model", metavar="ONNX", help="write the mixed-precision model of the plan")
@@ -140,8 +146,15 @@ def run(args: argparse.Namespace) -> int:
         target = with_calibration(target, args.calib, input_source(args))
     target = check_target(target)
     graph = ModelGraph.load(args.model, check=not args.no_check)
-    samples = input_samples(graph, args)
-    accept = tolerance_from_args(args, target)
+    from aligner.cli.eval import coco_from_args
+    from aligner.errors import InputError
+
+    task = coco_from_args(args, graph, max_drop=args.max_ap_drop)  # a COCO dataset: AP within --max-ap-drop decides
+    if task is not None and (args.accept or args.accept_cmd):
+        raise InputError("Give the acceptance once: a COCO dataset (--data/--ann or --example-data, with --max-ap-drop) or "
+                         "--accept/--accept-cmd, not both.")
+    samples = [task.feeds(graph)] if task is not None and not input_source(args) else input_samples(graph, args)
+    accept = task.acceptance(graph) if task is not None else tolerance_from_args(args, target)
     console = Console(stderr=True, highlight=False)
     from aligner.quant.calib import reporting
 

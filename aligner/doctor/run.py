@@ -95,7 +95,6 @@ class _Run:
         self.task: CocoEval | None = None
         self.strategy: Strategy = "auto"
         self.on_step: OnStep | None = None
-        self.min_ap: float | None = None  # with a task metric: the AP the plan must keep (its re-run command's --min-ap)
         self.task_miss = ""  # with a task metric: why the pure target fails it, when its outputs on the feeds do not diverge
 
     # -- bookkeeping -------------------------------------------------------------------------------
@@ -103,18 +102,17 @@ class _Run:
     def number(self) -> int:
         return len(self.steps) + 1
 
-    def _do(self, name: str, command: str | Callable[[], str], what: str,
-            work: Callable[[], tuple[Status, str, tuple[str, ...], object]], fatal: bool = True):
-        """Run one step; ``command`` (or a function giving it once the work is done) re-runs it alone."""
+    def _do(self, name: str, command: str, what: str, work: Callable[[], tuple[Status, str, tuple[str, ...], object]],
+            fatal: bool = True):
+        """Run one step; ``command`` re-runs it alone."""
         self.say(self.number, name, what)
         start = time.perf_counter()
         try:
             status, summary, outputs, value = work()
         except (TargetError, TargetRunError, MissingDependencyError) as exc:
             if fatal:
-                raise StepError(self.number, name, exc, command() if callable(command) else command, self.out) from None
+                raise StepError(self.number, name, exc, command, self.out) from None
             status, summary, outputs, value = "failed", str(exc), (), None
-        command = command() if callable(command) else command
         step = Step(name, status, summary, command, outputs, round(time.perf_counter() - start, 2))
         self.steps.append(step)
         self.say(step_number := len(self.steps), name, f"{status}: {summary} ({step.seconds:.1f} s)")
@@ -212,18 +210,14 @@ class _Run:
         self.plan_path = self.out / "plan.json"
         trials, mixed = self.out / "plan.trials.jsonl", self.out / f"model.{self.target.precision}.mixed.onnx"
 
-        def command() -> str:
-            return self._cmd("precision", self.model, "--target", shlex.quote(str(self.target)), *self.all_inputs, *self._accept_words(),
-                             "--out", shlex.quote(str(self.plan_path)), "--save-model", shlex.quote(str(mixed)),
-                             "--run", shlex.quote(str(self.out / "runs" / "precision")), "--force")
+        task = [*self.task.flags(), "--max-ap-drop", f"{self.task.max_drop:g}"] if self.task is not None else []
+        command = self._cmd("precision", self.model, "--target", shlex.quote(str(self.target)), *self.all_inputs, *task,
+                            "--out", shlex.quote(str(self.plan_path)), "--save-model", shlex.quote(str(mixed)),
+                            "--run", shlex.quote(str(self.out / "runs" / "precision")), "--force")
 
         def work():
             trials.unlink(missing_ok=True)  # a fresh search (doctor's own folder)
-            accept = {}
-            if self.task is not None:  # the task metric decides, on top of finite outputs
-                accept = {"accept": self.task.acceptance(self.graph)}
-                if self.min_ap is None:
-                    self.min_ap = self.task.reference_ap(self.graph) - self.task.max_drop
+            accept = {"accept": self.task.acceptance(self.graph)} if self.task is not None else {}  # the task metric decides
             plan = search_precision(self.graph, target=self.target, samples=self.samples, trials_log=trials, save_model=mixed,
                                     **accept)
             write_atomic(self.plan_path, json.dumps(plan.to_dict(), indent=1).encode())
@@ -250,19 +244,10 @@ class _Run:
         """'' when the pure target keeps the task metric within ``max_drop`` of the reference, else how far it falls."""
         evaluation = self.task.evaluate(self.graph, [self.reference, str(self.target)])
         ref, got = (t.stats["AP"] for t in evaluation.targets)
-        self.min_ap = ref - self.task.max_drop
-        if got >= self.min_ap:
+        if got >= ref - self.task.max_drop:
             return ""
         return (f"{self.target} loses COCO AP: {got:.4f} vs {ref:.4f} for FP32 on {evaluation.targets[0].images} images "
                 f"(allowed drop {self.task.max_drop:g})")
-
-    def _accept_words(self) -> list[str]:
-        """With a task metric, precision's own flags for it: finite outputs, and ``aligner eval coco`` on
-        the mixed model (ONNX Runtime CPU) at the AP the search kept."""
-        if self.task is None or self.min_ap is None:
-            return []
-        check = self.task.command("{model}", "--targets", "ort:cpu:fp32", "--min-ap", f"{self.min_ap:.4f}")
-        return ["--accept", "finite", "--accept-cmd", shlex.quote(check)]
 
     def evaluate(self, plan) -> None:
         """The task metric of the reference, the pure target and (when one passed) the plan's target."""

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from aligner.backends.target import REFERENCE
 from aligner.eval.adapters import Adapter
 from aligner.eval.dataset import CocoDataset, Preprocess
 from aligner.graph.model import ModelGraph
@@ -59,12 +58,13 @@ class CocoEval:
 
         return evaluate_detector(graph, self.dataset, self.adapter, self.preprocess, targets, plan, self.label_map, self.batch)
 
-    def reference_ap(self, graph: ModelGraph) -> float:
-        return self.evaluate(graph, [REFERENCE])[REFERENCE].stats["AP"]
+    def flags(self) -> list[str]:
+        """The command-line flags that give this dataset, adapter, preprocessing and batch (quoted)."""
+        return [*map(shlex.quote, self.words), "--batch", str(self.batch)]
 
     def command(self, model: str, *words: str) -> str:
         """``aligner eval coco MODEL`` with this dataset, adapter and preprocessing, then ``words``."""
-        return " ".join(["aligner", "eval", "coco", model, *map(shlex.quote, self.words), "--batch", str(self.batch), *words])
+        return " ".join(["aligner", "eval", "coco", model, *self.flags(), *words])
 
 
 def example_coco(max_drop: float = 0.005, batch: int = 50) -> CocoEval:
