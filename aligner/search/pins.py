@@ -186,9 +186,12 @@ class _Thinning:
         self.removed = self.kept = self.failed = 0
         self.streak = 0  # removals that passed in a row (+) or failed in a row (-)
         self.probe = probe and len(self.current) > 3
+        self.order = None
         self._pass()
 
     def _pass(self) -> None:
+        if getattr(self, "order", None) is not None:  # a later pass: its pins all failed alone (or were never
+            self.removed = self.kept = self.failed = self.streak = 0  # tried alone): start at single pins, grow on success
         self.order, self.i, self.stack, self.changed, self.probing = list(self.current), 0, [], False, False
 
     def copy(self) -> "_Thinning":
