@@ -190,6 +190,8 @@ class Observer:
     deployed: DeployedGraph | None
     check: CaptureCheck | None
     said: tuple[str, ...] = ()  # what the runner says of itself (OpenVINO: a precision hint it did not honour)
+    # the reference's graph outputs, asked for only when a capture run moved the target's (see label)
+    reference: Callable[[], Mapping[str, np.ndarray]] | None = None
 
     @classmethod
     def of(cls, runner, graph: ModelGraph, feeds: Mapping[str, np.ndarray], background: bool = False) -> "Observer":
@@ -258,11 +260,35 @@ class Observer:
         kernel = self.deployed.kernel_of.get(row.node, "") if self.deployed is not None else ""
         if self.check is not None and row.tensor in self.check.baseline:
             moved = Perturbation()  # a graph output is judged on the uncaptured run (see capture): always vouched for
-        if moved and not (row.diverges and not moved.explains(row.metrics, row.reason)):
+        if moved and not (row.diverges and not moved.explains(row.metrics, row.reason)) and not self._outputs_dwarf(row, moved):
             return replace(row, kernel=kernel, perturbed=moved.why, capture_effect=moved.effect)
         if moved:
             return replace(row, kernel=kernel, capture_effect=moved.effect)
         return replace(row, kernel=kernel) if kernel else row
+
+
+    def _outputs_dwarf(self, row, moved: Perturbation) -> bool:
+        """Whether the target's deployed (uncaptured) outputs diverge from the reference's DWARFS times
+        more than this capture moved them, so the capture cannot account for a metric divergence seen
+        in its run: what the target deploys diverges by far more with no capture at all (e.g. OpenVINO
+        writes a captured bf16 layer output as an f32 Result, which moves the outputs a little, while
+        the uncaptured outputs are off by much more)."""
+        if not row.diverges or row.reason != "metric" or self.reference is None or self.check is None or not np.isfinite(moved.effect):
+            return False
+        return self.output_divergence > DWARFS * moved.effect
+
+    @cached_property
+    def output_divergence(self) -> float:
+        """The largest rel_l2 between the target's uncaptured outputs and the reference's (float outputs)."""
+        from aligner.compare.metrics import rel_l2
+
+        reference, worst = self.reference(), 0.0
+        for name, value in self.check.baseline.items():
+            ref = reference.get(name)
+            if ref is None or not isinstance(value, np.ndarray) or value.dtype.kind != "f" or np.shape(ref) != np.shape(value):
+                continue
+            worst = max(worst, float(rel_l2(ref, value)))
+        return worst
 
 
 def fusion_dependence(graph: ModelGraph, target, feeds: Mapping[str, np.ndarray], observer: Observer, tolerance) -> str:

@@ -148,6 +148,7 @@ def compare(
     segmentable = segments and target_model is None and tensors is None and _segmentable(tgt_target)
     # segments need the uncaptured run only at the end: it runs meanwhile (in the sandbox's child)
     observer = Observer.of(tgt_runner, view, feeds, background=segmentable)
+    observer.reference = lambda: ref_runner.run(feeds)  # asked once, only if a capture run moves the target's outputs
     if backend_of(tgt_target).capture_default(tgt_target) == "boundaries" and tensors is None and observer.policy == "outputs":
         notes.append(f"{backend_of(tgt_target).title} target with capture=outputs: the outputs are compared (capture=boundaries "
                      "compares every tensor its executed kernels write)")

@@ -196,6 +196,7 @@ def bisect(
     run = _Run(graph, other, feeds, tgt_target, tol, reference_runner(graph, ref_target), tgt_runner,
                [n.name for n in graph.nodes if n.op_type != "Constant"], progress, observer,
                executor=executor if executor.workers > 1 else None)
+    observer.reference = lambda: run.ref.run(feeds)  # asked once, only if a capture run moves the target's outputs
     sizes = estimate_sizes(graph, feeds)
     budget = int(capture_budget_mb * 2**20) // 2
     used = _resolve(strategy, tgt_target, graph, sizes, budget)
@@ -214,6 +215,8 @@ def bisect(
     finally:
         if own:
             executor.close()
+    if first is not None:
+        locals_ = _kernel_error(run, first.node, locals_)
     by_node = {e.node: e for e in locals_}
     cause = None
     if first is not None:
@@ -233,6 +236,30 @@ def bisect(
 
         result = replace(result, repro=write_repro(run, cause, locals_, Path(save_repro), list(tgt_target.pins)))
     return replace(result, explanation=explain(result, tol))
+
+
+def _kernel_error(run: _Run, node: str, locals_: list[LocalError]) -> list[LocalError]:
+    """``locals_`` with ``node``'s own error measured as the target deploys it, where ``node`` run alone
+    shows none but a fused kernel of the target computes it with other nodes: the kernel's nodes as
+    one piece (:func:`aligner.search.isolate.isolate_kernel`). A fault can exist only inside a fused
+    kernel (OpenVINO's bf16 FullyConnected reading a low-precision input its epilogue then cancels)."""
+    own = next((e for e in locals_ if e.node == node), None)
+    deployed = run.observer.deployed
+    if (own is not None and own.diverges) or deployed is None or node not in deployed.kernel_of or run.target.is_quantized:
+        return locals_
+    kernel = next((k for k in deployed.kernels if k.name == deployed.kernel_of[node]), None)
+    if kernel is None or len(kernel.originals) < 2:
+        return locals_
+    from aligner.search.isolate import isolate_kernel
+
+    try:
+        found = isolate_kernel(run.graph, kernel, node, run.feeds, run.ref, run.target, run.tol, run.other, run.probes.append)
+    except (TargetRunError, ValueError) as exc:  # the piece does not run alone: the per-node answer stands
+        log.info("could not run the fused kernel %s as one piece: %s", kernel.name, exc)
+        return locals_
+    if found is None or not found.diverges:
+        return locals_
+    return [found if e.node == node else e for e in locals_] + ([] if own is not None else [found])
 
 
 def _failed(graph: ModelGraph, other: ModelGraph, feeds: Feeds, target: Target, reference: Target, strategy: str, tol: Tolerance,

@@ -38,6 +38,12 @@ def root_cause(run: "_Run", name: str, local: LocalError | None, locals_: list[L
         reason = (f"{node.op_type} makes a choice (indices, booleans, rounding): its inputs differ from the reference only by "
                   f"{metric} {worst_in:.2g} (within tolerance), yet the choice flipped; what follows inherits that, so blame "
                   f"neither this node's arithmetic nor its consumers. Compare after sorting, or raise the precision of its inputs.")
+    elif kind == "local" and local is not None and local.kernel:
+        reason = (f"run as the target deploys it, inside the fused kernel {local.kernel!r} that computes "
+                  f"{', '.join(local.kernel_nodes)}, with the reference's inputs, its output still differs ({metric} {value:.3g} > "
+                  f"{threshold:g}), while each of those nodes run alone does not: the error is the fused kernel's"
+                  + (f" arithmetic in {run.target.precision.upper()}" if low else "") + " (keep its nodes in FP32: "
+                  f"--fp32-nodes {','.join(local.kernel_nodes)})")
     elif kind == "local":
         reason = (f"run alone on the target with the reference's inputs, its output still differs ({metric} {value:.3g} > "
                   f"{threshold:g}): the error is its own")

@@ -69,6 +69,35 @@ def isolate(
     return errors
 
 
+def isolate_kernel(graph: ModelGraph, kernel, node: str, feeds: Mapping[str, np.ndarray], reference: Runner, target: Target,
+                   tolerance: Tolerance, other: ModelGraph | None = None,
+                   on_probe: Callable[[Probe], None] | None = None) -> LocalError | None:
+    """The own error of one deployed kernel (a :class:`~aligner.graph.deployed.Kernel` of a fusing
+    target), charged to ``node``: the kernel's original nodes as one piece, fed the reference's values
+    of the tensors entering it, run on ``target`` (which fuses the piece as it fuses the model) and
+    compared at ``node``'s outputs. A fault that exists only inside a fused kernel (a low-precision
+    input to a fused GEMM whose epilogue cancels large terms) shows here, while each of its nodes run
+    alone does not. None when the piece cannot be cut (a tensor inside has no reference value)."""
+    other = other or graph
+    members = [n for n in kernel.originals if n in other.node_by_name and other.node(n).op_type != "Constant"]
+    if node not in members or len(members) < 2:
+        return None
+    members.sort(key=lambda n: other.index_of[n])
+    inputs = boundary_inputs(other, members, decoupled=False)
+    outputs = [o for o in other.node(node).output if o]
+    wanted = [t for t in dict.fromkeys(inputs + outputs) if t in reference.capturable]
+    ref = reference.run(dict(feeds), wanted)
+    ref.update({t: feeds[t] for t in inputs if t in feeds})
+    if not all(t in ref for t in inputs + outputs):
+        return None
+    values = {t: ref[t] for t in inputs}
+    piece = ModelGraph(subgraph_model(other, members, values, outputs=outputs))
+    runner = make_runner(piece, replace(target, pins=tuple(n for n in members if n in target.pins), plan=None))
+    got = _probed(lambda: runner.run(values), len(outputs), on_probe)
+    error = _local_error(graph, other, node, ref, {isolated_name(o): got[o] for o in outputs if o in got}, tolerance)
+    return replace(error, kernel=kernel.name, kernel_nodes=tuple(members))
+
+
 def _probed(run, tensors: int, on_probe):
     """``run()``, reported to ``on_probe`` as one isolation probe (failed when the target fails)."""
     try:

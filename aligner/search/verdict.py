@@ -55,6 +55,8 @@ class LocalError:
     new_nonfinite: bool
     inputs: tuple[ValueRange, ...] = ()
     output: ValueRange | None = None
+    kernel: str = ""  # run as the deployed kernel that computes it (with the kernel's other nodes), not alone
+    kernel_nodes: tuple[str, ...] = ()  # the original nodes of that kernel
 
     def to_dict(self) -> dict:
         return {
@@ -62,7 +64,7 @@ class LocalError:
             "metrics": {k: json_float(v) for k, v in self.metrics.items()},
             "diverges": self.diverges, "new_nonfinite": self.new_nonfinite,
             "inputs": [r.to_dict() for r in self.inputs],
-        }
+        } | ({"kernel": self.kernel, "kernel_nodes": list(self.kernel_nodes)} if self.kernel else {})
 
 
 @dataclass(frozen=True)
