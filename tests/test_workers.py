@@ -220,7 +220,7 @@ def test_cli_eval_coco_workers_writes_the_serial_json(tmp_path):
 @pytest.fixture(scope="module")
 def coco_search():
     """The example detector, its FP16 overflow (stem_norm) and a COCO AP acceptance on 48 val images
-    in 4 batches: pure FP16 loses 0.009 AP, the seeds pass, both single removals fail (4 trials)."""
+    in 4 batches: pure FP16 loses 0.009 AP, the seeds pass, both single removals fail."""
     from aligner.backends import reference_runner
     from aligner.eval.run import coco_acceptance
     from aligner.graph.model import ModelGraph
@@ -280,11 +280,11 @@ def test_a_coco_search_on_workers_splits_trials_and_keeps_the_serial_plan(coco_s
     for workers in (1, 2):
         log = tmp_path / f"trials-{workers}.jsonl"
         with make_executor(workers) as executor:
-            plan = search_precision(graph, "emu:fp16", samples=samples, accept=accept, trials_log=log, workers=executor, fusion_check=False)
+            plan = search_precision(graph, "emu:fp16", samples=samples, accept=accept, trials_log=log, workers=executor, max_trials=3)
         runs[workers] = plan, _rows(log), executor.stats()
-    plan, rows, _ = runs[1]
-    assert plan.passed and plan.fp32_nodes == ["/stem_norm/Pow", "/stem_norm/ReduceMean_1"] and plan.trials == 4
-    assert [r[2] for r in rows] == ["pure", "seed", "minimize", "minimize"]
+    plan, rows, _ = runs[1]  # cut at 3 trials (the 4th, the other removal, runs ahead on workers and is discarded)
+    assert not plan.passed and plan.fp32_nodes == ["/stem_norm/Pow", "/stem_norm/ReduceMean_1"] and plan.trials == 3
+    assert [r[2] for r in rows] == ["pure", "seed", "minimize"] and rows[0][5].startswith("AP ") and rows[1][1] and not rows[2][1]
     again, again_rows, stats = runs[2]
     assert again.to_dict() == plan.to_dict() and again_rows == rows
     assert stats.tasks > plan.trials and all(w.tasks for w in stats.workers)  # trials ran as parts, on both workers
