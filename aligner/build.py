@@ -229,7 +229,7 @@ def _build_onnx(graph: ModelGraph, target: Target, output: Path, feeds, fused, n
                          "custom ops; its optimized file would hold that session-only form. Ship the mixed model itself.")
     write_atomic(output, model.SerializeToString())
     if ort_optimized:
-        from aligner.backends.onnxruntime import save_optimized
+        from aligner.backends.ort.runner import save_optimized
 
         save_optimized(output, _session(target), ort_optimized)
     return _finish(replace(result, written=True, ort_optimized=str(ort_optimized) if ort_optimized else None))
@@ -237,7 +237,7 @@ def _build_onnx(graph: ModelGraph, target: Target, output: Path, feeds, fused, n
 
 def _build_engine(graph: ModelGraph, target: Target, output: Path, feeds, fused, notes, input_shapes, plugins,
                   layer_precision: bool, write_anyway: bool, rule: Tolerance) -> BuildResult:
-    from aligner.backends.tensorrt import build_engine
+    from aligner.backends.trt.engine import build_engine
 
     result = BuildResult(target, str(output), "engine", False, fused=fused, notes=tuple(notes))
     if target.is_quantized:  # the QDQ model: its Q/DQ say where the strongly typed engine runs INT8
@@ -253,7 +253,7 @@ def _build_engine(graph: ModelGraph, target: Target, output: Path, feeds, fused,
         if not result.passed and not write_anyway:
             return result
     shapes = {k: tuple(v) for k, v in (input_shapes or {}).items()}
-    from aligner.backends.tensorrt import TRT_OPTIONS
+    from aligner.backends.trt.engine import TRT_OPTIONS
 
     engine = build_engine(graph, target.precision, target.pins, shapes, plugins=plugins, layer_precision=layer_precision,
                           options={k: v for k, v in target.options if k in TRT_OPTIONS})  # not capture=, a comparison's option

@@ -100,7 +100,7 @@ for name, dt in [("fp32", torch.float32), ("fp16", torch.float16)]:
               f"{cuda_ms(lambda: roi_launch([X, R, I], [out], attrs)):.3f} | {eager_ms} |")
 
 print("\n## TensorRT-RTX: models with plugin nodes")
-from aligner.backends.tensorrt import build_engine, load_tensorrt  # noqa: E402
+from aligner.backends.trt.engine import build_engine, load_tensorrt  # noqa: E402
 from aligner.graph.model import ModelGraph  # noqa: E402
 
 trt = load_tensorrt()
@@ -133,7 +133,7 @@ for label, graph, shapes in cases:
             print(f"| {label} | {precision} | FAILED: {str(exc)[:400]} | | {time.perf_counter() - start:.1f} |")
 
 
-from aligner.backends.trt_runner import CollectingLogger  # noqa: E402
+from aligner.backends.trt.runner import CollectingLogger  # noqa: E402
 
 if last is not None:
     logger = CollectingLogger(trt)

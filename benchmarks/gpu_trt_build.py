@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aligner.backends.tensorrt import build_engine  # noqa: E402
+from aligner.backends.trt.engine import build_engine  # noqa: E402
 from aligner.errors import AlignerError  # noqa: E402
 from aligner.examples import shapes_detector_path  # noqa: E402
 from aligner.graph.model import ModelGraph  # noqa: E402
@@ -44,12 +44,12 @@ except AlignerError as exc:
     print("parser failure reported as:", exc)
 
 # Execution: TensorRT-RTX refuses compute capability 9.0; record exactly how it says so.
-from aligner.backends.tensorrt import load_tensorrt  # noqa: E402
+from aligner.backends.trt.engine import load_tensorrt  # noqa: E402
 
 trt = load_tensorrt()
 
 
-from aligner.backends.trt_runner import CollectingLogger  # noqa: E402
+from aligner.backends.trt.runner import CollectingLogger  # noqa: E402
 
 logger = CollectingLogger(trt)
 engine_bytes = build_engine(graph, "fp16", plan, shapes).data

@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aligner.backends.tensorrt import build_engine, layer_information, load_tensorrt  # noqa: E402
-from aligner.backends.trt_runner import CollectingLogger  # noqa: E402
+from aligner.backends.trt.engine import build_engine, layer_information, load_tensorrt  # noqa: E402
+from aligner.backends.trt.runner import CollectingLogger  # noqa: E402
 from aligner.examples import tiny_vit  # noqa: E402
 from aligner.graph.deployed import kernels_of_trt, map_deployed  # noqa: E402
 from aligner.graph.model import ModelGraph  # noqa: E402

@@ -37,7 +37,7 @@ PLAN = ROOT / "datasets" / "shapes_detector.plan.json"
 
 def knows() -> dict:
     """The module, its TacticSource names and the builder config's defaults."""
-    from aligner.backends.tensorrt import load_tensorrt
+    from aligner.backends.trt.engine import load_tensorrt
 
     trt = load_tensorrt()
     config = trt.Builder(trt.Logger(trt.Logger.ERROR)).create_builder_config()

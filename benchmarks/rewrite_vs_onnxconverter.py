@@ -32,7 +32,7 @@ def models(tmp: Path) -> dict[str, onnx.ModelProto]:
 
 
 def run(model: onnx.ModelProto, feeds) -> tuple[str, np.ndarray | None]:
-    from aligner.backends.onnxruntime import OrtRunner
+    from aligner.backends.ort.runner import OrtRunner
     from aligner.backends.target import Target
 
     try:

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from aligner.examples.plugin_models import masked_attention as _attention  # noqa: E402
 from aligner.examples.plugin_models import roi_model as _roi_model  # noqa: E402
 
-from aligner.backends.tensorrt import build_engine  # noqa: E402
+from aligner.backends.trt.engine import build_engine  # noqa: E402
 from aligner.graph.model import ModelGraph  # noqa: E402
 
 for label, model in [("RoIAlign box head", _roi_model(plugin=True)), ("MaskedSoftmax attention", _attention())]:

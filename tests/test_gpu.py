@@ -47,12 +47,12 @@ def test_bench_on_cuda_reports_latency_and_memory():
 @pytest.mark.skipif(not RTX, reason="TensorRT-RTX not staged")
 def test_rtx_builds_but_refuses_to_run_on_cc_9(monkeypatch):
     monkeypatch.setenv("ALIGNER_TENSORRT", "tensorrt_rtx")
-    from aligner.backends.tensorrt import build_engine, load_tensorrt
+    from aligner.backends.trt.engine import build_engine, load_tensorrt
 
     engine = build_engine(ModelGraph.load(shapes_detector_path()), "fp16", ["/stem_norm/Pow"], {"pixels": (1, 3, 128, 128)},
                           mark=["/stem_norm/Pow_output_0"])
     assert engine.module == "tensorrt_rtx" and len(engine.data) > 1e6 and "/stem_norm/Pow_output_0" in engine.outputs
-    from aligner.backends.trt_runner import CollectingLogger
+    from aligner.backends.trt.runner import CollectingLogger
 
     trt = load_tensorrt()
     logger = CollectingLogger(trt)
@@ -66,7 +66,7 @@ def test_trt_targets_in_compare_bisect_and_bench_fail_as_target_failures_on_cc_9
     compare and bisect report a failed target (exit 3), never a divergence; the legacy per-layer
     precision path says TensorRT-RTX has no such flags."""
     monkeypatch.setenv("ALIGNER_TENSORRT", "tensorrt_rtx")
-    from aligner.backends.tensorrt import build_engine
+    from aligner.backends.trt.engine import build_engine
     from aligner.cli.main import main
     from aligner.errors import TargetError, TargetRunError
     from aligner.search.bisect import bisect

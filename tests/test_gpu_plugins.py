@@ -76,7 +76,7 @@ def test_roi_align_kernel_matches_the_reference(storage, mode, aligned, sampling
 def test_tensorrt_rtx_refuses_plugin_models_with_a_clear_error(monkeypatch):
     from onnx import TensorProto, helper
 
-    from aligner.backends.tensorrt import build_engine
+    from aligner.backends.trt.engine import build_engine
     from aligner.errors import TargetError
     from aligner.graph.model import ModelGraph
     from aligner.plugin import DOMAIN

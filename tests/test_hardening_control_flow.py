@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import aligner
-from aligner.backends.emulate import emulate_model
+from aligner.backends.emu.emulate import emulate_model
 from aligner.graph.model import ModelGraph
 from aligner.graph.precision import rewrite_precision
 

@@ -29,7 +29,7 @@ DISTRIBUTION = {"PIL": "pillow", "google": "protobuf", "pynvml": "nvidia-ml-py",
 # Imported, not declared, on purpose.
 UNDECLARED = {"tensorrt_rtx": "TensorRT-RTX, the alternative to the tensorrt extra (ALIGNER_TENSORRT), is not on the index as one package"}
 # Imported by a name held in a variable (load_tensorrt tries each of MODULES): module -> the file.
-BY_NAME = {"tensorrt": "aligner/backends/tensorrt.py"}
+BY_NAME = {"tensorrt": "aligner/backends/trt/engine.py"}
 # Declared, not imported by aligner, on purpose.
 NOT_IMPORTED = {"onnxscript": "torch.onnx's dynamo exporter needs it (torch extra)",
                 "onnxruntime-gpu": "provides the onnxruntime module with the CUDA provider (gpu extra)"}

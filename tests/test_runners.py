@@ -111,7 +111,7 @@ def test_trt_options_are_checked_without_tensorrt():
 
 
 def test_runtime_options_reach_the_session_and_an_explicit_one_wins():
-    from aligner.backends.onnxruntime import cuda_provider_options, make_session
+    from aligner.backends.ort.runner import cuda_provider_options, make_session
     from aligner.examples import tiny_vit
 
     fast = make_session(tiny_vit(), Target.parse("ort:cpu:fp32@intra_op_num_threads=1,graph_optimization_level=basic"))

@@ -58,7 +58,7 @@ def make_runner(graph: ModelGraph, target: Target | str, fp32_nodes: Iterable[st
 
 def reference_runner(graph: ModelGraph, target: Target | str = REFERENCE) -> Runner:
     """The reference: ONNX Runtime with graph optimizations off (fidelity over speed)."""
-    from aligner.backends.onnxruntime import OrtRunner
+    from aligner.backends.ort.runner import OrtRunner
 
     target = Target.parse(target)
     if target.runtime == "ort" and target.precision == "fp32" and not target.pins:

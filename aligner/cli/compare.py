@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     target = resolve_target(args)
     tolerance = tolerance_from_args(args, target)
     from aligner.backends import backend_of
-    from aligner.backends.sandbox import sandbox
+    from aligner.backends.ort.sandbox import sandbox
 
     if backend_of(target).sandboxed(target):
         sandbox().warm()  # the child imports ONNX Runtime while the model loads

@@ -238,7 +238,7 @@ def quantizable_model(graph: ModelGraph) -> tuple[Path, str, bool]:
     done about the opset (empty: nothing), and whether per-channel Q/DQ is possible. Cached per model."""
     sha = model_sha(graph)
     if sha not in _CACHE.opsets:
-        from aligner.backends.onnxruntime import ort_readable
+        from aligner.backends.ort.runner import ort_readable
 
         model, note, per_channel = graph.model, "", True
         opset = next((o.version for o in graph.model.opset_import if o.domain in ("", "ai.onnx")), PER_CHANNEL_OPSET)
@@ -392,7 +392,7 @@ def low_precision_fallback(qdq: onnx.ModelProto, precision: str, emulate: bool =
     quantized = {n.input[0] for n in nodes if n.op_type == "QuantizeLinear"}
     keep = [n.name for n in nodes if n.op_type in ("QuantizeLinear", "DequantizeLinear") or any(o in quantized for o in n.output)]
     if emulate:
-        from aligner.backends.emulate import emulate_model
+        from aligner.backends.emu.emulate import emulate_model
 
         return emulate_model(ModelGraph(qdq), keep, precision).model
     rewrite = rewrite_precision(ModelGraph(qdq), keep, precision)
@@ -435,7 +435,7 @@ def save_quantized(graph: ModelGraph, target: Target, out: str | Path) -> Quanti
 def engine_target(target: Target) -> Target:
     """The TensorRT target a QDQ model of ``trt:int8`` is built on: FP32 types (the Q/DQ say where it
     runs INT8), TensorRT's builder settings and the capture policy, not the quantizer's settings."""
-    from aligner.backends.tensorrt import TRT_OPTIONS
+    from aligner.backends.trt.engine import TRT_OPTIONS
 
     options = {k: v for k, v in target.options if k in TRT_OPTIONS or k == "capture"}
     return Target("trt", "cuda", "fp32", options=tuple(sorted(options.items())))

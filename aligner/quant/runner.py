@@ -93,7 +93,7 @@ def qdq_runner(qdq, target: Target, path=None, label: str | None = None):
     runtime = backend_of(target)
     if runtime.qdq_runner is not None:
         return runtime.qdq_runner(qdq, target, path, label)
-    from aligner.backends.onnxruntime import OrtRunner
+    from aligner.backends.ort.runner import OrtRunner
 
     return OrtRunner(qdq, session_target(target), optimize=runtime.optimizes(target), label=label or str(target))
 

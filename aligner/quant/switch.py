@@ -127,7 +127,7 @@ class SwitchableQdq:
 
     def run(self, feeds: Mapping[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]:
         if self._runner is None:
-            from aligner.backends.onnxruntime import OrtRunner
+            from aligner.backends.ort.runner import OrtRunner
             from aligner.backends.target import Target
 
             self._runner = OrtRunner(self.model, Target.parse("emu:int8"), optimize=False, label="emu:int8 (switchable Q/DQ)")

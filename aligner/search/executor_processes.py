@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any
 
-from aligner.backends.sandbox import describe_exit
+from aligner.backends.ort.sandbox import describe_exit
 from aligner.errors import InputError, TargetRunError
 from aligner.search.executor import Outcome, WorkerStats, _Queued, _portable, _run, pack_job
 
@@ -44,7 +44,7 @@ def _read(stream):
 
 
 def _serve(read_fd: int, write_fd: int) -> None:  # pragma: no cover - runs in the worker
-    import aligner.backends.onnxruntime  # noqa: F401 - onnx, ONNX Runtime, numpy: imported while the caller prepares the job
+    import aligner.backends.ort.runner  # noqa: F401 - onnx, ONNX Runtime, numpy: imported while the caller prepares the job
 
     requests, replies = os.fdopen(read_fd, "rb"), os.fdopen(write_fd, "wb")
     try:
@@ -75,7 +75,7 @@ def worker_env(workers: int) -> dict[str, str]:
     (``ALIGNER_ORT_THREADS``, unless set already: 0 is ONNX Runtime's own default), so N workers do not
     each start a thread pool the size of the machine (on 2 busy cores, 2 threads per worker ran the
     detector 1.5-1.9x slower than 1; the values were bitwise equal)."""
-    from aligner.backends.onnxruntime import THREADS_ENV
+    from aligner.backends.ort.runner import THREADS_ENV
 
     env = dict(os.environ)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -44,7 +44,7 @@ class RayExecutor(_Queued):
             self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
         self._started = time.perf_counter()
         self._blob = ray.put(pack_job(job))
-        from aligner.backends.onnxruntime import THREADS_ENV
+        from aligner.backends.ort.runner import THREADS_ENV
 
         threads = {THREADS_ENV: os.environ.get(THREADS_ENV, "1")}  # one CPU per actor: one thread inside an op
         self._actor_class = ray.remote(num_cpus=1, num_gpus=self.gpus, max_restarts=0,

@@ -142,7 +142,7 @@ def isolate_quantized(graph: ModelGraph, names: Sequence[str], feeds: Mapping[st
     the reference values of its inputs. On ``ort:*:int8`` the same units also run with Q/DQ in
     float (``emulated_<metric>`` in the metrics): a node whose emulated error is small but whose
     real error is large loses accuracy in ONNX Runtime's integer kernel, not in quantization."""
-    from aligner.backends.onnxruntime import OrtRunner
+    from aligner.backends.ort.runner import OrtRunner
     from aligner.quant.calib import report
     from aligner.quant.match import QdqMap, units_model
     from aligner.quant.quantize import quantize, session_target

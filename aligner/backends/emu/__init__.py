@@ -1,8 +1,8 @@
 """The emulator (``emu:fp16|bf16|int8``): what a low-precision GPU build computes, on any CPU.
 
 FP16/BF16: every stored tensor rounded to the precision (its overflow and underflow included) on
-ONNX Runtime CPU, deterministic (:mod:`aligner.backends.emulate`); ``@fusions=ort`` emulates the
-kernels ONNX Runtime fuses (:mod:`aligner.backends.emulate_fused`). INT8: the QDQ model with Q/DQ
+ONNX Runtime CPU, deterministic (:mod:`aligner.backends.emu.emulate`); ``@fusions=ort`` emulates the
+kernels ONNX Runtime fuses (:mod:`aligner.backends.emu.fused`). INT8: the QDQ model with Q/DQ
 evaluated in float (quantization's error without the integer kernels'). Its speed means nothing:
 a build or a timing of an ``emu`` target uses ONNX Runtime CPU in the same precision.
 """
@@ -15,15 +15,15 @@ from aligner.backends.registry import Backend
 
 
 def _runner(graph, target, keep_io_types: bool, module):
-    from aligner.backends.emulate import emulate_model
-    from aligner.backends.onnxruntime import OrtRunner
+    from aligner.backends.emu.emulate import emulate_model
+    from aligner.backends.ort.runner import OrtRunner
 
     if target.is_quantized:
         from aligner.backends import int8_runner
 
         return int8_runner(graph, target)
     if "fusions" in target.option_dict:
-        from aligner.backends.emulate_fused import FusedEmuRunner
+        from aligner.backends.emu.fused import FusedEmuRunner
 
         return FusedEmuRunner(graph, target, keep_io_types)
     emulated = emulate_model(graph, target.pins, target.precision, keep_io_types)

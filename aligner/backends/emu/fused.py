@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 from aligner.backends.base import InputInfo, capture_policy, check_capture, describe_model_inputs
-from aligner.backends.emulate import _internal_tensors, emulate_model
+from aligner.backends.emu.emulate import _internal_tensors, emulate_model
 from aligner.backends.target import Target
 from aligner.graph.model import ModelGraph
 
@@ -31,7 +31,7 @@ class FusedEmuRunner:
     fuses = True
 
     def __init__(self, graph: ModelGraph, target: Target, keep_io_types: bool = True):
-        from aligner.backends.onnxruntime import OrtRunner
+        from aligner.backends.ort.runner import OrtRunner
         from aligner.graph.deployed import kernels_of_onnx, map_deployed
 
         self.graph, self.target, self.label, self.keep_io = graph, target, str(target), keep_io_types
@@ -57,7 +57,7 @@ class FusedEmuRunner:
         return self._deployed
 
     def _runner(self, capture: Sequence[str]):
-        from aligner.backends.onnxruntime import OrtRunner
+        from aligner.backends.ort.runner import OrtRunner
 
         captured = set(capture)
         kept = frozenset(i for i, inside in enumerate(self._inside) if not (inside & captured))  # a captured inner tensor unfuses

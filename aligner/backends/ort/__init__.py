@@ -3,7 +3,7 @@
 The reference (``ort:cpu:fp32``) runs with graph optimizations off; every other ``ort`` target runs
 as deployed, optimizer on, in the sandbox's child process unless ``@sandbox=0``. FP16/BF16 targets
 run aligner's precision rewrite (their pins kept FP32); INT8 targets ONNX Runtime's QDQ quantization.
-The runner is :class:`aligner.backends.onnxruntime.OrtRunner`.
+The runner is :class:`aligner.backends.ort.runner.OrtRunner`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from aligner.errors import TargetError
 
 
 def _runner(graph, target, keep_io_types: bool, module):
-    from aligner.backends.onnxruntime import OrtRunner
+    from aligner.backends.ort.runner import OrtRunner
 
     if target.is_quantized:
         from aligner.backends import int8_runner
@@ -33,7 +33,7 @@ def _runner(graph, target, keep_io_types: bool, module):
 def options(target) -> dict[str, str]:
     """ONNX Runtime's session and provider options; INT8: the quantizer's settings too."""
     from aligner.backends.base import check_options
-    from aligner.backends.onnxruntime import check_ort_options, known_options
+    from aligner.backends.ort.runner import check_ort_options, known_options
 
     if target.is_quantized:  # the quantizer's settings, then ONNX Runtime's session options
         from aligner.quant.quantize import QUANT_OPTIONS, QuantSettings, session_target
@@ -58,7 +58,7 @@ def _segmentable(target) -> bool:
 
 
 def _sandboxed(target) -> bool:
-    from aligner.backends.sandbox import sandboxed
+    from aligner.backends.ort.sandbox import sandboxed
 
     return sandboxed(target)
 
@@ -90,7 +90,7 @@ def _runnable_here(target):
     """The target, or where this machine lacks its provider (CUDA), the same precision on the CPU."""
     if target.device == "cpu":
         return target, ""
-    from aligner.backends.onnxruntime import providers_for
+    from aligner.backends.ort.runner import providers_for
 
     try:
         providers_for(target)
@@ -103,7 +103,7 @@ def _runnable_here(target):
 
 
 def _build_check(target) -> None:
-    from aligner.backends.onnxruntime import session_options
+    from aligner.backends.ort.runner import session_options
 
     if target.is_quantized:
         from aligner.quant.quantize import session_target
@@ -130,7 +130,7 @@ def _tune_candidates(target, graph) -> list[dict[str, str]]:
 
 
 def _tune_check(target) -> None:
-    from aligner.backends.onnxruntime import providers_for
+    from aligner.backends.ort.runner import providers_for
 
     providers_for(target)  # a missing CUDA provider is named here, not after the build
 

@@ -27,7 +27,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from aligner.backends.base import InputInfo, capture_policy, check_capture, check_options, choice_option, describe_model_inputs, int_option, time_runs
-from aligner.backends.sandbox import sandboxed
+from aligner.backends.ort.sandbox import sandboxed
 from aligner.backends.target import Target
 from aligner.errors import TargetError, TargetRunError
 from aligner.plugin import has_plugins
@@ -251,7 +251,7 @@ class OrtRunner:
         wanted = [c for c in capture if c not in self.input_names] if capture else self.output_names
         fetch = [c + _AS_FP32 if c in self._bf16 else c for c in wanted]
         if self._sandboxed:
-            from aligner.backends.sandbox import sandbox
+            from aligner.backends.ort.sandbox import sandbox
 
             values = sandbox().run(self._model_file(capture), self.target, self.optimize, not capture, fetch, dict(feeds), self.label)
         else:
@@ -269,7 +269,7 @@ class OrtRunner:
         """Milliseconds per run of the uncaptured model (:func:`time_session`), in the sandbox's child
         when the runner runs there: a runtime that crashes while timing is a TargetRunError, as in run."""
         if self._sandboxed:
-            from aligner.backends.sandbox import sandbox
+            from aligner.backends.ort.sandbox import sandbox
 
             return sandbox().time(self._model_file(()), self.target, dict(feeds), runs, warmup, self.label)
         return time_session(self._session_for(()), self.target, feeds, runs, warmup, self.label, self._raise_plugin_errors)
@@ -283,7 +283,7 @@ class OrtRunner:
         out = self._dir / "deployed.onnx"
         if not out.exists():
             if self._sandboxed:
-                from aligner.backends.sandbox import sandbox
+                from aligner.backends.ort.sandbox import sandbox
 
                 sandbox().run(self._model_file(()), self.target, True, True, [], {}, self.label, optimized=out)
             else:

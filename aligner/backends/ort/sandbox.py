@@ -84,7 +84,7 @@ def _read_exact(stream, size: int) -> bytes:
 
 
 def _serve(read_fd: int, write_fd: int) -> None:  # pragma: no cover - runs in the child
-    from aligner.backends.onnxruntime import make_session, time_session
+    from aligner.backends.ort.runner import make_session, time_session
     from aligner.backends.target import Target
 
     requests, replies = os.fdopen(read_fd, "rb"), os.fdopen(write_fd, "wb")
@@ -141,7 +141,7 @@ class Sandbox:
     def _start(self) -> None:
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
-        self._proc = subprocess.Popen([sys.executable, "-c", f"from aligner.backends.sandbox import _serve; _serve({to_child_r}, {from_child_w})"],
+        self._proc = subprocess.Popen([sys.executable, "-c", f"from aligner.backends.ort.sandbox import _serve; _serve({to_child_r}, {from_child_w})"],
                                       pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL)
         os.close(to_child_r)
         os.close(from_child_w)

@@ -1,6 +1,6 @@
 """TensorRT (``trt:fp32|fp16|bf16|int8``; TensorRT 10/11 or TensorRT-RTX), strongly typed from aligner's rewrite.
 
-Engines are built by :mod:`aligner.backends.tensorrt` and run by :class:`aligner.backends.trt_runner.TrtRunner`;
+Engines are built by :mod:`aligner.backends.trt.engine` and run by :class:`aligner.backends.trt.runner.TrtRunner`;
 comparisons capture the tensors its engine's layers write (their layer information), since marking
 another tensor an output undoes a fusion. INT8 is signed and symmetric (the only INT8 TensorRT takes).
 """
@@ -17,14 +17,14 @@ def _runner(graph, target, keep_io_types: bool, module):
         from aligner.backends import int8_runner
 
         return int8_runner(graph, target)
-    from aligner.backends.trt_runner import TrtRunner
+    from aligner.backends.trt.runner import TrtRunner
 
     return TrtRunner(graph, target)
 
 
 def _qdq_runner(qdq, target, path=None, label=None):
     """A QDQ model on TensorRT: the Q/DQ define where it runs INT8, built strongly typed."""
-    from aligner.backends.trt_runner import TrtRunner
+    from aligner.backends.trt.runner import TrtRunner
     from aligner.graph.model import ModelGraph
     from aligner.quant.quantize import engine_target
     from aligner.quant.runner import check_tensorrt_qdq
@@ -37,7 +37,7 @@ def _qdq_runner(qdq, target, path=None, label=None):
 
 def _options(target) -> dict[str, str]:
     from aligner.backends.base import check_options
-    from aligner.backends.tensorrt import TRT_OPTIONS
+    from aligner.backends.trt.engine import TRT_OPTIONS
 
     if target.is_quantized:  # the quantizer's settings, then TensorRT's builder settings
         from aligner.quant.quantize import QUANT_OPTIONS, QuantSettings
@@ -48,7 +48,7 @@ def _options(target) -> dict[str, str]:
 
 
 def _build_check(target) -> None:
-    from aligner.backends.tensorrt import load_tensorrt
+    from aligner.backends.trt.engine import load_tensorrt
 
     load_tensorrt()
 

@@ -32,7 +32,7 @@ class TrtRunner:
     """``graph`` on a ``trt:*`` target; runtime options are builder settings (``TRT_OPTIONS``)."""
 
     def __init__(self, graph: ModelGraph, target: Target):
-        from aligner.backends.tensorrt import TRT_OPTIONS, load_tensorrt
+        from aligner.backends.trt.engine import TRT_OPTIONS, load_tensorrt
 
         self.target, self.graph, self.fp32_nodes = target, graph, list(target.pins)
         self.options = check_options(target, TRT_OPTIONS)
@@ -75,7 +75,7 @@ class TrtRunner:
         key = (capture, tuple(sorted((k, tuple(np.shape(v))) for k, v in feeds.items())))
         if self._key == key and self._context is not None:
             return
-        from aligner.backends.tensorrt import build_engine
+        from aligner.backends.trt.engine import build_engine
 
         shapes = {k: tuple(v.shape) for k, v in feeds.items()}
         engine = build_engine(self.graph, self.target.precision, self.fp32_nodes, shapes, mark=capture, options=self.options)
@@ -90,7 +90,7 @@ class TrtRunner:
         if self._context is None:
             raise TargetRunError(f"{self.label}: could not create an execution context: {'; '.join(logger.messages[-2:])}")
         if not capture and self._layers is None:
-            from aligner.backends.tensorrt import layer_information
+            from aligner.backends.trt.engine import layer_information
 
             self._layers = layer_information(self.trt, self._engine, self._context)
         self._key = key
