@@ -48,7 +48,8 @@ examples:
       --out again                               # the same pipeline, by hand (aligner demo is this)
   aligner doctor model.onnx --target ort:cuda:fp16 --inputs sample.npz   # the same pipeline on your model
 
-Takes about 30 s on a 2-core CPU (35-50 s on a loaded one), on the core install (no torch).
+Uses about 50 CPU-seconds on the core install (no torch): 24-40 s on a quiet 2-core CPU, minutes
+when other work shares the cores (benchmarks/demo_time.py measures it).
 exit status: 0 done, 2 a foreign --out"""
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--out", default="aligner-demo", help="folder for the model, inputs and results (default ./aligner-demo)")
