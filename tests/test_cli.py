@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -65,6 +66,12 @@ def test_demo_runs_and_refuses_foreign_folder(capsys, tmp_path, demo_run):
     assert evaluation["emu:fp16+plan"]["AP"] >= evaluation["ort:cpu:fp32"]["AP"] - 0.005 > evaluation["emu:fp16"]["AP"]
     for shown in ("first 6 of", "probes", "kept in FP32", "COCO metrics on 200 images", "what aligner found"):
         assert shown in out  # each step's result printed in full
+    from test_cli_narrow import _wrapped_names
+
+    width = int(os.environ.get("COLUMNS", 80))  # the console's width when stdout is not a terminal
+    assert all(len(line) <= width for line in out.splitlines())  # the eval table is no longer cut off
+    names = [n.name for n in onnx.load(str(folder / "shapes_detector.onnx")).graph.node]
+    assert _wrapped_names(out, names) == []
     html = (folder / "report.html").read_text()
     for section in ("Layer-by-layer compare: emu:fp16", "Bisect: emu:fp16", "Precision plan: emu:fp16", "COCO metrics"):
         assert section in html
