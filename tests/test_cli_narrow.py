@@ -4,16 +4,13 @@ middle with '…'); and an example in every --help."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import onnx
 import pytest
 
-from aligner.cli.main import build_parser
+from aligner.cli.main import build_parser, main
 from test_doctor_models import fpn_detector
 from test_first_hour import _classifier
 
@@ -33,11 +30,13 @@ def long_names(tmp_path_factory):
     return root, [n.name for n in model.graph.node]
 
 
-def _narrow(*argv) -> tuple[int, str, str]:
-    env = {**os.environ, "COLUMNS": "80", "TERM": "dumb"}
-    done = subprocess.run([sys.executable, "-m", "aligner.cli.main", *map(str, argv)], capture_output=True, text=True, env=env,
-                          timeout=300)
-    return done.returncode, done.stdout, done.stderr
+def _narrow(capsys, monkeypatch, *argv) -> tuple[int, str, str]:
+    """The command as a CI log sees it: stdout not a terminal, 80 columns."""
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setenv("TERM", "dumb")
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def _cells(line: str) -> list[str]:
@@ -73,20 +72,20 @@ COMMANDS = {
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
-def test_every_command_reads_at_80_columns(tmp_path, long_names, command):
+def test_every_command_reads_at_80_columns(capsys, monkeypatch, tmp_path, long_names, command):
     root, names = long_names
     if command == "eval topk":  # a classifier: logits out
         _classifier(tmp_path / "cls.onnx")
         np.savez(tmp_path / "cls.npz", x=np.random.default_rng(0).random((4, 3, 16, 16), dtype=np.float32))
     argv = [a.format(m=root / "det.onnx", i=root / "in.npz", t=tmp_path) for a in COMMANDS[command]]
-    code, out, err = _narrow(*argv)
+    code, out, err = _narrow(capsys, monkeypatch, *argv)
     assert code in (0, 1) and "Traceback" not in err, err[-2000:]
     assert out.strip(), "nothing printed"
     lines = out.splitlines()
     assert all(len(line) <= 80 for line in lines), [line for line in lines if len(line) > 80]
     assert _wrapped_names(out, names) == []
     if command == "doctor":  # the report on its run directories, at 80 columns too
-        code, out, err = _narrow("report", *sorted((tmp_path / "doc" / "runs").iterdir()), "-o", tmp_path / "r.html")
+        code, out, err = _narrow(capsys, monkeypatch, "report", *sorted((tmp_path / "doc" / "runs").iterdir()), "-o", tmp_path / "r.html")
         assert code == 0 and "Traceback" not in err and all(len(line) <= 80 for line in out.splitlines())
 
 
