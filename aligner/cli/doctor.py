@@ -4,6 +4,7 @@ report) on the user's own model; the work is :func:`aligner.doctor.doctor`."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -77,21 +78,27 @@ def _runs(text: str) -> int:
 def run(args: argparse.Namespace) -> int:
     from aligner.backends.target import Target
     from aligner.graph.model import ModelGraph
+    from aligner.inputs import save_inputs
     from aligner.quant.calib import with_calibration
 
     check_writable([OutputDir(args.out)], args.force)
-    target = with_calibration(Target.parse(args.target), args.calib, input_source(args))
+    target, source = Target.parse(args.target), input_source(args)
     graph = ModelGraph.load(args.model, check=not args.no_check)
     task = coco_from_args(args, graph, max_drop=args.max_ap_drop)
-    # with a dataset, its images are the inputs (--input-shapes then only gives their size) unless --inputs says otherwise
-    samples = input_samples(graph, args) if task is None or input_source(args) else None
+    samples = input_samples(graph, args) if task is None or source else None
+    if task is not None and not source:  # a dataset's first batch of images is the inputs (--input-shapes only sizes them)
+        samples = [task.feeds(graph)]
+        if target.is_quantized and not args.calib:  # and, without --calib, the calibration data (with with_calibration's warning)
+            source = str(Path(args.out) / "inputs.npz")
+            save_inputs(samples, source, force=True)
+    target = with_calibration(target, args.calib, source)
     console = Console(stderr=True, highlight=False, soft_wrap=True)  # progress on stderr; commands stay copyable
 
     def progress(number: int, step: str, message: str) -> None:
         console.print(f"[bold][{number}/{len(STEPS)}] {step}[/]: {escape(message)}")
 
-    result = doctor(graph, target, args.out, samples, bench_runs=args.bench_runs, progress=progress, inputs=input_source(args),
-                    task=task, strategy=args.strategy)
+    result = doctor(graph, target, args.out, samples, bench_runs=args.bench_runs, progress=progress,
+                    inputs=input_source(args) or (task.source() if task is not None else None), task=task, strategy=args.strategy)
     print_summary(result)
     return result.exit_code
 
