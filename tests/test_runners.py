@@ -21,7 +21,7 @@ torch = pytest.importorskip("torch")
 
 # Every target a CPU machine runs; ort:cpu:bf16 parses but ONNX Runtime's CPU provider has no
 # BF16 compute kernels (test_ort_cpu_bf16_says_which_kernel_is_missing).
-CPU_TARGETS = ["ort:cpu:fp32", "ort:cpu:fp16", "emu:fp16", "emu:bf16", "torch:cpu:fp32"]
+CPU_TARGETS = ["ort:cpu:fp32", "ort:cpu:fp16", "emu:fp16", "emu:bf16", "torch:cpu:fp32", "ov:cpu:fp32"]  # ov: the openvino extra (dev)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,7 @@ def test_every_runner_answers_the_same_calls_like_the_reference(cnn, spec):
     assert captured[inner].shape == ref_inner.shape == (2, 16, 32, 32)
     assert not diff_tensor(ref_inner, captured[inner], tol).diverges
     assert np.array_equal(captured["logits"], got["logits"])  # capturing did not change the outputs
+    assert runner.run(feeds, ["pixels"])["pixels"] is feeds["pixels"]  # only inputs asked for (a repro's piece fed by them)
     times = runner.time(feeds, runs=3, warmup=1)
     assert len(times) == 3 and all(t > 0 for t in times)
 

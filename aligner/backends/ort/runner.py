@@ -249,6 +249,8 @@ class OrtRunner:
     def run(self, feeds: dict[str, np.ndarray], capture: Sequence[str] = ()) -> dict[str, np.ndarray]:
         capture = check_capture(capture, self._every)
         wanted = [c for c in capture if c not in self.input_names] if capture else self.output_names
+        if capture and not wanted:  # only graph inputs asked for: they are the feeds (ONNX Runtime refuses a run that fetches nothing)
+            return {c: feeds[c] for c in capture}
         fetch = [c + _AS_FP32 if c in self._bf16 else c for c in wanted]
         if self._sandboxed:
             from aligner.backends.ort.sandbox import sandbox
