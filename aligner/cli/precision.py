@@ -47,8 +47,9 @@ INT8 (--target ort:cpu:int8, emu:int8): a pin is a node kept in float (excluded 
   the tensor's own share of the output error with only it quantized (one emulated run per tensor
   on a switchable Q/DQ model, on the inputs and calibration data: no quantizer call). Nodes whose
   integer kernel loses accuracy that Q/DQ in float does not come first. Trials find the shortest
-  passing prefix of the groups (doubling, then halving), then step 3 (one node at a time) makes it
-  1-minimal. Every trial re-quantizes (calibration is cached) and runs on the target. The plan
+  passing prefix of the groups (doubling, then halving), then remove kept nodes in blocks (large
+  while removals pass, one node at a time once they fail), in passes until none goes: 1-minimal.
+  Every trial re-quantizes (calibration is cached) and runs on the target. The plan
   records the quantizer settings and calibration; --save-model writes the QDQ model with the plan's
   nodes kept in float; ort:cpu:int8+plan.json runs it in compare, bisect, eval and bench.
 
