@@ -190,7 +190,7 @@ class _Thinning:
         self._pass()
 
     def _pass(self) -> None:
-        if getattr(self, "order", None) is not None:  # a later pass: its pins all failed alone (or were never
+        if self.order is not None:  # a later pass: its pins all failed alone (or were never
             self.removed = self.kept = self.failed = self.streak = 0  # tried alone): start at single pins, grow on success
         self.order, self.i, self.stack, self.changed, self.probing = list(self.current), 0, [], False, False
 
