@@ -97,8 +97,8 @@ class Backend:
     int8_takes: str = ""  # the INT8 its kernels take, in words ("signed, symmetric INT8 with float biases")
     int8_forced: tuple[str, ...] = ()  # of those, the ones its INT8 kernels force (a target or plan saying otherwise is refused)
     int8_emulated: bool = False  # INT8 Q/DQ evaluated in float (the fallback's rounding emulated)
-    cpu_integer_kernels: Callable[["Target"], bool] = _never  # INT8 on ONNX Runtime's CPU integer kernels (u8s8 saturate without
-    # VNNI; what stays unquantized runs FP32, so an FP16 fallback is not computed there; an INT8 build is checked on them)
+    cpu_integer_kernels: Callable[["Target"], bool] = _never  # INT8 on this CPU's integer kernels (u8s8 saturate without VNNI:
+    # reduce_range=1 by default; what stays unquantized runs FP32, so an FP16 fallback is not computed there; a build is checked on them)
     short: bool = False  # one device only, so specs are written without it (emu:fp16, trt:fp16)
 
 

@@ -80,14 +80,15 @@ def _default_reduce_range(target: Target, types: str) -> str:
     """reduce_range's default: 1 where the integer kernels run on this CPU and would saturate, else 0."""
     if not backend_of(target).cpu_integer_kernels(target) or types == "u8u8" or not vnni_missing():
         return "0"
-    if not _said_saturation:
-        _said_saturation.append(True)
-        log.warning("This CPU has no VNNI: ONNX Runtime's %s integer kernels saturate their int16 sums here, so ort:cpu:int8 quantizes "
-                    "weights to 7 bits (reduce_range=1, ONNX Runtime's advice for such CPUs). Pass @reduce_range=0 to see the saturation.", types)
+    if target.runtime not in _said_saturation:
+        _said_saturation.append(target.runtime)
+        log.warning("This CPU has no VNNI: %s's %s integer kernels saturate their int16 sums here, so %s quantizes weights to 7 bits "
+                    "(reduce_range=1, ONNX Runtime's advice for such CPUs). Pass @reduce_range=0 to see the saturation.",
+                    backend_of(target).title, types, target.base)
     return "1"
 
 
-_said_saturation: list[bool] = []
+_said_saturation: list[str] = []  # runtimes warned about
 
 
 @dataclass(frozen=True)
