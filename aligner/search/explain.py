@@ -54,7 +54,7 @@ def root_cause(run: "_Run", name: str, local: LocalError | None, locals_: list[L
     else:
         top = [e for e in sorted(locals_, key=lambda e: e.metrics.get(metric, 0.0) if e.metrics else 0.0, reverse=True) if e.metrics][:3]
         listed = ", ".join(f"{e.node} ({e.op_type}, {metric} {e.metrics.get(metric, 0.0):.2g})" for e in top)
-        reason = (f"its own error run alone is {metric} {value:.3g}, within the tolerance {threshold:g}: no single node is to "
+        reason = (f"its own error run alone is {metric} {value:.3g}, within the tolerance ({run.tol.clauses()[0]}): no single node is to "
                   f"blame, the error built up over the nodes before it" + (f"; largest local errors: {listed}" if listed else ""))
     return RootCause(name, node.op_type, graph.index_of.get(name, -1), kind, dict(local.metrics) if local else {}, reason)
 
