@@ -171,3 +171,17 @@ def test_precision_warns_when_its_plan_rests_on_few_samples(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "verified on 1 input sample(s)" in " ".join(out.split()) and "--inputs-dir" in out
     assert json.loads((tmp_path / "plan.json").read_text())["verified"]["samples"] == 1
+
+
+def test_few_samples_is_not_said_of_a_plan_judged_by_a_task_metric_on_its_own_data():
+    import math
+
+    from aligner.backends.replay import judged_on_own_data
+    from aligner.search.precision import Acceptance
+
+    assert not judged_on_own_data(Acceptance(threshold=0.1).clauses())  # tensors on the samples: few samples matter
+    per_output = Acceptance(threshold=0.1, outputs=(("logits", Acceptance(metric="cosine", threshold=0.99)),))
+    assert not judged_on_own_data(per_output.clauses())
+    coco = Acceptance(threshold=math.inf, task=lambda runner: "", task_name="COCO AP drop <= 0.005 (reference AP 0.8304)")
+    assert judged_on_own_data(coco.clauses())  # 200 images of its own: "verified on 1 sample" would mislead
+    assert judged_on_own_data(Acceptance(threshold=0.1, command="./check.sh {model}").clauses())

@@ -20,7 +20,7 @@ from aligner.compare.tolerance import defaults_text
 from aligner.graph.model import ModelGraph
 from aligner.inputs import write_atomic
 from aligner.search.plan import PrecisionPlan
-from aligner.backends.replay import FEW_SAMPLES
+from aligner.backends.replay import FEW_SAMPLES, judged_on_own_data
 from aligner.search.executor import ExecutorStats
 from aligner.search.precision import executor_for, search_precision, verdict
 from aligner.report.console import fit_table
@@ -238,7 +238,7 @@ def print_plan(plan: PrecisionPlan, console: Console | None = None) -> None:
     if plan.inside:
         console.print(f"[bold yellow]inside:[/] {escape(plan.inside)}")
     samples = plan.verified.get("samples", FEW_SAMPLES) if plan.verified else FEW_SAMPLES
-    if plan.passed and samples < FEW_SAMPLES:
+    if plan.passed and samples < FEW_SAMPLES and not judged_on_own_data(plan.accept):
         console.print(f"[bold yellow]few samples:[/] verified on {samples} input sample(s): its acceptance may not hold on others "
                       f"(a classifier plan searched on 4 images agreed with FP32 on 90.6 % of 32 fresh ones). Pass at least "
                       f"{FEW_SAMPLES} representative samples with --inputs-dir DIR.")
