@@ -22,7 +22,6 @@ emulation only decides which exclusions are worth a trial.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -35,6 +34,8 @@ from aligner.quant.match import DQ, Q, QdqMap, _RENAMED_OUTPUT
 _QUANTIZED_WEIGHT = "_quantized"  # ONNX Runtime's name for a weight stored quantized: W -> W_quantized
 _FLOAT_WEIGHT = "__aligner_float"
 MASK = "aligner_quantize_mask"  # graph input of the switchable model: one bool per switchable tensor
+RANKING_BYTES_PER_S = 2**30  # the emulated model's pace for the ranking's sample count: activations written per second
+# (measured here, 2 cores under load: PP-OCR cls ~0.7 GB/s, PP-OCRv4 det 1024x800 ~2.6 GB/s)
 BATCH_BUDGET_MB = 512  # samples stacked into one batch of the ranking: their activations fit this (compare's capture budget)
 
 
@@ -138,18 +139,19 @@ class SwitchableQdq:
                     budget_mb: float = BATCH_BUDGET_MB, executor=None, options: tuple = ()) -> tuple[dict[str, float], int]:
         """Each tensor's own share of the output error: the worst output rel_l2 (against every switch
         off, the float model) with only that tensor quantized. Reads as many of ``samples`` as fit in
-        about ``seconds`` (one tensor per run; samples stacked into batches where the inputs' first
-        dimension is dynamic, as many per batch as one sample's activations fit in ``budget_mb``).
+        about ``seconds`` (one tensor per run, a run's time estimated from the activations it writes at
+        :data:`RANKING_BYTES_PER_S`, not measured: the count, and so the ranking and the plan, are the
+        same on every run and any number of workers; samples stacked into batches where the inputs'
+        first dimension is dynamic, as many per batch as one sample's activations fit in ``budget_mb``).
         ``executor`` (started with :class:`aligner.search.int8.QuantizedTrialJob`, whose target takes
         ``options``) runs the tensors in chunks on its workers, each building the same switches; the
         shares are the serial ones. Returns (shares, samples read)."""
         from aligner.quant.calib import report
 
+        from aligner.compare.layerwise import estimate_sizes
+
         off = np.zeros(len(self.tensors), dtype=bool)
-        self.run(samples[0], off)  # builds the session
-        start = time.perf_counter()
-        self.run(samples[0], off)
-        per_run = time.perf_counter() - start
+        per_run = sum(estimate_sizes(self.graph, dict(samples[0])).values()) / RANKING_BYTES_PER_S
         count = max(1, min(len(samples), int(seconds / max(per_run * len(self.tensors), 1e-9))))
         batches = _batches(self.graph, samples[:count], _per_batch(self.graph, samples[0], budget_mb))
         phase = f"ranking quantized tensors ({count} sample(s), emulated)"
