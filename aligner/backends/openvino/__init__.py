@@ -4,8 +4,8 @@ It runs real BF16 kernels where the CPU has native BF16 (AVX-512 BF16, AMX) and 
 on QDQ models (ONNX Runtime's quantizer makes them for ``ov:cpu:int8``, or give a QDQ model made by
 NNCF or any quantizer), and it fuses: comparisons capture the tensors its executed layers write
 (the runtime model's ``originalLayersNames``) and say what precision each layer really ran in.
-A precision the CPU cannot run (bf16 without native BF16) is not refused by OpenVINO: it runs
-another, and aligner says so. The runner is :class:`aligner.backends.openvino.runner.OvRunner`.
+A precision the CPU cannot run (bf16 without native BF16) is not refused by OpenVINO: it runs f32
+instead, so aligner refuses the target (every verdict would be FP32's) unless ``@allow_f32=1``. The runner is :class:`aligner.backends.openvino.runner.OvRunner`.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ BACKEND = Backend(
     qdq_runner=_qdq_runner,
     options=_options,
     help="ov:cpu:fp32|fp16|bf16 (OpenVINO's CPU plugin with that inference precision hint: real BF16 kernels where the CPU "
-         "has native BF16, else it runs FP32 and aligner says so), ov:cpu:int8 (the QDQ model on OpenVINO's integer kernels)",
+         "has native BF16; refused where OpenVINO would run f32 instead, unless @allow_f32=1), ov:cpu:int8 (the QDQ model on "
+         "OpenVINO's integer kernels)",
     extra="openvino",
     not_built="OpenVINO compiles the ONNX model itself when it loads it, so ship the .onnx and compile it with the same "
               "properties (core.compile_model(path, 'CPU', {'INFERENCE_PRECISION_HINT': 'bf16'}))",
