@@ -33,7 +33,7 @@ from aligner.eval.run import coco_acceptance
 from aligner.examples import shapes_adapter, shapes_detector_path, shapes_preprocess
 from aligner.examples.shapes import write_split
 from aligner.graph.model import ModelGraph
-from aligner.search.executor import make_executor
+from aligner.search.workers import make_executor
 from aligner.search.precision import search_precision
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from aligner.search import bisect, bisect_cuts
-from aligner.search.executor import make_executor
+from aligner.search.workers import make_executor
 from aligner.search.frontier import next_cuts
 from conftest import _export, build_cnn
 from aligner.examples.faults import scale_weight

@@ -20,7 +20,7 @@ from aligner.backends import make_runner, reference_runner
 from aligner.backends.target import Target
 from aligner.errors import InputError
 from aligner.search.acceptance import Acceptance, check_outputs
-from aligner.search.executor import make_executor
+from aligner.search.workers import make_executor
 from aligner.search.pins import Trial, minimize, thin
 from aligner.search.precision import search_precision
 from test_int8_scale import _calib_dir, _image, conv_net

@@ -19,7 +19,8 @@ from aligner.errors import InputError, TargetRunError
 from aligner.eval.dataset import CocoDataset
 from aligner.eval.run import evaluate_detector
 from aligner.examples import example_inputs, shapes_adapter, shapes_detector_path, shapes_preprocess, shapes_val, tiny_vit
-from aligner.search.executor import make_executor, parse_workers
+from aligner.search.executor import parse_workers
+from aligner.search.workers import make_executor
 from aligner.search.executor_processes import ProcessExecutor
 from aligner.search.pins import Trial, minimize, search_pins
 from aligner.search.precision import Acceptance, search_precision

@@ -22,7 +22,7 @@ from aligner.errors import InputError
 from aligner.eval.adapters import ADAPTERS
 from aligner.eval.dataset import CocoDataset, Preprocess
 from aligner.eval.run import EvalResult, evaluate_detector, label_map_for
-from aligner.search.executor import make_executor
+from aligner.search.workers import make_executor
 from aligner.graph.model import ModelGraph
 from aligner.inputs import parse_input_shapes, write_atomic
 from aligner.report.console import fit_table
@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
 
         result = evaluate_detector(graph, dataset, adapter, preprocess, targets, args.plan,
                                    label_map_for(dataset.gt, args.label_map), args.batch, progress, workers=executor)
-    from aligner.cli.precision import print_workers
+    from aligner.report.console import print_workers
 
     print_workers(executor.stats(), "shard", console)
     print_eval(result)

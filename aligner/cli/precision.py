@@ -21,9 +21,8 @@ from aligner.graph.model import ModelGraph
 from aligner.inputs import write_atomic
 from aligner.search.plan import PrecisionPlan
 from aligner.backends.replay import FEW_SAMPLES, judged_on_own_data
-from aligner.search.executor import ExecutorStats
 from aligner.search.precision import executor_for, search_precision, verdict
-from aligner.report.console import fit_table
+from aligner.report.console import fit_table, print_workers
 
 TABLE_ROWS = 40  # the final table's rows at most (the plan JSON and the report list every node)
 
@@ -276,14 +275,3 @@ def print_quantization(record: dict, console: Console) -> None:
 def _worker_tag(trial, executor) -> str:
     """' [w2]': which worker ran a trial, when several do (nothing for trials from a resumed log)."""
     return escape(f" [{trial.worker}]") if executor.workers > 1 and trial.worker else ""
-
-
-def print_workers(stats: ExecutorStats, what: str, console: Console | None = None) -> None:
-    """With several workers: each one's share and the speed-up over running the same tasks one after
-    another (worker seconds of the results used / wall seconds)."""
-    if len(stats.workers) <= 1:
-        return
-    console = console or Console(stderr=True, highlight=False)
-    shares = ", ".join(f"{w.name} {w.tasks} in {w.seconds:.1f} s" + (f" ({w.crashed} crashed)" if w.crashed else "") for w in stats.workers)
-    console.print(f"workers ({stats.kind}): {shares}; {stats.used_seconds:.1f} s of {what}s used in {stats.wall:.1f} s wall: "
-                  f"~{stats.speedup():.2f}x over one at a time" + (f"; {stats.wasted} speculative {what}(s) not needed" if stats.wasted else ""))

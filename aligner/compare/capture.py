@@ -299,7 +299,7 @@ def fusion_dependence(graph: ModelGraph, target, feeds: Mapping[str, np.ndarray]
     from aligner.backends.target import Target
     from aligner.compare.layerwise import compare
 
-    plain = Target.parse(f"emu:{target.precision}", pins=target.pins)
+    plain = Target("emu", "cpu", target.precision, tuple(target.pins))
     # only what the fused kernels hold: outside them the deployed graph stores what the plain emulator stores
     held = list(dict.fromkeys(o for k in observer.fused for n in k.originals if n in graph.node_by_name
                               for o in graph.node(n).output if o))

@@ -17,7 +17,8 @@ from aligner.eval.adapters import Adapter, Detections, output_mvre
 from aligner.eval.coco import STAT_NAMES, CocoStats, coco_image_evals, coco_stats_of_parts, evaluate_coco, gt_index, stats_delta
 from aligner.eval.dataset import CocoDataset, Preprocess
 from aligner.graph.model import ModelGraph
-from aligner.search.executor import Executor, Workers, make_executor
+from aligner.search.executor import Executor, Workers
+from aligner.search.workers import make_executor
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,15 @@ never wrapped letter by letter; the full names stay in the JSON/CSV outputs."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.console import Console
 from rich.cells import cell_len
 from rich.table import Table
 from rich.text import Text
+
+if TYPE_CHECKING:  # pragma: no cover
+    from aligner.search.executor import ExecutorStats
 
 ELLIPSIS = "…"
 NAME_HEADERS = ("node", "tensor", "target", "module", "first divergent", "last node before the cut")
@@ -69,4 +74,15 @@ def _elided(cell, width: int):
     return cell if len(text.plain) <= width else Text(elide(text.plain, width), style=text.style)
 
 
-__all__ = ["elide", "fit_table"]
+def print_workers(stats: "ExecutorStats", what: str, console: Console | None = None) -> None:
+    """With several workers: each one's share and the speed-up over running the same tasks one after
+    another (worker seconds of the results used / wall seconds)."""
+    if len(stats.workers) <= 1:
+        return
+    console = console or Console(stderr=True, highlight=False)
+    shares = ", ".join(f"{w.name} {w.tasks} in {w.seconds:.1f} s" + (f" ({w.crashed} crashed)" if w.crashed else "") for w in stats.workers)
+    console.print(f"workers ({stats.kind}): {shares}; {stats.used_seconds:.1f} s of {what}s used in {stats.wall:.1f} s wall: "
+                  f"~{stats.speedup():.2f}x over one at a time" + (f"; {stats.wasted} speculative {what}(s) not needed" if stats.wasted else ""))
+
+
+__all__ = ["elide", "fit_table", "print_workers"]

@@ -29,7 +29,8 @@ from aligner.compare.tolerance import Tolerance, tolerance_for
 from aligner.errors import AlignerError, InputError, TargetRunError
 from aligner.graph.model import ModelGraph, _node_inputs
 from aligner.inputs import Feeds, make_inputs, validate_feeds
-from aligner.search.executor import Executor, Workers, make_executor
+from aligner.search.executor import Executor, Workers
+from aligner.search.workers import make_executor
 from aligner.search.explain import explain, node_difference, root_cause
 from aligner.search.frontier import bisect_cuts, frontier, spans
 from aligner.search.isolate import isolate

@@ -262,23 +262,5 @@ def parse_workers(spec: Workers) -> Workers:
                      "the one RAY_ADDRESS names) or 'ray://HOST:PORT' (a remote Ray cluster).")
 
 
-def make_executor(workers: Workers = 1, gpus: float = 0.0) -> Executor:
-    """The executor ``--workers`` names (see :func:`parse_workers`); ``gpus`` per Ray worker for
-    targets that need a GPU."""
-    workers = parse_workers(workers)
-    if workers == 1:
-        return SerialExecutor()
-    if isinstance(workers, int):
-        from aligner.search.executor_processes import ProcessExecutor
-
-        return ProcessExecutor(workers)
-    from aligner._optional import check
-
-    check("ray", "--workers ray (trials as Ray tasks)")
-    from aligner.search.executor_ray import RayExecutor
-
-    return RayExecutor(None if workers == "ray" else workers, gpus=gpus)
-
-
-__all__ = ["Executor", "ExecutorStats", "Outcome", "SerialExecutor", "WorkerStats", "Workers", "make_executor", "pack_job",
+__all__ = ["Executor", "ExecutorStats", "Outcome", "SerialExecutor", "WorkerStats", "Workers", "pack_job",
            "parse_workers"]

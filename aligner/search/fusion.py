@@ -24,17 +24,19 @@ from aligner.inputs import Feeds
 log = logging.getLogger(__name__)
 
 
-def plan_fusion_dependence(graph: ModelGraph, target: Target, pins: Iterable[str], samples: Sequence[Feeds], accept,
+def plan_fusion_dependence(graph: ModelGraph, target: Target, pins: Iterable[str], samples: Sequence[Feeds], accept, search,
                            max_trials: int = 20) -> str:
-    """See :func:`_dependence`; a check that cannot run says so in the log and never costs the plan."""
+    """See :func:`_dependence`; ``search`` is the precision search that finds what the plain emulator
+    needs (handed in by :func:`aligner.search.precision.search_precision`, which calls this: no
+    import circle). A check that cannot run says so in the log and never costs the plan."""
     try:
-        return _dependence(graph, target, list(pins), samples, accept, max_trials)
+        return _dependence(graph, target, list(pins), samples, accept, search, max_trials)
     except Exception as exc:  # noqa: BLE001 - a side check: the plan (and --save-model) must survive it
         log.warning("could not check whether the plan relies on a fusion: %s", exc)
         return ""
 
 
-def _dependence(graph: ModelGraph, target: Target, pins: list[str], samples: Sequence[Feeds], accept, max_trials: int) -> str:
+def _dependence(graph: ModelGraph, target: Target, pins: list[str], samples: Sequence[Feeds], accept, search, max_trials: int) -> str:
     """'' unless the plan ``pins`` passes on ``target`` only thanks to a fusion; then which kernel,
     what goes wrong without it, and what to do (``accept``: the search's Acceptance, bounds and
     finiteness only — an external command is not re-run)."""
@@ -52,13 +54,11 @@ def _dependence(graph: ModelGraph, target: Target, pins: list[str], samples: Seq
         return ""
     if deployed is None or not deployed.fused:
         return ""
-    plain = Target.parse(f"emu:{target.precision}", pins=pins)
+    plain = Target("emu", "cpu", target.precision, tuple(pins))
     why = _fails(graph, plain, samples, accept)
     if not why:
         return ""
-    from aligner.search.precision import search_precision
-
-    unfused = search_precision(graph, plain, samples, accept, max_trials=max_trials)
+    unfused = search(graph, plain, samples, accept, max_trials=max_trials)
     extra = [p for p in unfused.fp32_nodes if p not in pins]
     kernels = [k for k in deployed.fused if set(extra) & set(k.originals)]
     shown = "; ".join(f"{k.op_type} {k.name!r} ({len(k.originals)} nodes from {k.originals[0]!r})" for k in kernels[:4])

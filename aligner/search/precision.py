@@ -26,7 +26,8 @@ from aligner.graph.model import ModelGraph, _node_inputs
 from aligner.graph.precision import auto_pinned, is_fp32, node_typing
 from aligner.inputs import Feeds, make_inputs, validate_feeds, write_atomic
 from aligner.search.acceptance import Acceptance, default_acceptance
-from aligner.search.executor import Executor, SerialExecutor, Workers, make_executor
+from aligner.search.executor import Executor, SerialExecutor, Workers
+from aligner.search.workers import make_executor
 from aligner.search.pins import Trial, search_pins
 from aligner.search.plan import Pin, PrecisionPlan, TrialLog, flop_fraction
 from aligner.search.trial_job import TrialJob, Trials, trial_model
@@ -312,7 +313,7 @@ def search_precision(
     if fusion_check and plan.passed and not target.is_quantized:  # does the plan rely on a fusion? (aligner.search.fusion)
         from aligner.search.fusion import plan_fusion_dependence
 
-        plan = replace(plan, fusion_dependence=plan_fusion_dependence(graph, target, pins, samples, accept))
+        plan = replace(plan, fusion_dependence=plan_fusion_dependence(graph, target, pins, samples, accept, search_precision))
     if plan.passed and not target.is_quantized:
         plan = replace(plan, inside=hidden_divergence(graph, target, pins, samples[0], accept, capture_budget_mb))
     if save_model is not None and plan.passed:
@@ -336,7 +337,7 @@ def hidden_divergence(graph: ModelGraph, target: Target, pins: Sequence[str], fe
 
 
 def executor_for(workers: Workers, target: Target) -> Executor:
-    """The executor a search on ``target`` runs its trials on (:func:`~aligner.search.executor.make_executor`):
+    """The executor a search on ``target`` runs its trials on (:func:`~aligner.search.workers.make_executor`):
     a Ray worker takes a GPU where the target runs on one."""
     return make_executor(workers, gpus=1.0 if target.device == "cuda" else 0.0)
 
