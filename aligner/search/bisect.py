@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from aligner.backends import Runner, backend_of, make_runner, reference_runner
+from aligner.backends import backend_of, make_runner, reference_runner
 from aligner.backends.resolve import target_for_model
 from aligner.backends.target import REFERENCE, Target
 from aligner.compare.capture import Observer
-from aligner.compare.layerwise import UNKNOWN_SIZE, check_budget, diff_row, estimate_sizes, plan_groups, target_label
+from aligner.compare.layerwise import UNKNOWN_SIZE, check_budget, estimate_sizes, plan_groups, target_label
 from aligner.compare.results import TensorDiff
 from aligner.compare.tolerance import Tolerance, tolerance_for
 from aligner.errors import AlignerError, InputError, TargetRunError
@@ -34,108 +33,13 @@ from aligner.search.workers import make_executor
 from aligner.search.explain import explain, node_difference, root_cause
 from aligner.search.frontier import bisect_cuts, frontier, spans
 from aligner.search.isolate import isolate
+from aligner.search.probes import BisectRun, ProbeJob, Progress
 from aligner.search.verdict import BisectResult, LocalError, NonfiniteOrigin, Probe, nonfinite_reason
 
 log = logging.getLogger(__name__)
 
 Strategy = Literal["auto", "all", "frontier", "isolate"]
 STRATEGIES = ("auto", "all", "frontier", "isolate")
-Progress = Callable[[str, int, int], None]
-
-
-@dataclass
-class _Run:
-    """State of one bisect: both sides, the probes so far, every tensor diffed so far."""
-
-    graph: ModelGraph
-    other: ModelGraph
-    feeds: Feeds
-    target: Target
-    tol: Tolerance
-    ref: Runner
-    tgt: Runner
-    order: list[str]  # compute nodes of the reference, topological
-    progress: Progress | None
-    observer: Observer
-    probes: list[Probe] = field(default_factory=list)
-    diffs: dict[str, TensorDiff] = field(default_factory=dict)
-    executor: Executor | None = None  # --workers: probes that are separate runs go to its workers
-    pending: dict[tuple, int] = field(default_factory=dict)  # probes sent ahead: (kind, cut or group) -> ticket
-
-    def capturable(self, names: list[str]) -> list[str]:
-        return [n for n in names if n in self.tgt.capturable and n in self.ref.capturable]
-
-    def capture(self, names: list[str], phase: str, cut: int | None = None, judged: set[str] | None = None,
-                ticket: int | None = None) -> list[TensorDiff]:
-        """One probe: ``names`` captured on both sides and diffed; ``judged``: the tensors whose verdict is
-        the probe's (a frontier's crossing tensors; the rest ride along for the sweep). ``ticket``: the
-        probe of these names sent ahead to a worker (:class:`_ProbeJob`): its diffs, labelled here."""
-        names = self.capturable(names)
-        node = self.order[cut - 1] if cut else ""
-        try:
-            if ticket is not None:
-                outcome = self.executor.result(ticket)
-                if outcome.error is not None:
-                    raise outcome.error
-                raw, moved = outcome.value
-            else:
-                ref_values = self.ref.run(self.feeds, names)
-                tgt_values, moved = self.observer.capture(self.tgt, self.feeds, names, self.tol)
-                raw = [diff_row(self.graph, n, ref_values.pop(n), tgt_values.pop(n), self.tol) for n in names]
-        except TargetRunError as exc:
-            self.probes.append(Probe(phase, len(names), cut, node, status="failed", error=str(exc)))
-            raise
-        rows = [self.observer.label(row, moved) for row in raw]
-        self.diffs.update((r.tensor, r) for r in rows)
-        own = [r for r in rows if judged is None or r.tensor in judged]
-        self.probes.append(Probe(phase, len(names), cut, node, any(r.blamed for r in own), any(r.new_nonfinite and r.blamed for r in own),
-                                 perturbed=moved.why, swept=len(rows) - len(own), index=self.graph.index_of[node] if node else None))
-        if self.progress:
-            self.progress(phase, len(self.probes), 0)
-        return rows
-
-    def send(self, key: tuple, names: list[str]) -> None:
-        """Send the probe of ``names`` to a worker ahead of its turn (no-op serially or if sent already)."""
-        if self.executor is not None and key not in self.pending:
-            self.pending[key] = self.executor.submit(self.capturable(names))
-
-    def drop(self, keep=lambda key: False) -> None:
-        """Discard the probes sent ahead that ``keep`` does not name (their answer is no longer asked)."""
-        for key in [k for k in self.pending if not keep(k)]:
-            self.executor.discard(self.pending.pop(key))
-
-    def groups(self, groups: list[list[str]], phase: str):
-        """Capture ``groups`` in order (yielding each group's rows); on workers they run at once, and
-        those after the caller stops are discarded."""
-        for i, group in enumerate(groups):
-            self.send((phase, i), group)
-        try:
-            for i, group in enumerate(groups):
-                yield group, self.capture(group, phase, ticket=self.pending.pop((phase, i), None))
-        finally:
-            self.drop(lambda key: key[0] != phase)
-
-
-class _ProbeJob:
-    """A bisect probe on a worker (:mod:`aligner.search.executor`): ``job(names)`` -> (diff rows of
-    ``names``, how the capture moved the target's outputs), both sides run as :class:`_Run` runs
-    them; the rows are labelled by the search's own observer."""
-
-    def __init__(self, graph: ModelGraph, other: ModelGraph, feeds: Feeds, target: Target, reference: Target, tol: Tolerance):
-        self.graph, self.other, self.feeds, self.target, self.reference, self.tol = graph, other, feeds, target, reference, tol
-        self._sides = None
-
-    def __getstate__(self) -> dict:
-        return dict(self.__dict__, _sides=None)
-
-    def __call__(self, names: list[str]):
-        if self._sides is None:
-            tgt = make_runner(self.other, self.target)
-            self._sides = reference_runner(self.graph, self.reference), tgt, Observer.of(tgt, self.other, self.feeds)
-        ref, tgt, observer = self._sides
-        ref_values = ref.run(self.feeds, names)
-        tgt_values, moved = observer.capture(tgt, self.feeds, names, self.tol)
-        return [diff_row(self.graph, n, ref_values.pop(n), tgt_values.pop(n), self.tol) for n in names], moved
 
 
 def bisect(
@@ -193,8 +97,8 @@ def bisect(
                        None if save_repro is None else Path(save_repro))
     executor, own = (make_executor(workers), True) if isinstance(workers, (int, str)) else (workers, False)
     if executor.workers > 1:
-        executor.start(_ProbeJob(graph, other, feeds, tgt_target, ref_target, tol))
-    run = _Run(graph, other, feeds, tgt_target, tol, reference_runner(graph, ref_target), tgt_runner,
+        executor.start(ProbeJob(graph, other, feeds, tgt_target, ref_target, tol))
+    run = BisectRun(graph, other, feeds, tgt_target, tol, reference_runner(graph, ref_target), tgt_runner,
                [n.name for n in graph.nodes if n.op_type != "Constant"], progress, observer,
                executor=executor if executor.workers > 1 else None)
     observer.reference = lambda: run.ref.run(feeds)  # asked once, only if a capture run moves the target's outputs
@@ -239,7 +143,7 @@ def bisect(
     return replace(result, explanation=explain(result, tol))
 
 
-def _kernel_error(run: _Run, node: str, locals_: list[LocalError]) -> list[LocalError]:
+def _kernel_error(run: BisectRun, node: str, locals_: list[LocalError]) -> list[LocalError]:
     """``locals_`` with ``node``'s own error measured as the target deploys it, where ``node`` run alone
     shows none but a fused kernel of the target computes it with other nodes: the kernel's nodes as
     one piece (:func:`aligner.search.isolate.isolate_kernel`). A fault can exist only inside a fused
@@ -301,7 +205,7 @@ class _Found:
     notes: tuple[str, ...] = ()
 
 
-def _locate(run: _Run, strategy: str, budget: int, sweep_runs: int | None) -> _Found:
+def _locate(run: BisectRun, strategy: str, budget: int, sweep_runs: int | None) -> _Found:
     """The first divergent tensor and NaN/inf origin, from every tensor (all, isolate) or from a
     frontier search plus a sweep of the tensors before what it found (frontier)."""
     names = run.graph.activations()
@@ -382,7 +286,7 @@ def _locate(run: _Run, strategy: str, budget: int, sweep_runs: int | None) -> _F
     return replace(found, nonfinite_node=_nonfinite_by_frontier(run, lives, n, found.nonfinite_node))
 
 
-def _found(run: _Run, names: list[str], checked: str, notes: list[str] = ()) -> _Found:
+def _found(run: BisectRun, names: list[str], checked: str, notes: list[str] = ()) -> _Found:
     rows = [run.diffs[t] for t in names if t in run.diffs]
     first = next((r for r in rows if r.blamed), None)
     nf = next((r.node for r in rows if r.new_nonfinite and r.blamed), None)
@@ -400,7 +304,7 @@ def _produced_at(graph: ModelGraph, tensor: str) -> int:
     return graph.index_of[node.name] if node is not None else -1
 
 
-def _nonfinite_by_frontier(run: _Run, lives, n: int, seen: str | None) -> str | None:
+def _nonfinite_by_frontier(run: BisectRun, lives, n: int, seen: str | None) -> str | None:
     """Where NaN/inf start: when a frontier probe saw new NaN/inf, bisect the cuts below it for
     the node that first writes them; the earlier of that and ``seen`` (a swept tensor)."""
     nf_cuts = {p.cut: bool(p.nonfinite) for p in run.probes if p.cut is not None and p.status == "ok"}
@@ -416,7 +320,7 @@ def _nonfinite_by_frontier(run: _Run, lives, n: int, seen: str | None) -> str | 
     return min(candidates, key=run.graph.index_of.__getitem__) if candidates else None
 
 
-def _neighbourhood(run: _Run, first: str | None, nf_node: str | None, window: int) -> list[str]:
+def _neighbourhood(run: BisectRun, first: str | None, nf_node: str | None, window: int) -> list[str]:
     """The first divergent node, its ancestors among the ``window`` nodes before it, and the
     node where NaN/inf start."""
     out = set()
@@ -437,7 +341,7 @@ def _neighbourhood(run: _Run, first: str | None, nf_node: str | None, window: in
     return sorted(out, key=run.graph.index_of.__getitem__)
 
 
-def _origin(run: _Run, node: str | None, local: LocalError | None) -> NonfiniteOrigin | None:
+def _origin(run: BisectRun, node: str | None, local: LocalError | None) -> NonfiniteOrigin | None:
     if node is None:
         return None
     n = run.graph.node(node)

@@ -14,12 +14,12 @@ from aligner.limits import FLUSH_BELOW, LOW_MAX
 from aligner.search.verdict import BisectResult, LocalError, RootCause, classify, nonfinite_reason
 
 if TYPE_CHECKING:
-    from aligner.search.bisect import _Run
+    from aligner.search.probes import BisectRun
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 
 
-def root_cause(run: "_Run", name: str, local: LocalError | None, locals_: list[LocalError], difference: str | None) -> RootCause:
+def root_cause(run: "BisectRun", name: str, local: LocalError | None, locals_: list[LocalError], difference: str | None) -> RootCause:
     graph = run.graph
     node = run.other.node_by_name.get(name) or graph.node(name)
     inputs = [t for t in node.input if t and t not in graph.initializers]

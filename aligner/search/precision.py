@@ -14,12 +14,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-import onnx
-
 from aligner.backends import parse_target, reference_runner
 from aligner.backends.replay import model_sha, verification
 from aligner.backends.target import Target
-from aligner.compare.layerwise import check_budget, compare, estimate_sizes, plan_groups
+from aligner.compare.layerwise import check_budget, compare
 from aligner.compare.tolerance import tolerance_for
 from aligner.errors import InputError, TargetRunError
 from aligner.graph.model import ModelGraph, _node_inputs
@@ -29,65 +27,12 @@ from aligner.search.acceptance import Acceptance, default_acceptance
 from aligner.search.executor import Executor, SerialExecutor, Workers
 from aligner.search.workers import make_executor
 from aligner.search.pins import Trial, search_pins
+from aligner.search.seeds import seed_pins, value_ranges  # noqa: F401 - value_ranges: the search's public helper too
 from aligner.search.plan import Pin, PrecisionPlan, TrialLog, flop_fraction
 from aligner.search.trial_job import TrialJob, Trials, trial_model
-from aligner.limits import FP16_MIN_SUBNORMAL, LOW_MAX
-from aligner.search.verdict import ValueRange
+from aligner.limits import LOW_MAX
 
 log = logging.getLogger(__name__)
-
-
-# ---- seeds ---------------------------------------------------------------------------------------
-
-def value_ranges(graph: ModelGraph, samples: Sequence[Feeds], budget_bytes: int = 256 * 2**20) -> dict[str, ValueRange]:
-    """Range of every float activation over all samples (reference, in memory-bounded groups)."""
-    runner = reference_runner(graph)
-    names = [n for n in graph.activations() if is_fp32(graph, n)]
-    out: dict[str, ValueRange] = {}
-    for feeds in samples:
-        for group in plan_groups(names, estimate_sizes(graph, feeds), budget_bytes):
-            values = runner.run(feeds, group)
-            for name in group:
-                r = ValueRange.of(name, values.pop(name))
-                out[name] = r if name not in out else _merge(out[name], r)
-        for name, value in feeds.items():
-            out[name] = ValueRange.of(name, value)
-    return out
-
-
-def _merge(a: ValueRange, b: ValueRange) -> ValueRange:
-    return ValueRange(a.tensor, min(a.min, b.min), max(a.max, b.max), max(a.max_abs, b.max_abs), min(a.min_abs_nonzero, b.min_abs_nonzero))
-
-
-def seed_pins(graph: ModelGraph, ranges: dict[str, ValueRange], precision: str) -> dict[str, str]:
-    """Nodes that cannot run in ``precision`` on this data, with the evidence, in topological order."""
-    limit = LOW_MAX[precision]
-    params = {name: ValueRange.of(name, onnx.numpy_helper.to_array(t)) for name, t in graph.initializers.items() if is_fp32(graph, name)}
-    seeds: dict[str, str] = {}
-    for node in graph.nodes:
-        if node.op_type == "Constant":
-            continue
-        typing = node_typing(node, graph.opset, precision)
-        for out in node.output:
-            r = ranges.get(out)
-            if r is not None and r.max_abs > limit:
-                seeds[node.name] = f"writes {out!r} with values up to {r.max_abs:.3g}, beyond {precision.upper()} max {limit:g}"
-                break
-        if node.name in seeds:
-            continue
-        for i, name in enumerate(node.input):
-            r = ranges.get(name) or params.get(name)
-            if r is None or i in typing.fp32_inputs:
-                continue
-            if r.max_abs > limit:
-                what = "weight" if name in params else "input"
-                seeds[node.name] = f"reads {what} {name!r} with values up to {r.max_abs:.3g}, beyond {precision.upper()} max {limit:g}"
-                break
-            flushes = precision == "fp16" and 0 < r.min_abs_nonzero < FP16_MIN_SUBNORMAL
-            if flushes and ((node.op_type == "Div" and i == 1) or node.op_type in ("Reciprocal", "Log", "Sqrt")):
-                seeds[node.name] = f"{node.op_type} of {name!r} whose values go down to {r.min_abs_nonzero:.3g}, which flush to 0 in FP16"
-                break
-    return seeds
 
 
 # ---- trials --------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from aligner.inputs import write_atomic
 from aligner.search.verdict import LocalError, Repro, RootCause
 
 if TYPE_CHECKING:
-    from aligner.search.bisect import _Run
+    from aligner.search.probes import BisectRun
 
 
 def check_repro_dir(directory: Path, force: bool) -> None:
@@ -35,7 +35,7 @@ def check_repro_dir(directory: Path, force: bool) -> None:
         raise InputError(f"--save-repro {directory}: folder is not empty; pass --force to overwrite its files.")
 
 
-def write_repro(run: "_Run", cause: RootCause, locals_: list[LocalError], directory: Path, fp32_nodes: list[str]) -> Repro:
+def write_repro(run: "BisectRun", cause: RootCause, locals_: list[LocalError], directory: Path, fp32_nodes: list[str]) -> Repro:
     directory = Path(directory).resolve()  # the README's command works from any folder
     graph, other = run.graph, run.other
     nodes = [cause.node] if cause.kind != "inherited" else _chain(graph, cause.node, {e.node for e in locals_})
@@ -79,7 +79,7 @@ def _q(path: Path) -> str:
     return shlex.quote(str(path))
 
 
-def _piece_calibration(run: "_Run", target, piece: onnx.ModelProto, folder: Path) -> Path:
+def _piece_calibration(run: "BisectRun", target, piece: onnx.ModelProto, folder: Path) -> Path:
     """One .npz per calibration sample of the whole model (``target``'s calib, else the generated inputs
     it calibrates on), holding the reference's values of the piece's inputs: ONNX Runtime's quantizer
     then sets the scales the whole model's calibration gave those tensors."""
