@@ -74,7 +74,6 @@ class Backend:
     options: Callable[["Target"], dict[str, str]]  # the target's runtime options checked (an unknown key: TargetError)
     qdq_runner: Callable[..., "Runner"] | None = None  # factory(qdq_model, target, path, label): a QDQ model as it is (INT8)
     help: str = ""  # the lines of ``targets:`` in every command's --help
-    extra: str | None = None  # the pip extra of its optional dependency, where it has one
     runs_onnx: bool = True  # False: it runs a PyTorch module (the graph only names inputs and outputs)
     timed: bool = True  # aligner bench times it (an emulator's speed means nothing)
     fuses: Callable[["Target"], bool] = _never  # its kernels may differ from the graph's nodes (deployed graph, capture checks)

@@ -101,11 +101,7 @@ def target_for_model(target: "str | Target | None", model, second_graph: bool = 
     sidecar = read_sidecar(model) if isinstance(model, (str, Path)) else None
     if sidecar is not None and Path(model).suffix.lower() == ".json":
         model = sidecar.model
-    if target is None and sidecar is not None and not second_graph:
-        log.info("target from %s: %s (options: %s)", sidecar.path.name, sidecar.target, _shown(sidecar.target))
-        return sidecar.target, model
-    spec = target if target is not None else (REFERENCE if second_graph else DEFAULT_TARGET)
-    return with_sidecar(Target.parse(spec), sidecar), model
+    return resolve_target(target, second_graph=second_graph, sidecar=sidecar), model
 
 
 def with_sidecar(target: Target, sidecar: "Sidecar | None", say: Callable[[str], None] | None = None) -> Target:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 
-from aligner.backends import make_runner, reference_runner
+from aligner.backends import backend_of, make_runner, reference_runner
 from aligner.backends.target import Target
 from aligner.errors import TargetRunError
 from aligner.graph.model import ModelGraph
@@ -41,14 +41,12 @@ def _dependence(graph: ModelGraph, target: Target, pins: list[str], samples: Seq
     what goes wrong without it, and what to do (``accept``: the search's Acceptance, bounds and
     finiteness only — an external command is not re-run)."""
     pins = list(pins)
-    if target.precision not in ("fp16", "bf16"):
+    if target.precision not in ("fp16", "bf16") or not backend_of(target).fuses(target):  # nothing fused: nothing to depend on
         return ""
     from aligner.compare.capture import deployed_graph
 
     try:
         runner = make_runner(graph, target.with_pins(pins))
-        if not getattr(runner, "fuses", False):
-            return ""
         deployed = deployed_graph(runner, graph, samples[0])
     except TargetRunError:
         return ""

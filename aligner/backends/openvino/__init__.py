@@ -55,7 +55,6 @@ BACKEND = Backend(
     help="ov:cpu:fp32|fp16|bf16 (OpenVINO's CPU plugin with that inference precision hint: real BF16 kernels where the CPU "
          "has native BF16; refused where OpenVINO would run f32 instead, unless @allow_f32=1), ov:cpu:int8 (the QDQ model on "
          "OpenVINO's integer kernels)",
-    extra="openvino",
     not_built="OpenVINO compiles the ONNX model itself when it loads it, so ship the .onnx and compile it with the same "
               "properties (core.compile_model(path, 'CPU', {'INFERENCE_PRECISION_HINT': 'bf16'}))",
     fuses=lambda target: True,

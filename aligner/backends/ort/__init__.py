@@ -146,7 +146,6 @@ BACKEND = Backend(
     help="ort:cpu:fp32 (the reference: ONNX Runtime CPU, graph optimizations off), ort:cpu:fp16, "
          "ort:cuda:fp32|tf32|fp16|bf16, ort:cpu:int8 (ONNX Runtime's QDQ quantization on its integer kernels; calibration "
          "from --calib), ort:cuda:int8 (the QDQ model on the CUDA provider)",
-    extra="gpu",
     fuses=_fuses,
     capture_default=_capture_default,
     segmentable=_segmentable,

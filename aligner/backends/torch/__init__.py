@@ -37,7 +37,6 @@ BACKEND = Backend(
     runner=_runner,
     options=_options,
     help="torch:cpu:fp32, torch:cuda:fp32|tf32|fp16|bf16|autocast (PyTorch eager)",
-    extra="torch",
     runs_onnx=False,
     advice=lambda target: "try @cudnn_benchmark=1 or @channels_last=1",
 )

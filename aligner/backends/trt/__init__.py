@@ -64,7 +64,6 @@ BACKEND = Backend(
     qdq_runner=_qdq_runner,
     options=_options,
     help="trt:fp32|fp16|bf16 (TensorRT, strongly typed), trt:int8 (TensorRT: s8s8, symmetric, float biases)",
-    extra="tensorrt",
     fuses=lambda target: True,
     capture_default=lambda target: "boundaries",
     advice=lambda target: "try @builder_optimization_level=5 (a longer tactic search), and check the plan's Casts between FP32 islands",
