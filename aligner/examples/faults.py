@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from aligner.backends import reference_runner
 from aligner.graph.model import ModelGraph
@@ -117,3 +117,20 @@ def overflowing_nodes(graph: ModelGraph, feeds: dict) -> set[str]:
     big = {n for n, v in values.items() if v.dtype.kind == "f" and np.abs(v[np.isfinite(v)]).max(initial=0) > 65504}
     big |= {n for n, t in graph.initializers.items() if t.data_type == onnx.TensorProto.FLOAT and np.abs(numpy_helper.to_array(t)).max(initial=0) > 65504}
     return {n.name for n in graph.nodes if n.op_type != "Constant" and (set(n.output) & big or set(n.input) & big)}
+
+
+def cancellation_model() -> onnx.ModelProto:
+    """x -> Add 1000 ("shift") -> MatMul ("mm") -> Sub 1000*colsum(W) ("unshift") -> Relu -> MatMul ("head"):
+    FP32 computes x @ W exactly enough; BF16 stores x + 1000 in steps of 4 (8 significant bits), so
+    "unshift" cancels 1000-sized terms and keeps mostly rounding error: a BF16 precision fault whose
+    place is known."""
+    rng = np.random.default_rng(0)
+    w, head = rng.normal(0, 0.125, (64, 64)).astype(np.float32), rng.normal(0, 0.125, (64, 8)).astype(np.float32)
+    inits = [numpy_helper.from_array(np.float32([1000.0]), "c"), numpy_helper.from_array(w, "w"),
+             numpy_helper.from_array((1000.0 * w.sum(0)).astype(np.float32), "cw"), numpy_helper.from_array(head, "w2")]
+    nodes = [helper.make_node("Add", ["x", "c"], ["s"], name="shift"), helper.make_node("MatMul", ["s", "w"], ["m"], name="mm"),
+             helper.make_node("Sub", ["m", "cw"], ["u"], name="unshift"), helper.make_node("Relu", ["u"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="head")]
+    graph = helper.make_graph(nodes, "cancellation", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
