@@ -309,8 +309,10 @@ def _cpu_capabilities(core) -> str:
 
 
 def _short(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:400]
+    """OpenVINO's message without its stack of "Exception from src/...cpp:N:" lines (the first line alone
+    said nothing: the failing transformation and check come after them)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip() and not line.startswith("Exception from src/")]
+    return (" ".join(lines) or type(exc).__name__)[:600]
 
 
 __all__ = ["HINTS", "OV_OPTIONS", "OvRunner", "compile_config", "ov_options"]
